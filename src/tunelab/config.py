@@ -1,0 +1,181 @@
+"""Small dataclasses shared by the verbs.
+
+Each field is documented once, where it is defined; jsonargparse turns that text into
+`--help`, and the dotted flag (`--train.lr`) is the same name a YAML config uses
+(`train: {lr: ...}`). Each dataclass validates its own fields and names the flag in the
+message, so a bad value never reaches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the flag."""
+
+
+def check(ok: bool, flag: str, accepted: str, got: Any) -> None:
+    """Raise a ConfigError naming `flag` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"`--{flag}` must be {accepted}, got {got!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A local HF model directory, a `.gguf` file, or a hub id (`Qwen/Qwen2-1.5B-Instruct`)."""
+    hub: Literal["hf", "modelscope"] = "hf"
+    """Where a hub id is fetched from; `modelscope` needs the `modelscope` extra."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to load."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weights and compute dtype; `auto` is bf16 on a CUDA card that supports it, else fp32."""
+    device: str = "auto"
+    """`auto` (first CUDA card, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    attn_implementation: Optional[str] = None
+    """transformers attention backend (`sdpa`, `eager`, `flex_attention`); None lets tunelab choose."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    allow_pickle: bool = False
+    """Accept pickle weights (.bin/.pt); even then they load with `weights_only=True`."""
+
+    def __post_init__(self) -> None:
+        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+              "model.device", "auto, cpu, cuda, cuda:N or mps", self.device)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Training data: .json or .jsonl with alpaca, `messages` or sharegpt `conversations` rows."""
+    system_prompt: Optional[str] = None
+    """System prompt for rows that have none (the reference uses 现在你要扮演皇帝身边的女人--甄嬛)."""
+    max_length: int = 384
+    """Longest tokenized row; longer rows are handled by `truncation`."""
+    truncation: Literal["prompt", "drop", "error"] = "prompt"
+    """Rows over max_length: `prompt` cuts the conversation's start (never the last reply or
+    its end-of-turn token), `drop` drops the row, `error` stops."""
+    supervise: Literal["all", "last"] = "all"
+    """Which assistant turns of a multi-turn row are learned."""
+    on_error: Literal["stop", "skip"] = "stop"
+    """Bad records: `stop` lists them all and stops; `skip` drops them and says how many and why."""
+    val_size: float = 0.0
+    """Held-out split: a fraction (< 1) or a row count (>= 1) of the data, drawn with `seed`."""
+    limit: Optional[int] = None
+    """Use only the first N valid rows (quick runs)."""
+    seed: int = 42
+    """Seed of the held-out split."""
+
+    def __post_init__(self) -> None:
+        check(self.max_length > 0, "data.max_length", "> 0", self.max_length)
+        check(self.val_size >= 0, "data.val_size", ">= 0 (a fraction or a row count)", self.val_size)
+        check(self.limit is None or self.limit > 0, "data.limit", "> 0 or null", self.limit)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    """Passes over the training rows (fractions allowed)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = 40
+    """Rows per optimizer step (the reference: 10 x 4 accumulation)."""
+    micro_batch_size: int = 10
+    """Rows per forward pass; batch_size / micro_batch_size steps are accumulated."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third slower."""
+    packing: Literal["auto", "on", "off"] = "auto"
+    """Padding-free batches (rows concatenated, attention kept within each row). `auto`:
+    on where the model and method support it on a GPU, off on CPU."""
+    eval_every: int = 0
+    """Held-out loss every N optimizer steps (0: once per epoch)."""
+    save_every: int = 100
+    """Write a resumable checkpoint every N optimizer steps (0: never)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K checkpoints."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    max_bad_steps: int = 5
+    """Stop after this many optimizer steps in a row with non-finite loss or gradients."""
+    seed: int = 42
+    """Seed for initialization, data order and dropout."""
+    tensorboard: bool = False
+    """Also log to RUN/tensorboard (needs the `tensorboard` package)."""
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, "train.epochs", "> 0", self.epochs)
+        check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0 or null", self.max_steps)
+        check(self.batch_size > 0, "train.batch_size", "> 0", self.batch_size)
+        check(self.micro_batch_size > 0, "train.micro_batch_size", "> 0", self.micro_batch_size)
+        check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
+              f"a multiple of --train.micro_batch_size ({self.micro_batch_size})", self.batch_size)
+        check(self.lr > 0, "train.lr", "> 0", self.lr)
+        check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        check(self.max_grad_norm >= 0, "train.max_grad_norm", ">= 0", self.max_grad_norm)
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(self.max_bad_steps >= 1, "train.max_bad_steps", ">= 1", self.max_bad_steps)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    """Longest answer in tokens."""
+    temperature: float = 0.0
+    """0 decodes greedily (the default); > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (sampling only)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: no limit; sampling only)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating tokens."""
+    seed: int = 0
+    """Sampling seed, so sampled answers can be reproduced."""
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
+        check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        check(self.top_k >= 0, "top_k", ">= 0", self.top_k)
+        check(self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses (nested) -> plain dicts, for YAML and JSON."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type, values: dict) -> Any:
+    """Plain dict -> dataclass `cls`, recursing into dataclass fields; unknown keys are an error."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; accepted: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if is_dataclass(default) and isinstance(value, dict):
+            value = from_dict(type(default), value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "GenerationConfig",
+           "to_dict", "from_dict", "asdict", "check"]

@@ -1,0 +1,528 @@
+"""Auto-graders for probe items, and loading / validating probe files.
+
+A probe file is YAML: either a list of items or a mapping with an `items` list (other
+top-level keys such as `suite`, `version`, `description` are free-form). Each item has
+
+    id        unique string, no whitespace
+    lang      language code (`zh`, `en`, ...)
+    category  free-form group name (`number_compare`, `arithmetic`, ...)
+    question  the user turn sent to the model
+    check     how the answer is graded: `{type: <name>, ...}`, one of `CHECKERS`
+    reference optional: an answer the check must accept (self-test)
+    wrong     optional: an answer, or list of answers, the check must reject (self-test)
+    note      optional: free text for authors
+
+Check types (every comparison is case-insensitive unless it says otherwise):
+
+    number    {value, tol=1e-6, mode=last}: numbers are extracted from the answer
+              (digits with optional sign, decimals and 1,000-style separators; only when
+              the answer has no digits at all, simple Chinese numerals such as 十五 or
+              二点五 and English words such as seven / twenty-one). `mode` says which
+              extracted number must equal `value` within the absolute tolerance `tol`:
+              `last` (default: the conclusion usually comes last, "3 + 4 = 7"),
+              `first`, `any`, or `only` (every extracted number does).
+    contains  {any: [...], all: [...], none: [...], whole_word=false}: substrings; the
+              answer must contain at least one of `any`, every one of `all`, and none of
+              `none`. `whole_word` makes ASCII needles match whole words only.
+    choice    {value, options: [...]}: `value` is one of `options`. Right when the answer
+              mentions `value` and mentions it before any other option (so an answer
+              naming only the right option is right, and "1.9 比 1.11 大" is right but
+              "1.11 比 1.9 小" is judged wrong: ask for the option alone). Numeric options
+              match by value (1.90 mentions 1.9; 1.11 does not), text options as
+              substrings, whole words for ASCII, a shorter option never inside a longer.
+    one_word  {value: str | [str, ...], max_chars}: after stripping surrounding
+              whitespace, quotes, markdown emphasis and punctuation, the answer is one
+              word (no whitespace, no inner punctuation but - and ') and, if `value` is
+              given, equals one of the values. Without `value`, `max_chars` (default 6
+              for CJK text, else 30) bounds the length, since Chinese has no spaces.
+    json      {keys: [...], values: {key: expected | [expected, ...]}}: the answer holds a
+              JSON object (whole answer, a ```json fence, or the first decodable `{...}`)
+              with all `keys`; `values` compares numbers within 1e-6 (numeric strings
+              count) and strings case-insensitively.
+    regex     {pattern, ignore_case=false}: `re.search` on the raw answer; case-sensitive
+              by default, like Python, so `\\bAu\\b` does not match "because".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "CHECKERS",
+    "CHECK_FIELDS",
+    "Probe",
+    "ProbeError",
+    "bundled_probes_path",
+    "extract_numbers",
+    "find_json_object",
+    "grade",
+    "load_probes",
+    "parse_probes",
+    "score_answers",
+    "self_test",
+    "validate_check",
+]
+
+CheckFn = Callable[[str, Mapping[str, Any]], bool]
+
+CHECKERS: dict[str, CheckFn] = {}
+"""check type -> fn(answer, spec) -> bool."""
+CHECK_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+"""check type -> (required fields, optional fields), `type` itself excluded."""
+_SPEC_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
+
+
+class ProbeError(ValueError):
+    """A probe file is malformed; the message names the file and the item id."""
+
+
+def register(
+    name: str,
+    required: Iterable[str] = (),
+    optional: Iterable[str] = (),
+    validate: Optional[Callable[[Mapping[str, Any]], None]] = None,
+) -> Callable[[CheckFn], CheckFn]:
+    """Add a check type: its grader, its fields, and a validator raising ValueError."""
+
+    def add(fn: CheckFn) -> CheckFn:
+        CHECKERS[name] = fn
+        CHECK_FIELDS[name] = (frozenset(required), frozenset(optional))
+        if validate is not None:
+            _SPEC_VALIDATORS[name] = validate
+        return fn
+
+    return add
+
+
+# ---------------------------------------------------------------- number extraction
+
+# Fullwidth digits and the minus sign get mapped by hand; full NFKC would also turn the
+# Chinese comma `，` into `,` and glue "100，200" into one number.
+_DIGIT_MAP = str.maketrans("０１２３４５６７８９．－−", "0123456789.--")
+_ARABIC_RE = re.compile(r"(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\d.])\.\d+")
+_ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4,
+              "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_ZH_UNITS = {"十": 10, "百": 100, "千": 1000}
+_ZH_BIG = {"万": 10_000, "亿": 100_000_000}
+_ZH_RE = re.compile("负?[零〇一二两三四五六七八九十百千万亿]+(?:点[零〇一二三四五六七八九]+)?")
+_EN_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+             "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+             "seventeen", "eighteen", "nineteen"]
+_EN_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60,
+            "seventy": 70, "eighty": 80, "ninety": 90}
+_EN_RE = re.compile(
+    rf"\b(?:(?P<tens>{'|'.join(_EN_TENS)})(?:[- ](?P<unit>{'|'.join(_EN_UNITS[1:10])}))?"
+    rf"|(?P<small>{'|'.join(_EN_UNITS)}))\b",
+    re.IGNORECASE,
+)
+
+
+def _zh_integer(text: str) -> int:
+    total = section = digit = 0
+    for ch in text:
+        if ch in _ZH_DIGITS:
+            digit = _ZH_DIGITS[ch]
+        elif ch in _ZH_UNITS:
+            section += (digit or 1) * _ZH_UNITS[ch]  # bare 十 means 一十
+            digit = 0
+        else:  # 万 / 亿 scale everything before them
+            total = (total + section + digit) * _ZH_BIG[ch]
+            section = digit = 0
+    return total + section + digit
+
+
+def _zh_number(text: str) -> float:
+    sign = -1 if text.startswith("负") else 1
+    whole, _, fraction = text.lstrip("负").partition("点")
+    value = float(_zh_integer(whole)) if whole else 0.0
+    if fraction:
+        value += float("0." + "".join(str(_ZH_DIGITS[ch]) for ch in fraction))
+    return sign * value
+
+
+def _number_mentions(text: str) -> list[tuple[int, float]]:
+    """(position, value) of every number in `text`, in reading order."""
+    text = text.translate(_DIGIT_MAP)
+    mentions = []
+    for match in _ARABIC_RE.finditer(text):
+        value = float(match.group().replace(",", ""))
+        start = match.start()
+        # A '-' or 负 before the digits is a sign unless it joins two words ("COVID-19").
+        before = text[start - 1] if start else ""
+        if before == "负" or (before == "-" and (start < 2 or not text[start - 2].isalnum())):
+            value, start = -value, start - 1
+        mentions.append((start, value))
+    if mentions:
+        return mentions
+    # Word numerals only when there are no digits: "一样" or "no one" would otherwise
+    # add spurious numbers next to the real answer.
+    mentions = [(m.start(), _zh_number(m.group())) for m in _ZH_RE.finditer(text)]
+    for m in _EN_RE.finditer(text):
+        if m.group("small"):
+            value = _EN_UNITS.index(m.group("small").lower())
+        else:
+            value = _EN_TENS[m.group("tens").lower()]
+            value += _EN_UNITS.index(m.group("unit").lower()) if m.group("unit") else 0
+        mentions.append((m.start(), float(value)))
+    return sorted(mentions)
+
+
+def extract_numbers(text: str) -> list[float]:
+    """Numbers in `text`, in reading order (see the module docstring for what counts)."""
+    return [value for _, value in _number_mentions(text)]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _fold(text: str) -> str:
+    """Case- and width-insensitive form with whitespace runs collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if _is_number(value):
+        return float(value)
+    try:
+        return float(str(value).strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _find(haystack: str, needle: str, whole_word: bool) -> Optional[int]:
+    """Start of the first match of folded `needle` in folded `haystack`, else None."""
+    needle = _fold(needle)
+    if not whole_word:
+        index = haystack.find(needle)
+        return None if index < 0 else index
+    # \b only for ASCII ends: CJK has no word boundaries to speak of.
+    left = r"(?<![A-Za-z0-9])" if needle[:1].isascii() and needle[:1].isalnum() else ""
+    right = r"(?![A-Za-z0-9])" if needle[-1:].isascii() and needle[-1:].isalnum() else ""
+    match = re.search(left + re.escape(needle) + right, haystack)
+    return match.start() if match else None
+
+
+def _str_list(spec: Mapping[str, Any], key: str) -> list[str]:
+    value = spec.get(key, [])
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# ---------------------------------------------------------------- check types
+
+
+def _validate_number(spec: Mapping[str, Any]) -> None:
+    _require(_is_number(spec["value"]), f"`value` must be a number, got {spec['value']!r}")
+    _require(_is_number(spec.get("tol", 0)) and spec.get("tol", 0) >= 0, "`tol` must be a number >= 0")
+    _require(spec.get("mode", "last") in ("last", "first", "any", "only"),
+             f"`mode` must be last, first, any or only, got {spec.get('mode')!r}")
+
+
+@register("number", required=["value"], optional=["tol", "mode"], validate=_validate_number)
+def check_number(answer: str, spec: Mapping[str, Any]) -> bool:
+    numbers = extract_numbers(answer)
+    if not numbers:
+        return False
+    tol, mode = spec.get("tol", 1e-6), spec.get("mode", "last")
+    hits = [abs(n - spec["value"]) <= tol for n in numbers]
+    return {"last": hits[-1], "first": hits[0], "any": any(hits), "only": all(hits)}[mode]
+
+
+def _validate_contains(spec: Mapping[str, Any]) -> None:
+    _require("any" in spec or "all" in spec, "needs `any` or `all`")
+    for key in ("any", "all", "none"):
+        values = _str_list(spec, key)
+        _require(all(isinstance(v, str) and v.strip() for v in values),
+                 f"`{key}` must be a list of non-empty strings")
+    _require("any" not in spec or bool(_str_list(spec, "any")), "`any` must not be empty")
+
+
+@register("contains", optional=["any", "all", "none", "whole_word"], validate=_validate_contains)
+def check_contains(answer: str, spec: Mapping[str, Any]) -> bool:
+    text, whole = _fold(answer), bool(spec.get("whole_word", False))
+    found = lambda needle: _find(text, needle, whole) is not None  # noqa: E731
+    if "any" in spec and not any(found(n) for n in _str_list(spec, "any")):
+        return False
+    if not all(found(n) for n in _str_list(spec, "all")):
+        return False
+    return not any(found(n) for n in _str_list(spec, "none"))
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    fa, fb = _as_float(a), _as_float(b)
+    if fa is not None and fb is not None:
+        return math.isclose(fa, fb, abs_tol=1e-9)
+    return str(a) == str(b)
+
+
+def _validate_choice(spec: Mapping[str, Any]) -> None:
+    options = spec["options"]
+    _require(isinstance(options, list) and len(options) >= 2, "`options` must list at least two options")
+    _require(all(isinstance(o, (str, int, float)) and str(o).strip() for o in options),
+             "`options` must be non-empty strings or numbers")
+    _require(sum(_same_option(spec["value"], o) for o in options) == 1,
+             f"`value` {spec['value']!r} must be exactly one of `options`")
+
+
+def _first_mentions(answer: str, options: Sequence[Any]) -> list[Optional[int]]:
+    """Position of each option's first mention in `answer`, or None."""
+    positions: list[Optional[int]] = [None] * len(options)
+    numbers = _number_mentions(answer)
+    text = _fold(answer)
+    # Longest text options first, blanking each match, so "北京市" is not also "北京".
+    order = sorted(range(len(options)), key=lambda i: -len(str(options[i])))
+    for i in order:
+        value = _as_float(options[i])
+        if value is not None:
+            positions[i] = next((p for p, n in numbers if math.isclose(n, value, abs_tol=1e-9)), None)
+            continue
+        start = _find(text, str(options[i]), whole_word=True)
+        if start is not None:
+            positions[i] = start
+            needle = _fold(str(options[i]))
+            text = text.replace(needle, "\0" * len(needle))
+    # Numeric positions index the raw answer and text ones the folded answer; both keep
+    # order in practice (folding only changes width and collapses whitespace).
+    return positions
+
+
+@register("choice", required=["value", "options"], validate=_validate_choice)
+def check_choice(answer: str, spec: Mapping[str, Any]) -> bool:
+    options = spec["options"]
+    positions = _first_mentions(answer, options)
+    right = next(i for i, o in enumerate(options) if _same_option(spec["value"], o))
+    if positions[right] is None:
+        return False
+    return all(p is None or p > positions[right] for i, p in enumerate(positions) if i != right)
+
+
+_STRIP_CHARS = " \t\r\n\"'`*_~“”‘’「」『』《》()（）[]【】.,;:!?。，；：！？、…"
+
+
+def _validate_one_word(spec: Mapping[str, Any]) -> None:
+    values = _str_list(spec, "value")
+    _require(all(isinstance(v, str) and v.strip() and len(v.split()) == 1 for v in values),
+             "`value` must be a single word or a list of single words")
+    _require(_is_number(spec.get("max_chars", 1)) and spec.get("max_chars", 1) > 0, "`max_chars` must be > 0")
+
+
+@register("one_word", optional=["value", "max_chars"], validate=_validate_one_word)
+def check_one_word(answer: str, spec: Mapping[str, Any]) -> bool:
+    word = unicodedata.normalize("NFKC", answer).strip(_STRIP_CHARS)
+    if not word or any(ch.isspace() for ch in word):
+        return False
+    if any(unicodedata.category(ch).startswith("P") and ch not in "-'’" for ch in word):
+        return False
+    values = _str_list(spec, "value")
+    if values:
+        return any(_fold(word) == _fold(v) for v in values)
+    has_cjk = any(unicodedata.east_asian_width(ch) == "W" for ch in word)
+    return len(word) <= spec.get("max_chars", 6 if has_cjk else 30)
+
+
+_FENCE_RE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def find_json_object(answer: str) -> Optional[dict[str, Any]]:
+    """The first JSON object in `answer`: in a ``` fence, the whole answer, or any `{...}`."""
+    candidates = [m.group(1) for m in _FENCE_RE.finditer(answer)] + [answer.strip()]
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", answer):
+        try:
+            value, _ = decoder.raw_decode(answer, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _json_value_matches(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, list):
+        return any(_json_value_matches(actual, e) for e in expected)
+    if expected is None or isinstance(expected, bool):
+        return actual is expected
+    if _is_number(expected):
+        number = _as_float(actual) if isinstance(actual, (str, int, float)) and not isinstance(actual, bool) else None
+        return number is not None and abs(number - expected) <= 1e-6
+    return isinstance(actual, (str, int, float)) and _fold(str(actual)) == _fold(str(expected))
+
+
+def _validate_json(spec: Mapping[str, Any]) -> None:
+    keys = spec["keys"]
+    _require(isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys),
+             "`keys` must be a non-empty list of strings")
+    values = spec.get("values", {})
+    _require(isinstance(values, dict), "`values` must be a mapping")
+    _require(set(values) <= set(keys), "every key in `values` must be in `keys`")
+
+
+@register("json", required=["keys"], optional=["values"], validate=_validate_json)
+def check_json(answer: str, spec: Mapping[str, Any]) -> bool:
+    obj = find_json_object(answer)
+    if obj is None or not all(key in obj for key in spec["keys"]):
+        return False
+    return all(_json_value_matches(obj[k], v) for k, v in spec.get("values", {}).items())
+
+
+def _validate_regex(spec: Mapping[str, Any]) -> None:
+    _require(isinstance(spec["pattern"], str), "`pattern` must be a string")
+    try:
+        re.compile(spec["pattern"])
+    except re.error as error:
+        raise ValueError(f"`pattern` does not compile: {error}") from None
+
+
+@register("regex", required=["pattern"], optional=["ignore_case"], validate=_validate_regex)
+def check_regex(answer: str, spec: Mapping[str, Any]) -> bool:
+    flags = re.IGNORECASE if spec.get("ignore_case", False) else 0
+    return re.search(spec["pattern"], answer, flags) is not None
+
+
+# ---------------------------------------------------------------- probes
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe item; see the module docstring for the fields."""
+
+    id: str
+    lang: str
+    category: str
+    question: str
+    check: Mapping[str, Any]
+    reference: Optional[str] = None
+    wrong: tuple[str, ...] = ()
+    note: str = ""
+
+    def grade(self, answer: str) -> bool:
+        """True if `answer` passes this item's check."""
+        return grade(answer, self.check)
+
+
+_ITEM_REQUIRED = ("id", "lang", "category", "question", "check")
+_ITEM_OPTIONAL = ("reference", "wrong", "note")
+
+
+def grade(answer: str, check: Mapping[str, Any]) -> bool:
+    """Grade `answer` with the check spec `{type: ..., ...}`."""
+    return CHECKERS[check["type"]](answer, check)
+
+
+def validate_check(check: Any) -> None:
+    """Raise ValueError saying what is wrong with a check spec."""
+    _require(isinstance(check, dict), f"`check` must be a mapping, got {check!r}")
+    kind = check.get("type")
+    _require(kind in CHECKERS, f"unknown check type {kind!r} (known: {', '.join(sorted(CHECKERS))})")
+    required, optional = CHECK_FIELDS[kind]
+    missing = sorted(required - set(check))
+    _require(not missing, f"check type {kind!r} needs {', '.join(missing)}")
+    unknown = sorted(set(check) - required - optional - {"type"})
+    _require(not unknown, f"check type {kind!r} has unknown field(s) {', '.join(unknown)}")
+    if kind in _SPEC_VALIDATORS:
+        _SPEC_VALIDATORS[kind](check)
+
+
+def _parse_item(raw: Any) -> Probe:
+    _require(isinstance(raw, dict), "item must be a mapping")
+    missing = [f for f in _ITEM_REQUIRED if f not in raw]
+    _require(not missing, f"missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(raw) - set(_ITEM_REQUIRED) - set(_ITEM_OPTIONAL))
+    _require(not unknown, f"unknown field(s) {', '.join(unknown)}")
+    for field in ("id", "lang", "category", "question"):
+        _require(isinstance(raw[field], str) and raw[field].strip(), f"`{field}` must be a non-empty string")
+    _require(not any(ch.isspace() for ch in raw["id"]), "`id` must not contain whitespace")
+    _require(re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]+)?", raw["lang"]) is not None,
+             f"`lang` must be a language code like zh or en, got {raw['lang']!r}")
+    validate_check(raw["check"])
+    reference = raw.get("reference")
+    _require(reference is None or isinstance(reference, str), "`reference` must be a string")
+    wrong = raw.get("wrong", [])
+    wrong = [wrong] if isinstance(wrong, str) else wrong
+    _require(isinstance(wrong, list) and all(isinstance(w, str) for w in wrong),
+             "`wrong` must be a string or a list of strings")
+    return Probe(raw["id"], raw["lang"], raw["category"], raw["question"], raw["check"],
+                 reference, tuple(wrong), str(raw.get("note", "")))
+
+
+def parse_probes(data: Any, source: str = "<probes>") -> list[Probe]:
+    """Validate parsed YAML and return its items; every problem is reported at once."""
+    items = data.get("items") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ProbeError(f"{source}: expected a non-empty list of items (or a mapping with `items`)")
+    probes, errors, seen = [], [], set()
+    for index, raw in enumerate(items):
+        name = f"item {raw['id']!r}" if isinstance(raw, dict) and isinstance(raw.get("id"), str) else f"item #{index}"
+        try:
+            probe = _parse_item(raw)
+            _require(probe.id not in seen, "duplicate id")
+        except ValueError as error:
+            errors.append(f"{source}: {name}: {error}")
+            continue
+        seen.add(probe.id)
+        probes.append(probe)
+    if errors:
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise ProbeError("\n".join(shown))
+    return probes
+
+
+def bundled_probes_path(name: str = "general") -> Path:
+    """Path of a probe set shipped in `tunelab/assets/probes/`."""
+    path = Path(str(resources.files("tunelab").joinpath("assets", "probes", f"{name}.yaml")))
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled probe set {name!r} at {path}")
+    return path
+
+
+def load_probes(path: Optional[str | Path] = None) -> list[Probe]:
+    """Load and validate a probe file; None loads the bundled general-ability set."""
+    path = bundled_probes_path() if path is None else Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ProbeError(f"{path}: not valid YAML: {error}") from None
+    return parse_probes(data, str(path))
+
+
+def self_test(probes: Iterable[Probe]) -> list[str]:
+    """Problems found by grading each item's `reference` (must pass) and `wrong` (must fail)."""
+    problems = []
+    for probe in probes:
+        if probe.reference is not None and not probe.grade(probe.reference):
+            problems.append(f"{probe.id}: check rejects its reference {probe.reference!r}")
+        problems += [f"{probe.id}: check accepts wrong answer {w!r}" for w in probe.wrong if probe.grade(w)]
+    return problems
+
+
+def score_answers(probes: Iterable[Probe], answers: Mapping[str, str]) -> dict[str, float]:
+    """Per-item 0/1 scores for `compare`; an item with no answer is an error, not a zero."""
+    probes = list(probes)
+    missing = [p.id for p in probes if p.id not in answers]
+    if missing:
+        raise KeyError(f"no answer for {len(missing)} item(s), e.g. {missing[:5]}")
+    return {p.id: float(p.grade(answers[p.id])) for p in probes}

@@ -1,0 +1,29 @@
+"""Fine-tuning methods, one module each, registered by name.
+
+`MethodConfig` is built from the registry: `name` picks the method and each method's
+config is a field of the same name (`--method.name lora --method.lora.r 16`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import field, make_dataclass
+
+from . import lora  # noqa: F401  (each import registers its method)
+from .registry import METHODS, Capabilities, Method, count_parameters, get, register
+
+MethodConfig = make_dataclass(
+    "MethodConfig",
+    [("name", str, field(default="lora"))]
+    + [(name, m.config_cls, field(default_factory=m.config_cls)) for name, m in METHODS.items()],
+)
+MethodConfig.__doc__ = "Which method trains (`name`) and each method's options."
+
+
+def selected(cfg) -> tuple[Method, object]:
+    """(method, its config) chosen by a MethodConfig."""
+    method = get(cfg.name)
+    return method, getattr(cfg, cfg.name)
+
+
+__all__ = ["METHODS", "Capabilities", "Method", "MethodConfig", "count_parameters", "get",
+           "register", "selected"]

@@ -1,0 +1,86 @@
+"""LoRA (and its variants as options): low-rank updates on the chosen linear layers.
+
+Defaults are the reference recipe's: r 8, alpha 32, dropout 0.1 on the attention and
+MLP projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from ..config import check
+from .peft_common import load_peft, save_peft
+from .registry import Capabilities, Method, register
+
+# Projection names of the common architectures; `resolve_targets` keeps those present.
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h",
+               "dense_4h_to_h", "w1", "w2", "w3", "wq", "wk", "wv", "wo"]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 32
+    """Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.1
+    """Dropout on the adapter's input."""
+    targets: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"])
+    """Module names to adapt, or `all-linear`. Names absent from the architecture are dropped;
+    if none is present, tunelab falls back to the architecture's projections it can find."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): better at low rank, slower."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r)."""
+    init: str = "default"
+    """Adapter initialisation: default, gaussian, pissa, olora."""
+
+    def __post_init__(self) -> None:
+        check(self.r > 0, "method.lora.r", "> 0", self.r)
+        check(0 <= self.dropout < 1, "method.lora.dropout", "in [0, 1)", self.dropout)
+        check(self.init in ("default", "gaussian", "pissa", "olora"), "method.lora.init",
+              "one of default, gaussian, pissa, olora", self.init)
+
+
+def resolve_targets(model: torch.nn.Module, targets: Union[list[str], str]) -> Union[list[str], str]:
+    if targets == "all-linear" or targets == ["all-linear"]:
+        return "all-linear"
+    if isinstance(targets, str):
+        targets = [targets]
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    chosen = [t for t in targets if t in present]
+    if not chosen:
+        chosen = [t for t in PROJECTIONS if t in present]
+    if not chosen:
+        raise ValueError(f"`--method.lora.targets` {targets} match no linear layer of this model; "
+                         f"its linear layers are named {sorted(present)[:20]}")
+    return chosen
+
+
+def peft_config(model: torch.nn.Module, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[cfg.init]
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=resolve_targets(model, cfg.targets), use_dora=cfg.dora,
+        use_rslora=cfg.rslora, init_lora_weights=init, task_type="CAUSAL_LM")
+
+
+def apply(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(model, cfg))
+
+
+register(Method(
+    name="lora", config_cls=LoraConfig,
+    capabilities=Capabilities(mergeable=True, supports_packing=True),
+    apply=apply, save=save_peft, load=load_peft,
+    summary="low-rank updates on linear layers (DoRA, rsLoRA, PiSSA/OLoRA init as options)"))

@@ -1,0 +1,135 @@
+"""Load a model and its tokenizer from a local directory, a `.gguf` file or a hub id.
+
+dtype and device are decided here and nowhere else. Weights load from safetensors;
+pickle files are refused unless `--model.allow_pickle` is set (and then load with
+`weights_only=True`). No hub is needed for local paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class ModelNotFound(RuntimeError):
+    """The model could not be found or fetched; the message says how to give a local path."""
+
+
+class UnsafeWeights(RuntimeError):
+    """Only pickle weight files were found and `--model.allow_pickle` is off."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a CUDA card that supports it, else fp32 (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def locate(cfg: ModelConfig) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) holding the model named by `cfg.path`."""
+    if not cfg.path:
+        raise ModelNotFound("no model given: pass --model.path (a local directory, a .gguf "
+                            "file or a hub id)")
+    path = Path(cfg.path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"GGUF file {path} does not exist")
+        return path.parent, path.name
+    if path.is_dir():
+        return path, None
+    if path.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
+        raise ModelNotFound(f"{cfg.path!r} is neither a model directory, a .gguf file nor a "
+                            f"hub id (owner/name)")
+    return _download(cfg), None
+
+
+def _download(cfg: ModelConfig) -> Path:
+    hint = (f"could not fetch {cfg.path!r} from the {cfg.hub} hub. If you have the model on disk, "
+            f"pass its directory: --model.path /path/to/model (or `tunelab pull` it where a hub "
+            f"is reachable)")
+    allow = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+    if cfg.allow_pickle:
+        allow += ["*.bin"]
+    if cfg.hub == "modelscope":
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise ModelNotFound(f"{cfg.path!r} is a ModelScope id but modelscope is not installed: "
+                                f"pip install 'tunelab[modelscope]'") from None
+        try:
+            return Path(snapshot_download(cfg.path, revision=cfg.revision, allow_patterns=allow))
+        except Exception as err:  # modelscope raises plain Exceptions for network errors
+            raise ModelNotFound(f"{hint}\n  cause: {type(err).__name__}: {err}") from None
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(cfg.path, revision=cfg.revision, allow_patterns=allow))
+    except Exception as err:  # offline, not found, gated: all end the same way for the user
+        raise ModelNotFound(f"{hint}\n  cause: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def check_weights_safe(directory: Path, allow_pickle: bool) -> None:
+    """Refuse a directory whose weights exist only as pickle files, unless allowed."""
+    files = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+    if any(f.endswith(".safetensors") for f in files) or any(f.endswith(".gguf") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise UnsafeWeights(
+            f"{directory} holds only pickle weights ({', '.join(sorted(pickles)[:3])}); loading "
+            f"a pickle can run arbitrary code. Convert them to safetensors, or pass "
+            f"--model.allow_pickle true if you trust their source (they then load with "
+            f"weights_only=True)")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    directory, gguf = locate(cfg)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out by position, so any id works; eos is always in the vocab.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None):
+    """The model of `cfg` on `device` in the configured dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    directory, gguf = locate(cfg)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if gguf:
+        kwargs["gguf_file"] = gguf
+        try:  # newer transformers keep GGUF blocks unless told to dequantize; older always do
+            from transformers import GgufConfig
+
+            # A dequantized GGUF is a plain dense model that can be trained, merged and saved.
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:
+            pass
+    else:
+        check_weights_safe(directory, cfg.allow_pickle)
+        kwargs["use_safetensors"] = None if cfg.allow_pickle else True
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    return model.to(device).eval()
