@@ -39,8 +39,8 @@ class Interrupted(RuntimeError):
     """SIGTERM / Ctrl-C: a checkpoint was saved; the message says how to resume."""
 
 
-def train(model: ModelConfig, data: DataConfig, method: MethodConfig = None, train: TrainConfig = None,
-          out: str = "runs/run", resume: bool = True) -> Path:
+def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodConfig(),
+          train: TrainConfig = TrainConfig(), out: str = "runs/run", resume: bool = True) -> Path:
     """Fine-tune `model` on `data` with `method`; write a self-describing run directory.
 
     Args:
@@ -51,8 +51,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = None, tra
         out: the run directory.
         resume: continue from the newest complete checkpoint in `out`, if any.
     """
-    method_cfg = method or MethodConfig()
-    cfg = train or TrainConfig()
+    method_cfg, cfg = method, train
     run = RunDir(Path(out))
     run.root.mkdir(parents=True, exist_ok=True)
     config = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),

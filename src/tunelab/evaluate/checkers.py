@@ -1,11 +1,12 @@
 """Auto-graders for probe items, and loading / validating probe files.
 
-A probe file is YAML: either a list of items or a mapping with an `items` list (other
-top-level keys such as `suite`, `version`, `description` are free-form). Each item has
+A probe file is YAML: a list of items, or a mapping whose `items` (or `probes`) key
+holds the list; there, top-level `lang` and `category` are defaults for items lacking
+them, and other keys (`suite`, `version`, ...) are free-form. Each item has
 
     id        unique string, no whitespace
-    lang      language code (`zh`, `en`, ...)
-    category  free-form group name (`number_compare`, `arithmetic`, ...)
+    lang      language code (`zh`, `en`, ...); "" if neither item nor file gives one
+    category  free-form group name (`number_compare`, `arithmetic`, ...); "" likewise
     question  the user turn sent to the model
     check     how the answer is graded: `{type: <name>, ...}`, one of `CHECKERS`
     reference optional: an answer the check must accept (self-test)
@@ -24,12 +25,14 @@ Check types (every comparison is case-insensitive unless it says otherwise):
     contains  {any: [...], all: [...], none: [...], whole_word=false}: substrings; the
               answer must contain at least one of `any`, every one of `all`, and none of
               `none`. `whole_word` makes ASCII needles match whole words only.
-    choice    {value, options: [...]}: `value` is one of `options`. Right when the answer
-              mentions `value` and mentions it before any other option (so an answer
-              naming only the right option is right, and "1.9 比 1.11 大" is right but
-              "1.11 比 1.9 小" is judged wrong: ask for the option alone). Numeric options
-              match by value (1.90 mentions 1.9; 1.11 does not), text options as
-              substrings, whole words for ASCII, a shorter option never inside a longer.
+    choice    {value, options: [...]}: `value` is one of `options`, listed in the order
+              the question names them. The first option the answer mentions decides,
+              except that a leading restatement of all options in question order is
+              skipped when more follows ("1.11 和 1.9 相比，1.9 更大" is right). So "1.9"
+              and "1.9 比 1.11 大" are right, but "1.11 比 1.9 小" is judged wrong: ask for
+              the option alone. Numeric options match by value (1.90 mentions 1.9, 1.11
+              does not), text options case-insensitively, whole words for ASCII, and a
+              shorter option never inside a longer one.
     one_word  {value: str | [str, ...], max_chars}: after stripping surrounding
               whitespace, quotes, markdown emphasis and punctuation, the answer is one
               word (no whitespace, no inner punctuation but - and ') and, if `value` is
@@ -37,8 +40,8 @@ Check types (every comparison is case-insensitive unless it says otherwise):
               for CJK text, else 30) bounds the length, since Chinese has no spaces.
     json      {keys: [...], values: {key: expected | [expected, ...]}}: the answer holds a
               JSON object (whole answer, a ```json fence, or the first decodable `{...}`)
-              with all `keys`; `values` compares numbers within 1e-6 (numeric strings
-              count) and strings case-insensitively.
+              with all `keys`; `values` compares numbers within 1e-6 (a string holding
+              exactly one number, "28岁", counts) and strings case-insensitively.
     regex     {pattern, ignore_case=false}: `re.search` on the raw answer; case-sensitive
               by default, like Python, so `\\bAu\\b` does not match "because".
 """
@@ -156,9 +159,11 @@ def _number_mentions(text: str) -> list[tuple[int, float]]:
     for match in _ARABIC_RE.finditer(text):
         value = float(match.group().replace(",", ""))
         start = match.start()
-        # A '-' or 负 before the digits is a sign unless it joins two words ("COVID-19").
+        # A '-' or 负 before the digits is a sign unless it joins ASCII words or numbers
+        # ("COVID-19", "7-2"); after CJK text ("温度是-5") it is a sign.
         before = text[start - 1] if start else ""
-        if before == "负" or (before == "-" and (start < 2 or not text[start - 2].isalnum())):
+        joined = start >= 2 and text[start - 2].isascii() and text[start - 2].isalnum()
+        if before == "负" or (before == "-" and not joined):
             value, start = -value, start - 1
         mentions.append((start, value))
     if mentions:
@@ -202,17 +207,16 @@ def _as_float(value: Any) -> Optional[float]:
         return None
 
 
-def _find(haystack: str, needle: str, whole_word: bool) -> Optional[int]:
-    """Start of the first match of folded `needle` in folded `haystack`, else None."""
-    needle = _fold(needle)
-    if not whole_word:
-        index = haystack.find(needle)
-        return None if index < 0 else index
-    # \b only for ASCII ends: CJK has no word boundaries to speak of.
-    left = r"(?<![A-Za-z0-9])" if needle[:1].isascii() and needle[:1].isalnum() else ""
-    right = r"(?![A-Za-z0-9])" if needle[-1:].isascii() and needle[-1:].isalnum() else ""
-    match = re.search(left + re.escape(needle) + right, haystack)
-    return match.start() if match else None
+def _needle_pattern(needle: str, whole_word: bool) -> re.Pattern[str]:
+    """Case-insensitive pattern for `needle`, any run of whitespace matching any other;
+    with `whole_word`, ASCII letters/digits at its ends must not continue a word (CJK
+    has no word boundaries to speak of, so CJK ends match anywhere)."""
+    needle = unicodedata.normalize("NFKC", needle.strip())
+    body = r"\s+".join(re.escape(part) for part in needle.split())
+    word_end = lambda ch: whole_word and ch.isascii() and ch.isalnum()  # noqa: E731
+    left = r"(?<![A-Za-z0-9])" if word_end(needle[:1]) else ""
+    right = r"(?![A-Za-z0-9])" if word_end(needle[-1:]) else ""
+    return re.compile(left + body + right, re.IGNORECASE)
 
 
 def _str_list(spec: Mapping[str, Any], key: str) -> list[str]:
@@ -256,8 +260,8 @@ def _validate_contains(spec: Mapping[str, Any]) -> None:
 
 @register("contains", optional=["any", "all", "none", "whole_word"], validate=_validate_contains)
 def check_contains(answer: str, spec: Mapping[str, Any]) -> bool:
-    text, whole = _fold(answer), bool(spec.get("whole_word", False))
-    found = lambda needle: _find(text, needle, whole) is not None  # noqa: E731
+    text, whole = unicodedata.normalize("NFKC", answer), bool(spec.get("whole_word", False))
+    found = lambda needle: _needle_pattern(needle, whole).search(text) is not None  # noqa: E731
     if "any" in spec and not any(found(n) for n in _str_list(spec, "any")):
         return False
     if not all(found(n) for n in _str_list(spec, "all")):
@@ -281,36 +285,38 @@ def _validate_choice(spec: Mapping[str, Any]) -> None:
              f"`value` {spec['value']!r} must be exactly one of `options`")
 
 
-def _first_mentions(answer: str, options: Sequence[Any]) -> list[Optional[int]]:
-    """Position of each option's first mention in `answer`, or None."""
-    positions: list[Optional[int]] = [None] * len(options)
+def _option_mentions(answer: str, options: Sequence[Any]) -> list[int]:
+    """Indices of the options mentioned in `answer`, one per mention, in reading order."""
+    mentions: list[tuple[int, int]] = []
     numbers = _number_mentions(answer)
-    text = _fold(answer)
-    # Longest text options first, blanking each match, so "北京市" is not also "北京".
+    text = answer
+    # Longest text options first, blanking each match (same length, so positions stay
+    # comparable with the numeric ones), so "北京市" is not also a mention of "北京".
     order = sorted(range(len(options)), key=lambda i: -len(str(options[i])))
     for i in order:
         value = _as_float(options[i])
         if value is not None:
-            positions[i] = next((p for p, n in numbers if math.isclose(n, value, abs_tol=1e-9)), None)
+            mentions += [(p, i) for p, n in numbers if math.isclose(n, value, abs_tol=1e-9)]
             continue
-        start = _find(text, str(options[i]), whole_word=True)
-        if start is not None:
-            positions[i] = start
-            needle = _fold(str(options[i]))
-            text = text.replace(needle, "\0" * len(needle))
-    # Numeric positions index the raw answer and text ones the folded answer; both keep
-    # order in practice (folding only changes width and collapses whitespace).
-    return positions
+        for m in list(_needle_pattern(str(options[i]), whole_word=True).finditer(text)):
+            mentions.append((m.start(), i))
+            text = text[: m.start()] + "\0" * (m.end() - m.start()) + text[m.end():]
+    return [i for _, i in sorted(mentions)]
 
 
 @register("choice", required=["value", "options"], validate=_validate_choice)
 def check_choice(answer: str, spec: Mapping[str, Any]) -> bool:
     options = spec["options"]
-    positions = _first_mentions(answer, options)
-    right = next(i for i, o in enumerate(options) if _same_option(spec["value"], o))
-    if positions[right] is None:
+    mentions = _option_mentions(answer, options)
+    if not mentions:
         return False
-    return all(p is None or p > positions[right] for i, p in enumerate(positions) if i != right)
+    right = next(i for i, o in enumerate(options) if _same_option(spec["value"], o))
+    # "1.11 和 1.9 相比，1.9 更大" restates the options in question order before
+    # answering; skip that restatement when something follows it.
+    restated = len(options)
+    if mentions[:restated] == list(range(restated)) and len(mentions) > restated:
+        return mentions[restated] == right
+    return mentions[0] == right
 
 
 _STRIP_CHARS = " \t\r\n\"'`*_~“”‘’「」『』《》()（）[]【】.,;:!?。，；：！？、…"
@@ -367,8 +373,11 @@ def _json_value_matches(actual: Any, expected: Any) -> bool:
     if expected is None or isinstance(expected, bool):
         return actual is expected
     if _is_number(expected):
-        number = _as_float(actual) if isinstance(actual, (str, int, float)) and not isinstance(actual, bool) else None
-        return number is not None and abs(number - expected) <= 1e-6
+        if _is_number(actual):
+            return abs(actual - expected) <= 1e-6
+        # A string with exactly one number counts: "28岁", "$12", "12 dollars".
+        numbers = extract_numbers(actual) if isinstance(actual, str) else []
+        return len(numbers) == 1 and abs(numbers[0] - expected) <= 1e-6
     return isinstance(actual, (str, int, float)) and _fold(str(actual)) == _fold(str(expected))
 
 
@@ -424,8 +433,8 @@ class Probe:
         return grade(answer, self.check)
 
 
-_ITEM_REQUIRED = ("id", "lang", "category", "question", "check")
-_ITEM_OPTIONAL = ("reference", "wrong", "note")
+_ITEM_REQUIRED = ("id", "question", "check")
+_ITEM_OPTIONAL = ("lang", "category", "reference", "wrong", "note")
 
 
 def grade(answer: str, check: Mapping[str, Any]) -> bool:
@@ -447,17 +456,20 @@ def validate_check(check: Any) -> None:
         _SPEC_VALIDATORS[kind](check)
 
 
-def _parse_item(raw: Any) -> Probe:
+def _parse_item(raw: Any, defaults: Mapping[str, Any]) -> Probe:
     _require(isinstance(raw, dict), "item must be a mapping")
     missing = [f for f in _ITEM_REQUIRED if f not in raw]
     _require(not missing, f"missing field(s) {', '.join(missing)}")
     unknown = sorted(set(raw) - set(_ITEM_REQUIRED) - set(_ITEM_OPTIONAL))
     _require(not unknown, f"unknown field(s) {', '.join(unknown)}")
-    for field in ("id", "lang", "category", "question"):
+    raw = {**defaults, **raw}
+    for field in ("id", "question"):
         _require(isinstance(raw[field], str) and raw[field].strip(), f"`{field}` must be a non-empty string")
     _require(not any(ch.isspace() for ch in raw["id"]), "`id` must not contain whitespace")
-    _require(re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]+)?", raw["lang"]) is not None,
-             f"`lang` must be a language code like zh or en, got {raw['lang']!r}")
+    _require(isinstance(raw.get("category", ""), str), "`category` must be a string")
+    lang = raw.get("lang", "")
+    _require(lang == "" or (isinstance(lang, str) and re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]+)?", lang) is not None),
+             f"`lang` must be a language code like zh or en, got {lang!r}")
     validate_check(raw["check"])
     reference = raw.get("reference")
     _require(reference is None or isinstance(reference, str), "`reference` must be a string")
@@ -465,20 +477,21 @@ def _parse_item(raw: Any) -> Probe:
     wrong = [wrong] if isinstance(wrong, str) else wrong
     _require(isinstance(wrong, list) and all(isinstance(w, str) for w in wrong),
              "`wrong` must be a string or a list of strings")
-    return Probe(raw["id"], raw["lang"], raw["category"], raw["question"], raw["check"],
+    return Probe(raw["id"], lang, raw.get("category", ""), raw["question"], raw["check"],
                  reference, tuple(wrong), str(raw.get("note", "")))
 
 
 def parse_probes(data: Any, source: str = "<probes>") -> list[Probe]:
     """Validate parsed YAML and return its items; every problem is reported at once."""
-    items = data.get("items") if isinstance(data, dict) else data
+    items = data.get("items", data.get("probes")) if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ProbeError(f"{source}: expected a non-empty list of items (or a mapping with `items`)")
+    defaults = {k: data[k] for k in ("lang", "category") if isinstance(data, dict) and k in data}
     probes, errors, seen = [], [], set()
     for index, raw in enumerate(items):
         name = f"item {raw['id']!r}" if isinstance(raw, dict) and isinstance(raw.get("id"), str) else f"item #{index}"
         try:
-            probe = _parse_item(raw)
+            probe = _parse_item(raw, defaults)
             _require(probe.id not in seen, "duplicate id")
         except ValueError as error:
             errors.append(f"{source}: {name}: {error}")

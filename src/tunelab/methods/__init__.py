@@ -16,6 +16,7 @@ MethodConfig = make_dataclass(
     [("name", str, field(default="lora"))]
     + [(name, m.config_cls, field(default_factory=m.config_cls)) for name, m in METHODS.items()],
 )
+MethodConfig.__module__ = __name__  # so jsonargparse can import it by name
 MethodConfig.__doc__ = "Which method trains (`name`) and each method's options."
 
 

@@ -1,0 +1,131 @@
+"""End to end on tiny models: training lowers the loss, the run directory describes itself,
+the adapter reloads to identical logits, and chat with the adapter differs from the base."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tunelab.config import DataConfig, GenerationConfig, ModelConfig, TrainConfig
+from tunelab.generate import Engine
+from tunelab.methods import MethodConfig
+from tunelab.runs import RunDir, load_run
+from tunelab.train import train
+
+QUESTION = [{"role": "user", "content": "你是谁？"}]
+
+
+def quick_train(model_dir, data_path, out, **overrides):
+    cfg = dict(max_steps=40, batch_size=4, micro_batch_size=2, lr=1e-2, save_every=20, log_every=1)
+    cfg.update(overrides)
+    return train(ModelConfig(path=str(model_dir)), DataConfig(path=str(data_path), val_size=0),
+                 MethodConfig(), TrainConfig(**cfg), out=str(out))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen, tmp_path_factory):
+    from conftest import MEMORIZE, write_jsonl
+
+    root = tmp_path_factory.mktemp("train")
+    data = write_jsonl(root / "data.jsonl", MEMORIZE * 3)
+    return quick_train(tiny_qwen, data, root / "run"), tiny_qwen
+
+
+def test_loss_falls_clearly(trained):
+    run, _ = trained
+    losses = [json.loads(line)["loss"] for line in RunDir(run).metrics.read_text().splitlines()]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_run_directory_describes_itself(trained):
+    run, model_dir = trained
+    rd = RunDir(run)
+    for path in (rd.config, rd.data_stats, rd.metrics, rd.summary, rd.done,
+                 rd.adapter / "adapter_model.safetensors", rd.tokenizer / "tokenizer_config.json"):
+        assert path.exists(), path
+    config = yaml.safe_load(rd.config.read_text())
+    assert config["model"]["path"] == str(model_dir)
+    assert config["method"]["name"] == "lora" and config["method"]["lora"]["r"] == 8
+    assert config["train"]["lr"] == 1e-2
+    stats = json.loads(rd.data_stats.read_text())
+    assert stats["train"]["rows"] == 12 and stats["duplicates"] == 8
+    summary = json.loads(rd.summary.read_text())
+    assert summary["steps"] == 40 and summary["trainable_params"] > 0
+    assert [p.name for p in rd.complete_checkpoints()] == ["step-0000020", "step-0000040"]
+    from transformers import AutoTokenizer
+
+    assert "<|im_end|>" in AutoTokenizer.from_pretrained(rd.tokenizer).chat_template
+
+
+def test_adapter_reloads_to_identical_logits(trained):
+    run, _ = trained
+    model_a, tok, _ = load_run(run)
+    model_b, _, _ = load_run(run)
+    ids = torch.tensor([Engine(model_a, tok).format.prompt_ids(QUESTION)])
+    with torch.no_grad():
+        assert torch.equal(model_a(ids).logits, model_b(ids).logits)
+
+
+def test_chat_with_the_adapter_differs_from_the_base(trained):
+    run, _ = trained
+    tuned, tok, _ = load_run(run)
+    base, _, _ = load_run(run, adapter=False)
+    gen = GenerationConfig(max_new_tokens=12)
+    tuned_answer = Engine(tuned, tok).generate([QUESTION], gen)[0]
+    base_answer = Engine(base, tok).generate([QUESTION], gen)[0]
+    assert tuned_answer != base_answer
+    assert tuned_answer.startswith("我是甄嬛")  # memorized
+
+
+def test_cli_train_chat_and_inspect_end_to_end(tiny_llama, tmp_path):
+    """The console verbs on a pad == eos Llama-architecture model."""
+    from conftest import MEMORIZE, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", MEMORIZE * 2)
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "tunelab.cli"]
+    done = subprocess.run(cli + ["train", "--model.path", str(tiny_llama), "--data.path", str(data),
+                                 "--data.val_size", "2", "--train.max_steps", "3", "--train.batch_size", "2",
+                                 "--train.micro_batch_size", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "DONE").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 3 and "val_loss" in metrics[-1]
+
+    chat = subprocess.run(cli + ["chat", "--run", str(out), "--prompt", "hi", "--gen.max_new_tokens", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+
+    inspect = subprocess.run(cli + ["data", "inspect", "--data.path", str(data), "--model.path", str(tiny_llama)],
+                             capture_output=True, text=True, timeout=300)
+    assert inspect.returncode == 0, inspect.stderr[-2000:]
+    assert "8 records read" in inspect.stdout and "[[" in inspect.stdout and "<|im_end|>]]" in inspect.stdout
+
+
+def test_cli_bad_value_names_the_field(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", "--model.path", "x",
+                           "--data.path", "y", "--train.lr", "-1", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "`--train.lr` must be > 0, got -1.0" in done.stderr
+    assert "Traceback" not in done.stderr
+    bad_choice = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", "--data.truncation", "left"],
+                                capture_output=True, text=True, timeout=120)
+    assert bad_choice.returncode == 2 and "data.truncation" in bad_choice.stderr
+
+
+def test_missing_model_says_how_to_give_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", "--model.path", "nobody/no-model",
+                           "--data.path", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "nobody/no-model" in done.stderr and "--model.path /path/to/model" in done.stderr
+    assert "Traceback" not in done.stderr
