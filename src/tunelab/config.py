@@ -25,7 +25,8 @@ def check(ok: bool, flag: str, accepted: str, got: Any) -> None:
 @dataclass
 class ModelConfig:
     path: str = ""
-    """A local HF model directory, a `.gguf` file, or a hub id (`Qwen/Qwen2-1.5B-Instruct`)."""
+    """A local HF model directory, a `.gguf` file, a hub id (`Qwen/Qwen2-1.5B-Instruct`) or a
+    catalog name (`smollm2-135m-instruct`, fetched once by `tunelab pull`)."""
     hub: Literal["hf", "modelscope"] = "hf"
     """Where a hub id is fetched from; `modelscope` needs the `modelscope` extra."""
     revision: Optional[str] = None
@@ -99,6 +100,10 @@ class TrainConfig:
     packing: Literal["auto", "on", "off"] = "auto"
     """Padding-free batches (rows concatenated, attention kept within each row). `auto`:
     on where the model and method support it on a GPU, off on CPU."""
+    micro_batch_tokens: int = 16384
+    """Packed micro-batches: most tokens in one forward pass. A step's rows are packed whole
+    into as few passes as fit; the optimizer step still covers `batch_size` rows, so this
+    changes memory and speed, not what is learned."""
     eval_every: int = 0
     """Held-out loss every N optimizer steps (0: once per epoch)."""
     save_every: int = 100
@@ -108,7 +113,11 @@ class TrainConfig:
     log_every: int = 1
     """Log metrics every N optimizer steps."""
     max_bad_steps: int = 5
-    """Stop after this many optimizer steps in a row with non-finite loss or gradients."""
+    """Stop after this many optimizer steps in a row with non-finite loss or gradients (each
+    is skipped: the weights never take a non-finite update)."""
+    auto_micro_batch: bool = False
+    """On a CUDA out-of-memory error, halve the micro-batch (`micro_batch_size`, or
+    `micro_batch_tokens` when packed) and redo the step; `batch_size` is kept."""
     seed: int = 42
     """Seed for initialization, data order and dropout."""
     tensorboard: bool = False
@@ -119,6 +128,7 @@ class TrainConfig:
         check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0 or null", self.max_steps)
         check(self.batch_size > 0, "train.batch_size", "> 0", self.batch_size)
         check(self.micro_batch_size > 0, "train.micro_batch_size", "> 0", self.micro_batch_size)
+        check(self.micro_batch_tokens > 0, "train.micro_batch_tokens", "> 0", self.micro_batch_tokens)
         check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
               f"a multiple of --train.micro_batch_size ({self.micro_batch_size})", self.batch_size)
         check(self.lr > 0, "train.lr", "> 0", self.lr)

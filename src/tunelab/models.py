@@ -7,7 +7,10 @@ pickle files are refused unless `--model.allow_pickle` is set (and then load wit
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -15,6 +18,11 @@ import torch
 from .config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path"}
+SAMPLE_BLOCK = 64 * 1024
 
 
 class ModelNotFound(RuntimeError):
@@ -52,6 +60,14 @@ def locate(cfg: ModelConfig) -> tuple[Path, str | None]:
         return path.parent, path.name
     if path.is_dir():
         return path, None
+    if "/" not in cfg.path and not path.exists():
+        from .pull import PullError, load_catalog, pull
+
+        if cfg.path in load_catalog():  # a catalog name: fetched once into the cache
+            try:
+                return pull(cfg.path, hub=cfg.hub), None
+            except PullError as err:
+                raise ModelNotFound(str(err)) from None
     if path.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
         raise ModelNotFound(f"{cfg.path!r} is neither a model directory, a .gguf file nor a "
                             f"hub id (owner/name)")
@@ -96,6 +112,83 @@ def check_weights_safe(directory: Path, allow_pickle: bool) -> None:
             f"weights_only=True)")
 
 
+def fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the base model, cheaply: its config.json, each weight and tokenizer
+    file's size and hash (weights over 8 MiB: the header plus 16 blocks spread over the file,
+    which any change of the numbers touches), and the tensor names and shapes.
+
+    Moving or renaming the model directory does not change it; other weights, another
+    architecture or another tokenizer / chat template do.
+    """
+    directory, gguf = locate(cfg)
+    names = [gguf] if gguf else sorted(p.name for p in directory.iterdir()
+                                       if p.name.endswith(WEIGHT_SUFFIXES) or p.name in TOKENIZER_FILES)
+    config = {}
+    if not gguf and (directory / "config.json").is_file():
+        config = {k: v for k, v in json.loads((directory / "config.json").read_text()).items()
+                  if k not in VOLATILE_CONFIG_KEYS}
+    shapes: dict = {}
+    for name in names:
+        if name.endswith(".safetensors"):
+            shapes.update(safetensors_shapes(directory / name))
+    return {"config": config,
+            "files": {name: {"size": (directory / name).stat().st_size, "sha256": sampled_sha256(directory / name)}
+                      for name in names},
+            "shapes_sha256": hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+            if shapes else None}
+
+
+def sampled_sha256(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= 8 * 2**20:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(2**20))  # a safetensors / GGUF header and the first tensors
+            for i in range(1, 17):
+                f.seek(min(size - SAMPLE_BLOCK, i * size // 17))
+                digest.update(f.read(SAMPLE_BLOCK))
+    return digest.hexdigest()
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header (read without loading any tensor)."""
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        head = f.read(8)
+        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if length + 8 > size:
+            raise ValueError(f"{path} is not a whole safetensors file (header of {length} bytes, file of {size})")
+        header = json.loads(f.read(length))
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    if ends and 8 + length + max(ends) > size:
+        raise ValueError(f"{path} is truncated: its tensors need {8 + length + max(ends)} bytes, the file has {size}")
+    return {key: info["shape"] for key, info in header.items() if key != "__metadata__"}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two `fingerprint`s (empty: the same model)."""
+    changes = []
+    old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            changes.append(f"config.json `{key}`: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for name in sorted(set(old_files) | set(new_files)):
+        if name not in new_files:
+            changes.append(f"{name}: missing now")
+        elif name not in old_files:
+            changes.append(f"{name}: new file")
+        elif old_files[name] != new_files[name]:
+            a, b = old_files[name], new_files[name]
+            changes.append(f"{name}: contents differ ({a['size']:,} -> {b['size']:,} bytes, "
+                           f"sha256 {a['sha256'][:12]} -> {b['sha256'][:12]})")
+    if old.get("shapes_sha256") != new.get("shapes_sha256"):
+        changes.append("tensor names or shapes differ")
+    return changes
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -130,6 +223,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
     else:
         check_weights_safe(directory, cfg.allow_pickle)
         kwargs["use_safetensors"] = None if cfg.allow_pickle else True
+        kwargs["weights_only"] = True  # pickles, where allowed, never run code
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     return model.to(device).eval()

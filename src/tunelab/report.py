@@ -61,8 +61,8 @@ _METHOD_COLUMNS = [  # key, header, format
     ("general_delta", "general Δ", "+3"),
 ]
 _PALETTE = ["#0969da", "#d1242f", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#6e7781"]
-_LEGEND = ("Δ = run minus base, with its paired-bootstrap confidence interval. Coloured green (gain) or "
-           "red (loss) only when the interval excludes 0; grey means no detectable change.")
+_LEGEND = ("Δ = run minus base, with its paired-bootstrap confidence interval (CI). A Δ counts as a gain "
+           "or a loss only when its CI excludes 0; otherwise the change is not detectable with these items.")
 
 
 # ---------------------------------------------------------------- input
@@ -101,6 +101,7 @@ def _fail(path: str, message: str) -> None:
 
 def validate_results(results: Mapping[str, Any]) -> None:
     """Raise ValueError naming the first malformed key path (e.g. `results["models"][1]`)."""
+    results = _plain(results)
     if not isinstance(results, Mapping):
         _fail("", "must be a mapping")
     unknown = sorted(set(results) - _TOP_KEYS)
@@ -216,6 +217,17 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
+def _finite_runs(points: Sequence[Sequence[Any]]) -> list[list[tuple[float, float]]]:
+    """Split a series at non-finite y values, so the line visibly breaks there."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for x, y in points:
+        if y is None or not math.isfinite(y):
+            runs.append([])
+        else:
+            runs[-1].append((float(x), float(y)))
+    return [run for run in runs if run]
+
+
 def svg_line_plot(
     series: Mapping[str, Sequence[Sequence[float]]],
     title: str = "",
@@ -224,19 +236,20 @@ def svg_line_plot(
     width: int = 560,
     height: int = 300,
 ) -> str:
-    """An inline `<svg>` line plot of named (x, y) series; non-finite y values are not
-    drawn but marked with a red × on the top edge at their x, so a NaN loss is visible."""
+    """An inline `<svg>` line plot of named (x, y) series, styled by attributes only so it
+    also stands alone. Non-finite y values break the line and are marked with a red × on
+    the top edge at their x: a NaN loss must be visible, not interpolated over."""
     left, right, top, bottom = 62, 16, 34, 44
     plot_w, plot_h = width - left - right, height - top - bottom
-    finite = {n: [(float(x), float(y)) for x, y in pts if y is not None and math.isfinite(y)]
-              for n, pts in series.items()}
+    runs = {name: _finite_runs(points) for name, points in series.items()}
     broken = [float(x) for pts in series.values() for x, y in pts if y is None or not math.isfinite(y)]
-    xs = [x for pts in finite.values() for x, _ in pts] + broken
-    ys = [y for pts in finite.values() for _, y in pts]
+    xs = [x for rs in runs.values() for run in rs for x, _ in run] + broken
+    ys = [y for rs in runs.values() for run in rs for _, y in run]
     esc = html.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" class="plot"><title>{esc(title)}</title>',
-           f'<text x="{left}" y="18" class="ptitle">{esc(title)}</text>']
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
+           f'{height}" role="img" class="plot" font-family="sans-serif" font-size="11"><title>{esc(title)}</title>',
+           f'<rect width="{width}" height="{height}" fill="#fff"/>',
+           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{esc(title)}</text>']
     if not xs:
         out.append(f'<text x="{left}" y="{top + plot_h / 2}">no data</text></svg>')
         return "\n".join(out)
@@ -247,31 +260,34 @@ def svg_line_plot(
     y_lo, y_hi = y_lo - pad, y_hi + pad
     px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * plot_w  # noqa: E731
     py = lambda y: top + (y_hi - y) / (y_hi - y_lo) * plot_h  # noqa: E731
-    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>')
+    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>')
     for tick in _nice_ticks(y_lo, y_hi):
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" class="tick" text-anchor="end">{tick:g}</text>')
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eaeef2"/>'
+                   f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
     for tick in _nice_ticks(x_lo, x_hi):
-        out.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" class="tick" '
-                   f'text-anchor="middle">{tick:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" class="axis" text-anchor="middle">{esc(x_label)}</text>'
-               f'<text x="14" y="{top + plot_h / 2}" class="axis" text-anchor="middle" '
+        out.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}</text>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{esc(x_label)}</text>'
+               f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + plot_h / 2})">{esc(y_label)}</text>')
-    for i, (name, pts) in enumerate(finite.items()):
+    legend_x = left + plot_w - 120
+    out.append(f'<rect x="{legend_x - 4}" y="{top + 3}" width="120" height="{16 * len(runs) + 4}" '
+               'fill="#fff" fill-opacity="0.85"/>')
+    for i, (name, name_runs) in enumerate(runs.items()):
         color = _PALETTE[i % len(_PALETTE)]
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        if len(pts) > 1:
-            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.6"/>')
-        if len(pts) <= 60:  # markers only while they do not smear the line
-            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.4" fill="{color}"/>' for x, y in pts]
-        ly = top + 14 + 16 * i
-        out.append(f'<line x1="{left + plot_w - 118}" x2="{left + plot_w - 100}" y1="{ly - 4}" y2="{ly - 4}" '
-                   f'stroke="{color}" stroke-width="2"/><text x="{left + plot_w - 94}" y="{ly}" '
-                   f'class="tick">{esc(name)}</text>')
+        for run in name_runs:
+            if len(run) > 1:
+                coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in run)
+                out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.6"/>')
+            if len(run) == 1 or sum(map(len, name_runs)) <= 60:  # markers while they do not smear
+                out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.4" fill="{color}"/>' for x, y in run]
+        ly = top + 16 + 16 * i
+        out.append(f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
+                   f'stroke-width="2"/><text x="{legend_x + 24}" y="{ly}">{esc(name)}</text>')
     for x in broken:
-        out.append(f'<text x="{px(x):.1f}" y="{top + 4}" class="nan" text-anchor="middle">×</text>')
+        out.append(f'<text x="{px(x):.1f}" y="{top + 4}" fill="#cf222e" font-weight="bold" '
+                   'text-anchor="middle">×</text>')
     if broken:
-        out.append(f'<text x="{left + plot_w}" y="18" class="nan" text-anchor="end">'
+        out.append(f'<text x="{left + plot_w}" y="18" fill="#cf222e" text-anchor="end">'
                    f'{len(broken)} non-finite value(s) not drawn (×)</text>')
     out.append("</svg>")
     return "\n".join(out)
@@ -303,10 +319,18 @@ def _summary_rows(results: Mapping[str, Any]) -> list[tuple[str, str, list[tuple
     return rows
 
 
-def _answer_cell(row: Mapping[str, Any], model: str) -> tuple[str, Optional[bool]]:
-    score = (row.get("scores") or {}).get(model)
-    passed = None if score is None else float(score) >= 1.0
-    return str(row["answers"].get(model, "—")), passed
+def _answer_cell(row: Mapping[str, Any], model: str) -> tuple[str, str, str]:
+    """(answer, mark, css class): ✓ / ✗ for 0/1 scores, the score itself for a float."""
+    text, score = str(row["answers"].get(model, "—")), (row.get("scores") or {}).get(model)
+    if score is None:
+        return text, "", ""
+    if score in (0, 1):
+        return text, "✓" if score == 1 else "✗", "ok" if score == 1 else "bad"
+    return text, f"[{_num(score)}]", ""
+
+
+def _id_list(ids: Sequence[str]) -> str:
+    return f"{len(ids)}: {', '.join(ids)}" if ids else "0"
 
 
 def _flip_lines(results: Mapping[str, Any]) -> list[tuple[str, str, list[str], list[str]]]:
@@ -320,7 +344,7 @@ def _flip_lines(results: Mapping[str, Any]) -> list[tuple[str, str, list[str], l
 
 def _md(text: Any) -> str:
     """Model text made safe for a markdown table cell (escaped HTML, no pipes, one line)."""
-    return html.escape(str(text)).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -340,7 +364,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         [_md(m["name"]), m["kind"], _md(m.get("summary", ""))] for m in results["models"]])
     if suites:
         marks = {"gain": " ▲", "loss": " ▼", "same": "", "base": "", "none": ""}
-        out += ["## Summary", "", _LEGEND + " ▲ gain, ▼ loss (significant only).", ""]
+        out += ["## Summary", "", _LEGEND + " Marked ▲ gain, ▼ loss; unmarked: no detectable change.", ""]
         out += _md_table(["model"] + [_md(s) for s in suites], [
             [_md(model)] + [text + marks[state] for text, state in cells]
             for model, _, cells in _summary_rows(results)])
@@ -354,9 +378,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             [_md(row["model"])] + [_md(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
             for row in results["methods"]])
     if _flip_lines(results):
-        out += ["## Flips", "", "Items the base got right and the run got wrong (right → wrong), and the reverse.", ""]
+        out += ["## Flips", "", "Items the base got right and the run got wrong (right → wrong), and the reverse.",
+                ""]
         out += _md_table(["suite", "model", "right → wrong", "wrong → right"], [
-            [_md(s), _md(m), f"{len(rw)}: {_md(', '.join(rw))}", f"{len(wr)}: {_md(', '.join(wr))}"]
+            [_md(s), _md(m), _md(_id_list(rw)), _md(_id_list(wr))]
             for s, m, rw, wr in _flip_lines(results)])
     if results.get("curves"):
         out += ["## Loss curves", "", "Plots are in report.html; here, their summary.", ""]
@@ -370,13 +395,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += _md_table(["run", "split", "points", "first", "min", "last", "non-finite"], rows)
     answers = results.get("answers") or []
     for suite in dict.fromkeys(row.get("suite", "") for row in answers):
-        out += [f"## Answers: {_md(suite) or 'all'}", "", "✓ / ✗: the item's check passed / failed.", ""]
+        out += [f"## Answers: {_md(suite) or 'all'}", "",
+                "✓ / ✗: the item's check passed / failed; [x]: the item's score.", ""]
         rows = []
         for row in (r for r in answers if r.get("suite", "") == suite):
             cells = []
             for model in order:
-                text, passed = _answer_cell(row, model)
-                cells.append(({True: "✓ ", False: "✗ ", None: ""}[passed]) + _md(text))
+                text, mark, _ = _answer_cell(row, model)
+                cells.append(f"{mark} {_md(text)}" if mark else _md(text))
             rows.append([_md(row.get("id", "")), _md(row["question"]), _md(row.get("reference", ""))] + cells)
         out += _md_table(["id", "question", "reference"] + [_md(m) for m in order], rows)
     if results.get("configs"):
@@ -400,9 +426,7 @@ background:#f6f8fa}.ans{white-space:pre-wrap;max-width:420px}.ok{border-left:4px
 .bad{border-left:4px solid #cf222e}.legend span{padding:2px 6px;margin-right:6px}
 .note{background:#fff8c5;padding:6px 10px;border-left:4px solid #d4a72c}
 pre{background:#f6f8fa;padding:8px;overflow:auto}.plots{display:flex;flex-wrap:wrap;gap:12px}
-.plot{border:1px solid #d0d7de;background:#fff}.plot text{font-size:11px;fill:#1f2328}
-.plot .ptitle{font-size:13px;font-weight:600}.plot .nan{fill:#cf222e;font-weight:600}
-.plot .frame{fill:none;stroke:#8c959f}.plot .grid{stroke:#eaeef2}
+.plot{border:1px solid #d0d7de;background:#fff}
 """
 
 
@@ -430,7 +454,8 @@ def render_html(results: Mapping[str, Any]) -> str:
         [td(m["name"]), td(m["kind"]), td(m.get("summary", ""))] for m in results["models"]])]
     if suites:
         body += ["<h2>Summary</h2>", f'<p class="legend"><span class="gain">gain</span><span class="loss">loss'
-                 f'</span><span class="same">no detectable change</span>{_h(_LEGEND)}</p>']
+                 f'</span><span class="same">no detectable change</span>{_h(_LEGEND)} Green: gain, red: loss, '
+                 'grey: CI includes 0.</p>']
         body.append(_html_table(["model"] + list(suites), [
             [td(model)] + [td(text, state if state in ("gain", "loss", "same") else "") for text, state in cells]
             for model, _, cells in _summary_rows(results)]))
@@ -448,8 +473,8 @@ def render_html(results: Mapping[str, Any]) -> str:
     if _flip_lines(results):
         body += ["<h2>Flips</h2>", "<p>Items the base got right and the run got wrong, and the reverse.</p>"]
         body.append(_html_table(["suite", "model", "right → wrong", "wrong → right"], [
-            [td(s), td(m), td(f"{len(rw)}: {', '.join(rw)}", "loss" if rw else ""),
-             td(f"{len(wr)}: {', '.join(wr)}", "gain" if wr else "")] for s, m, rw, wr in _flip_lines(results)]))
+            [td(s), td(m), td(_id_list(rw), "loss" if rw else ""), td(_id_list(wr), "gain" if wr else "")]
+            for s, m, rw, wr in _flip_lines(results)]))
     if results.get("curves"):
         body += ["<h2>Loss curves</h2>", '<div class="plots">']
         for run, curve in results["curves"].items():
@@ -461,13 +486,13 @@ def render_html(results: Mapping[str, Any]) -> str:
     answers = results.get("answers") or []
     for suite in dict.fromkeys(row.get("suite", "") for row in answers):
         body.append(f"<details open><summary><h2 style='display:inline'>Answers: {_h(suite) or 'all'}</h2>"
-                    "</summary><p>Green / red edge: the item's check passed / failed.</p>")
+                    "</summary><p>Green / red edge: the item's check passed / failed; [x]: the item's score.</p>")
         rows = []
         for row in (r for r in answers if r.get("suite", "") == suite):
             cells = [td(row.get("id", "")), td(row["question"], "ans"), td(row.get("reference", ""), "ans")]
             for model in order:
-                text, passed = _answer_cell(row, model)
-                cells.append(td(text, "ans" + {True: " ok", False: " bad", None: ""}[passed]))
+                text, mark, css = _answer_cell(row, model)
+                cells.append(td(f"{mark} {text}" if mark and not css else text, f"ans {css}".strip()))
             rows.append(cells)
         body += [_html_table(["id", "question", "reference"] + order, rows), "</details>"]
     if results.get("configs"):

@@ -3,16 +3,22 @@
 A run directory describes itself (config.yaml, tokenizer, adapter, metrics), so chat,
 merge and eval need nothing but its path. Every directory is written under a temporary
 name, flushed, marked complete and renamed: a crash leaves either the old state or the
-new one, never a directory that looks complete and fails to load.
+new one, never a directory that looks complete and fails to load. Resuming is guarded:
+the base model and the data must be the ones the checkpoints were trained on, and changed
+hyperparameters are listed and need `--allow_config_change true`. See docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +26,27 @@ import torch
 import yaml
 
 COMPLETE = "COMPLETE"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+LEFTOVER_SUFFIXES = (".tmp", ".old", ".trash")
+"""Names of directories a crash can leave behind mid-write, mid-rename or mid-delete."""
+HARMLESS_CHANGES = {"train.save_every", "train.keep_checkpoints", "train.log_every",
+                    "train.tensorboard", "train.max_bad_steps", "train.eval_every",
+                    "train.auto_micro_batch", "data.path", "model.path", "model.hub",
+                    "model.revision", "model.device"}
+"""Config keys that may change on resume without `--allow_config_change`: they change
+neither the weights nor the data order (the model and data files are checked by content)."""
+
+
+class DiskFull(OSError):
+    """No space left while writing a checkpoint or adapter; the previous one is intact."""
+
+
+class ResumeRefused(RuntimeError):
+    """The run directory's checkpoints were trained on other inputs or settings."""
+
+
+class AdapterMismatch(RuntimeError):
+    """An adapter does not fit the base model it is being loaded onto."""
 
 
 @dataclass
@@ -36,6 +63,7 @@ class RunDir:
     adapter = property(lambda self: self.root / "adapter")
     tokenizer = property(lambda self: self.root / "tokenizer")
     checkpoints = property(lambda self: self.root / "checkpoints")
+    inputs = property(lambda self: self.root / "inputs.json")
     done = property(lambda self: self.root / "DONE")
 
     def read_config(self) -> dict:
@@ -48,8 +76,39 @@ class RunDir:
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.iterdir()
-                 if p.name.startswith("step-") and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
+                 if CHECKPOINT_NAME.fullmatch(p.name) and (p / COMPLETE).is_file()]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def recover(self) -> None:
+        """Finish or undo what a crash interrupted: a rename half done is rolled forward,
+        half-written and half-deleted directories and files are removed."""
+        leftovers = [p for p in self.root.iterdir()
+                     if p.name.split(".")[0] in ("adapter", "checkpoints", "metrics", "data_stats", "summary")]
+        if self.checkpoints.is_dir():
+            leftovers += list(self.checkpoints.iterdir())
+        for path in leftovers:
+            suffix = next((s for s in LEFTOVER_SUFFIXES if path.name.endswith(s)), None)
+            if suffix is None:
+                continue
+            final = path.with_name(path.name[:-len(suffix)])
+            if path.is_file():
+                path.unlink()
+            elif suffix != ".trash" and not final.exists() and (path / COMPLETE).is_file():
+                path.rename(final)  # killed between write_atomically's two renames: roll forward
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def start_over(self) -> list[str]:
+        """Remove what an earlier attempt left (checkpoints, adapter, metrics); returns what went."""
+        gone = []
+        for path in (self.checkpoints, self.adapter, self.metrics, self.summary, self.done):
+            if path.is_dir():
+                remove_tree(path)
+                gone.append(path.name + "/")
+            elif path.exists():
+                path.unlink()
+                gone.append(path.name)
+        return gone
 
 
 def fsync_tree(directory: Path) -> None:
@@ -57,6 +116,10 @@ def fsync_tree(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -67,31 +130,55 @@ def fsync_tree(directory: Path) -> None:
 def write_atomically(final: Path, fill) -> Path:
     """Create directory `final` by calling fill(tmp_dir), then flush, mark and rename it.
 
-    If `fill` fails (disk full, a non-finite tensor) the temporary directory is removed and
-    whatever was at `final` before is untouched.
+    The marker is written only after every other file is on disk, and the directory gets its
+    final name only after that: a directory named `final` with a COMPLETE marker is always
+    whole. If `fill` fails (disk full, a non-finite tensor) the temporary directory is removed
+    and whatever was at `final` before is untouched.
     """
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         fill(tmp)
-        (tmp / COMPLETE).write_text("ok\n")
         fsync_tree(tmp)
-    except BaseException:
+        with open(tmp / COMPLETE, "w") as marker:
+            marker.write("ok\n")
+            marker.flush()
+            os.fsync(marker.fileno())
+        fsync_dir(tmp)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(err.errno, disk_full_message(final)) from err
         raise
     old = final.with_name(final.name + ".old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-    tmp.rename(final)
+    tmp.rename(final)  # a crash between these two renames is rolled forward by RunDir.recover
     shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
     return final
+
+
+def disk_full_message(final: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(final.parent).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"the disk is full: no space left on the device holding {final.parent} ({free}) "
+            f"while writing {final.name}. Nothing was replaced: the previous checkpoint and "
+            f"adapter are intact. Free some space (fewer --train.keep_checkpoints, older runs) "
+            f"or write the run elsewhere with --out, then run the same command again to resume")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory so that a crash midway never leaves it looking complete: it is
+    renamed away (atomically) first, then removed."""
+    trash = path.with_name(path.name + ".trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def assert_finite(model: torch.nn.Module, what: str) -> None:
@@ -128,7 +215,7 @@ def save_checkpoint(run: RunDir, step: int, model, method, optimizer, scheduler,
 
     path = write_atomically(run.checkpoints / f"step-{step:07d}", fill)
     for old in run.complete_checkpoints()[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return path
 
 
@@ -138,8 +225,13 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False, default=_jsonable))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace a file in one step: a crash leaves the old contents or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=_jsonable))
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -149,6 +241,174 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps up to `step` (what a resumed checkpoint has seen) and drop
+    the rest, including a line cut short by a crash; returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+    return dropped
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`--section.key: old -> new` for each setting that differs between two resolved configs
+    and could change what is learned (see HARMLESS_CHANGES). Keys one side lacks (a field
+    added by a newer tunelab) and options of methods not selected on either side are ignored."""
+    new = yaml.safe_load(yaml.safe_dump(new, allow_unicode=True))  # the types a saved file has
+    sections = ("model", "data", "method", "train")
+    a = flatten({k: old.get(k) or {} for k in sections})
+    b = flatten({k: new.get(k) or {} for k in sections})
+    chosen = {a.get("method.name"), b.get("method.name")}
+    changes = []
+    for key in sorted(set(a) & set(b)):
+        parts = key.split(".")
+        if key in HARMLESS_CHANGES or (parts[0] == "method" and len(parts) > 2 and parts[1] not in chosen):
+            continue
+        if a[key] != b[key]:
+            changes.append(f"--{key}: {a[key]!r} -> {b[key]!r}")
+    return changes
+
+
+def check_resume(run: RunDir, config: dict, inputs: dict, allow_config_change: bool) -> list[str]:
+    """Refuse to continue `run` on another base model or data set, or with other settings
+    unless allowed; returns the setting changes (empty: same run)."""
+    from .models import fingerprint_changes
+
+    saved = json.loads(run.inputs.read_text()) if run.inputs.is_file() else {}
+    problems = []
+    if "base_model" in saved:
+        problems += [f"base model {config['model']['path']}: {change}"
+                     for change in fingerprint_changes(saved["base_model"], inputs["base_model"])]
+    if "data" in saved and saved["data"] != inputs["data"]:
+        old, new = saved["data"], inputs["data"]
+        problems.append(f"data {config['data']['path']}: contents changed ({old['size']:,} -> "
+                        f"{new['size']:,} bytes, sha256 {old['sha256'][:12]} -> {new['sha256'][:12]})")
+    if problems:
+        raise ResumeRefused(
+            f"refusing to resume {run.root}: its checkpoints were trained on other inputs.\n  "
+            + "\n  ".join(problems[:12])
+            + f"\nRestore the original files, or train a new run (another --out, or --resume false "
+              f"to discard this run's checkpoints)")
+    changes = config_changes(run.read_config(), config) if run.config.is_file() else []
+    if changes and not allow_config_change:
+        raise ResumeRefused(
+            f"refusing to resume {run.root} with other settings than its checkpoints were trained "
+            f"with:\n  " + "\n  ".join(changes)
+            + "\nPass --allow_config_change true to continue with the new settings (the run will no "
+              "longer match an uninterrupted one), or --resume false to start over")
+    return changes
+
+
+def check_adapter(directory: Path, model: torch.nn.Module) -> None:
+    """Refuse, before any of it is loaded, an adapter that is not safetensors, is cut short,
+    or whose tensors do not fit the modules of `model` they adapt (another base model)."""
+    from .models import PICKLE_SUFFIXES, safetensors_shapes
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    files = sorted(directory.glob("*.safetensors"))
+    if pickles or not files:
+        raise AdapterMismatch(f"{directory}: adapters load from safetensors only "
+                              f"(found {', '.join(pickles) or 'no .safetensors file'}); a pickle can run code")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
+    problems = []
+    for file in files:
+        try:
+            shapes = safetensors_shapes(file)
+        except (ValueError, OSError) as err:
+            raise AdapterMismatch(f"{file} cannot be read: {err}") from None
+        for key, shape in shapes.items():
+            problem = _misfit(key.removeprefix("base_model.model."), shape, modules)
+            if problem:
+                problems.append(f"{key} {problem}")
+    if problems:
+        raise AdapterMismatch(
+            f"the adapter in {directory} does not fit this base model "
+            f"({type(base).__name__}, {sum(p.numel() for p in base.parameters()):,} parameters); "
+            f"was it trained on another one?\n  " + "\n  ".join(problems[:8])
+            + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""))
+
+
+def _misfit(key: str, shape: list[int], modules: dict) -> str | None:
+    """Why adapter tensor `key` cannot belong to the base module it names (None: it can)."""
+    parts = key.split(".")
+    found = max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in modules), default=0)
+    if not found:
+        return None  # not tied to a base module (a prompt encoder's own tensor)
+    name = ".".join(parts[:found])
+    module = modules[name]
+    children = dict(module.named_children())
+    if children and parts[found] not in children:
+        return f"targets {name}.{parts[found]}, which this model does not have"
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        fits = (len(shape) == 2 and (shape[1] == module.in_features or shape[0] == module.out_features)) \
+            or (len(shape) == 1 and shape[0] == module.out_features)
+        if not fits:
+            return (f"has shape {shape}, which does not fit {name} ({module.in_features} -> "
+                    f"{module.out_features} features)")
+    if isinstance(module, torch.nn.Embedding):
+        if len(shape) == 2 and not (shape[1] == module.num_embeddings or shape[0] == module.embedding_dim):
+            return (f"has shape {shape}, which does not fit {name} ({module.num_embeddings} x "
+                    f"{module.embedding_dim})")
+    return None
+
+
+def check_base(run: RunDir, model_cfg) -> None:
+    """Refuse a base model whose tensor shapes differ from the one `run` was trained on;
+    warn if only its contents differ (the same model re-saved in another dtype is fine)."""
+    from .models import fingerprint, fingerprint_changes
+
+    if not run.inputs.is_file():
+        return  # a run from before tunelab recorded its inputs
+    saved = json.loads(run.inputs.read_text()).get("base_model")
+    if not saved:
+        return
+    current = fingerprint(model_cfg)
+    changes = fingerprint_changes(saved, current)
+    if not changes:
+        return
+    if saved.get("shapes_sha256") != current.get("shapes_sha256"):
+        raise AdapterMismatch(f"{run.root} was trained on another base model than "
+                              f"{model_cfg.path} holds now:\n  " + "\n  ".join(changes[:12]))
+    warnings.warn(f"the base model at {model_cfg.path} changed since {run.root} was trained "
+                  f"(same tensor shapes): " + "; ".join(changes[:4]), stacklevel=2)
 
 
 def load_run(path: str | Path, device: torch.device | None = None, adapter: bool = True):
@@ -164,9 +424,12 @@ def load_run(path: str | Path, device: torch.device | None = None, adapter: bool
         raise FileNotFoundError(f"{run.root} has no adapter/ yet: the run has not finished "
                                 f"(resume it with `tunelab train --config {run.config}`)")
     model_cfg = from_dict(ModelConfig, config["model"])
+    if adapter:
+        check_base(run, model_cfg)  # before any weight is read
     model = load_model(model_cfg, device)
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     if adapter:
+        check_adapter(run.adapter, model)
         method = get(config["method"]["name"])
         model = method.load(model, run.adapter, False).eval()
     return model, tokenizer, config

@@ -13,22 +13,25 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import ChatFormat, Rendered, prepare
-from .data.collate import pad_batch, shift_labels
+from . import fastpath
+from .fastpath import FastPath
 from .methods import MethodConfig, count_parameters, selected
-from .models import load_model, load_tokenizer, resolve_device
-from .runs import (RunDir, assert_finite, load_trainer_state, save_checkpoint, set_rng_state,
-                   write_atomically, write_json)
+from .models import fingerprint, load_model, load_tokenizer, resolve_device
+from .runs import (RunDir, assert_finite, check_adapter, check_resume, file_fingerprint,
+                   load_trainer_state, rng_state, save_checkpoint, set_rng_state, truncate_metrics,
+                   write_atomically, write_json, write_text)
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,9 +41,18 @@ class TrainingDiverged(RuntimeError):
 class Interrupted(RuntimeError):
     """SIGTERM / Ctrl-C: a checkpoint was saved; the message says how to resume."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by the signal
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message names the settings that use less."""
+
 
 def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodConfig(),
-          train: TrainConfig = TrainConfig(), out: str = "runs/run", resume: bool = True) -> Path:
+          train: TrainConfig = TrainConfig(), out: str = "runs/run", resume: bool = True,
+          allow_config_change: bool = False) -> Path:
     """Fine-tune `model` on `data` with `method`; write a self-describing run directory.
 
     Args:
@@ -49,7 +61,11 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         method: the fine-tuning method and its options.
         train: optimisation, checkpointing and logging.
         out: the run directory.
-        resume: continue from the newest complete checkpoint in `out`, if any.
+        resume: continue from the newest complete checkpoint in `out`, if any (exactly: the
+            same losses and weights as an uninterrupted run). A changed base model or data
+            file is refused; `false` discards the checkpoints and starts over.
+        allow_config_change: resume even though settings differ from those the checkpoints
+            were trained with (the differences are listed when this is off).
     """
     method_cfg, cfg = method, train
     run = RunDir(Path(out))
@@ -61,7 +77,23 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     tokenizer = load_tokenizer(model)
     fmt = ChatFormat(tokenizer)
     prepared = prepare(data, fmt)
-    run.config.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    # Compared with what the checkpoints were trained on before anything is overwritten.
+    inputs = {"base_model": fingerprint(model), "data": file_fingerprint(data.path)}
+    run.recover()
+    checkpoints = run.complete_checkpoints() if resume else []
+    latest = checkpoints[-1] if checkpoints else None
+    if latest or (resume and run.done.is_file()):
+        changes = check_resume(run, config, inputs, allow_config_change)
+        if run.done.is_file() and not changes:
+            print(f"{run.root} has already finished with these settings (--resume false trains it again)")
+            return run.root
+    if latest:
+        run.done.unlink(missing_ok=True)
+        truncate_metrics(run.metrics, int(latest.name.split("-")[1]))  # steps after it are redone
+    elif gone := run.start_over():
+        print(f"starting {run.root} over: removed {', '.join(gone)}")
+    write_text(run.config, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    write_json(run.inputs, inputs)
     write_json(run.data_stats, prepared.stats)
     tokenizer.save_pretrained(run.tokenizer)
 
@@ -74,8 +106,8 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "tokens": 0, "elapsed": 0.0}
-    checkpoints = run.complete_checkpoints() if resume else []
-    latest = checkpoints[-1] if checkpoints else None
+    if latest:
+        check_adapter(latest / "adapter", base)
     net = the_method.load(base, latest / "adapter", True) if latest else the_method.apply(base, options)
     net.train()
     trainable, total = count_parameters(net)
@@ -87,12 +119,17 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and base.dtype == torch.bfloat16 else nullcontext())
+    fast = fastpath.setup(net, cfg.packing, the_method.capabilities.supports_packing, device, autocast,
+                          tokenizer.pad_token_id, model.attn_implementation)
     if latest:
         saved = load_trainer_state(latest)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state.update(json.loads((latest / "state.json").read_text()))
+        if cfg.auto_micro_batch and "micro_batch_size" in state:  # found by an earlier attempt
+            cfg = replace(cfg, micro_batch_size=state["micro_batch_size"],
+                          micro_batch_tokens=state["micro_batch_tokens"])
         print(f"resuming from {latest} (step {state['step']} of {total_steps})")
 
     print(f"{the_method.name}: {trainable:,} trainable of {total:,} parameters "
@@ -101,8 +138,17 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
 
     # -- fit ----------------------------------------------------------------------------
     stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum, _frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt  # a second signal stops at once; checkpoints on disk are whole
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: finishing step {state['step'] + 1}, then saving a "
+              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    longest = max(len(r.input_ids) for r in prepared.train)
+    record: dict = {}
     metrics = open(run.metrics, "a", encoding="utf-8")
     writer = tensorboard_writer(run) if cfg.tensorboard else None
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {the_method.name}",
@@ -114,8 +160,18 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         while state["step"] < total_steps:
             step = state["step"]
             rows = step_rows(prepared.train, cfg, step, steps_per_epoch)
-            loss, n_tokens, grad_norm = optimizer_step(net, rows, cfg, tokenizer.pad_token_id,
-                                                       device, autocast, params)
+            rng = rng_state() if cfg.auto_micro_batch else None
+            while True:  # more than once only after an out-of-memory error
+                try:
+                    loss, n_tokens, grad_norm = optimizer_step(net, rows, cfg, fast,
+                                                               device, autocast, params)
+                    break
+                except torch.cuda.OutOfMemoryError as err:  # leaving this block frees the step's tensors
+                    why = str(err).split("\n")[0]
+                optimizer.zero_grad(set_to_none=True)
+                cfg = smaller_micro_batch(cfg, fast.packed, longest, why, step, device, data.max_length)
+                state.update(micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
+                set_rng_state(rng)  # the retried step draws the same dropout masks
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
                 state["bad_in_row"] = 0
@@ -133,26 +189,35 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                       "tokens": state["tokens"], "tokens_per_s": state["tokens"] / state["elapsed"],
                       "skipped_steps": state["skipped_steps"]}
             if state["bad_in_row"] >= cfg.max_bad_steps:
+                good = run.complete_checkpoints()
                 raise TrainingDiverged(
                     f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
-                    f"gradients (last at step {state['step']}); the last good checkpoint is in "
-                    f"{run.checkpoints}. Lower --train.lr, or try --model.dtype fp32")
+                    f"gradients (steps {state['step'] - state['bad_in_row'] + 1}-{state['step']}, "
+                    f"all skipped); the last good checkpoint is "
+                    f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
+                    f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
             end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
             if prepared.val and (end_of_epoch if cfg.eval_every == 0 else state["step"] % cfg.eval_every == 0
                                  or state["step"] == total_steps):
-                record["val_loss"] = evaluate_loss(net, prepared.val, cfg, tokenizer.pad_token_id,
+                record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast,
                                                    device, autocast)
                 net.train()
             if state["step"] % cfg.log_every == 0 or "val_loss" in record or state["step"] == total_steps:
                 log(metrics, writer, record)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            save_now = cfg.save_every and state["step"] % cfg.save_every == 0
+            # No checkpoint inside a run of skipped steps: resuming should start before it.
+            save_now = cfg.save_every and state["step"] % cfg.save_every == 0 and not state["bad_in_row"]
             if save_now or stop["signal"]:
                 save_checkpoint(run, state["step"], net, the_method, optimizer, scheduler, state,
                                 cfg.keep_checkpoints)
             if stop["signal"]:
-                raise Interrupted(f"stopped by signal {stop['signal']} after step {state['step']}; "
-                                  f"checkpoint saved. Resume with: tunelab train --config {run.config}")
+                raise Interrupted(f"stopped by {signal.Signals(stop['signal']).name} after step "
+                                  f"{state['step']} of {total_steps}; checkpoint saved in "
+                                  f"{run.complete_checkpoints()[-1]}. Resume with: "
+                                  f"tunelab train --config {run.config}", stop["signal"])
+    except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
+        raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
+                                                state["step"], data.max_length)) from None
     finally:
         bar.close()
         metrics.close()
@@ -203,44 +268,74 @@ def step_rows(rows: list[Rendered], cfg: TrainConfig, step: int, steps_per_epoch
     return [rows[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
 
 
-def micro_batches(rows: list[Rendered], size: int) -> list[list[Rendered]]:
-    # Sorting by length inside one optimizer step cuts padding without changing the step's
-    # gradient: the step still sums over the same rows.
-    ordered = sorted(rows, key=lambda r: len(r.input_ids))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+def smaller_micro_batch(cfg: TrainConfig, packed: bool, longest: int, why: str, step: int,
+                        device: torch.device, max_length: int) -> TrainConfig:
+    """After a CUDA out-of-memory error: `cfg` with half the micro-batch when
+    --train.auto_micro_batch is on (the optimizer step keeps its `batch_size` rows through
+    accumulation, so what is learned does not change), else OutOfMemory naming the knobs."""
+    if packed:
+        smaller = {"micro_batch_tokens": max(longest, cfg.micro_batch_tokens // 2)}
+        possible = cfg.micro_batch_tokens > longest
+    else:  # the largest divisor of batch_size at most half the current size
+        size = max((d for d in range(1, cfg.micro_batch_size // 2 + 1) if cfg.batch_size % d == 0), default=1)
+        smaller, possible = {"micro_batch_size": size}, cfg.micro_batch_size > 1
+    if not (cfg.auto_micro_batch and possible):
+        raise OutOfMemory(out_of_memory_message(cfg, packed, longest, why, step, max_length))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    name, value = next(iter(smaller.items()))
+    print(f"out of memory at step {step + 1} with --train.{name} {getattr(cfg, name)}; "
+          f"retrying with {value} (--train.auto_micro_batch)", file=sys.stderr, flush=True)
+    return replace(cfg, **smaller)
 
 
-def token_loss_sum(net, batch: dict, device, autocast) -> torch.Tensor:
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    labels = shift_labels(batch.pop("labels"))
-    with autocast:
-        logits = net(**batch, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+def out_of_memory_message(cfg: TrainConfig, packed: bool, longest: int, why: str, step: int,
+                          max_length: int) -> str:
+    held = (f"--train.micro_batch_tokens {cfg.micro_batch_tokens} packed tokens" if packed
+            else f"--train.micro_batch_size {cfg.micro_batch_size} rows")
+    return (f"out of GPU memory at step {step + 1} ({why}). Each forward pass holds {held}, "
+            f"rows up to {longest} tokens (--data.max_length {max_length}). To use less memory: "
+            f"lower {held.split()[0]} (the optimizer step keeps --train.batch_size {cfg.batch_size} "
+            f"rows through gradient accumulation), lower --data.max_length, set "
+            f"--train.gradient_checkpointing true, or let tunelab halve the micro-batch until it "
+            f"fits: --train.auto_micro_batch true. Checkpoints already saved are intact; run the "
+            f"same command to resume")
 
 
-def optimizer_step(net, rows, cfg, pad_id, device, autocast, params) -> tuple[float, int, float]:
+def micro_batches(rows: list[Rendered], cfg: TrainConfig, fast: FastPath) -> list[dict]:
+    """Model inputs for one step's rows: packed within `micro_batch_tokens`, or padded
+    `micro_batch_size` rows at a time (sorted by length: less padding, same gradient)."""
+    return fast.micro_batches(rows, cfg.micro_batch_size, cfg.micro_batch_tokens)
+
+
+def token_loss_sum(net, batch: dict, fast: FastPath, device, autocast) -> torch.Tensor:
+    """Summed cross-entropy over the supervised tokens of one micro-batch (fastpath.py)."""
+    return fastpath.token_loss_sum(net, batch, fast.loss, device, autocast)
+
+
+def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tuple[float, int, float]:
     """Forward/backward every micro-batch of one step; (mean loss, tokens, grad norm)."""
     supervised = sum(r.num_supervised for r in rows)
     tokens = sum(len(r.input_ids) for r in rows)
-    total = 0.0
-    for chunk in micro_batches(rows, cfg.micro_batch_size):
-        loss = token_loss_sum(net, pad_batch(chunk, pad_id), device, autocast) / supervised
+    total = torch.zeros((), device=device)
+    for batch in micro_batches(rows, cfg, fast):
+        loss = token_loss_sum(net, batch, fast, device, autocast) / supervised
         loss.backward()
-        total += loss.item()
+        total += loss.detach()  # no .item() per micro-batch: the host never waits mid-step
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total, grad_norm = torch.stack([total.float(), grad_norm.float()]).tolist()
     return total, tokens, grad_norm
 
 
 @torch.no_grad()
-def evaluate_loss(net, rows: list[Rendered], cfg: TrainConfig, pad_id: int, device, autocast) -> float:
+def evaluate_loss(net, rows: list[Rendered], cfg: TrainConfig, fast: FastPath, device, autocast) -> float:
     """Mean loss per supervised token over `rows`."""
     net.eval()
-    total, count = 0.0, 0
-    for chunk in micro_batches(rows, cfg.micro_batch_size):
-        total += token_loss_sum(net, pad_batch(chunk, pad_id), device, autocast).item()
-        count += sum(r.num_supervised for r in chunk)
-    return total / max(count, 1)
+    total = torch.zeros((), device=device)
+    for batch in micro_batches(rows, cfg, fast):
+        total += token_loss_sum(net, batch, fast, device, autocast)
+    return total.item() / max(sum(r.num_supervised for r in rows), 1)
 
 
 def log(stream, writer, record: dict) -> None:

@@ -60,19 +60,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import yaml
 
 __all__ = [
-    "CHECKERS",
-    "CHECK_FIELDS",
-    "Probe",
-    "ProbeError",
-    "bundled_probes_path",
-    "extract_numbers",
-    "find_json_object",
-    "grade",
-    "load_probes",
-    "parse_probes",
-    "score_answers",
-    "self_test",
-    "validate_check",
+    "CHECKERS", "CHECK_FIELDS", "Probe", "ProbeError", "bundled_probes_path", "extract_numbers",
+    "find_json_object", "grade", "load_probes", "parse_probes", "score_answers", "self_test", "validate_check",
 ]
 
 CheckFn = Callable[[str, Mapping[str, Any]], bool]
@@ -170,7 +159,9 @@ def _number_mentions(text: str) -> list[tuple[int, float]]:
         return mentions
     # Word numerals only when there are no digits: "一样" or "no one" would otherwise
     # add spurious numbers next to the real answer.
-    mentions = [(m.start(), _zh_number(m.group())) for m in _ZH_RE.finditer(text)]
+    # A run needs a digit or 十: alone, 千万 ("by all means") or 百 are words, not numbers.
+    mentions = [(m.start(), _zh_number(m.group())) for m in _ZH_RE.finditer(text)
+                if re.search("[零〇一二两三四五六七八九十]", m.group())]
     for m in _EN_RE.finditer(text):
         if m.group("small"):
             value = _EN_UNITS.index(m.group("small").lower())

@@ -45,8 +45,8 @@ def normalize_text(text: str) -> str:
     """Canonical form used by every metric here.
 
     NFKC (so full-width `１２３ＡＢ` equals `123AB` and `，` equals `,`), casefold, then
-    drop punctuation (Unicode category P*) and whitespace. Symbols such as `+`, `%`, `$`
-    are kept: in `3+4` or `50%` they carry meaning.
+    drop punctuation (Unicode category P*, which includes `%` and `#`) and whitespace.
+    Symbols (category S*: `+`, `=`, `$`, `°`) are kept: in `3+4=7` they carry meaning.
     """
     text = unicodedata.normalize("NFKC", text).casefold()
     return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))

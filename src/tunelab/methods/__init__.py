@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import field, make_dataclass
 
-from . import lora  # noqa: F401  (each import registers its method)
-from .registry import METHODS, Capabilities, Method, count_parameters, get, register
+# Each import registers its method; the order is the order `tunelab methods` lists them.
+from . import lora, qlora, ia3, ptuning, prompt_tuning, prefix, freeze, full  # noqa: F401
+from .registry import METHODS, Capabilities, Method, NotMergeable, count_parameters, get, register
 
 MethodConfig = make_dataclass(
     "MethodConfig",
@@ -26,5 +27,5 @@ def selected(cfg) -> tuple[Method, object]:
     return method, getattr(cfg, cfg.name)
 
 
-__all__ = ["METHODS", "Capabilities", "Method", "MethodConfig", "count_parameters", "get",
+__all__ = ["METHODS", "Capabilities", "Method", "MethodConfig", "NotMergeable", "count_parameters", "get",
            "register", "selected"]

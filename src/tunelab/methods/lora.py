@@ -6,7 +6,9 @@ MLP projections.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -14,6 +16,11 @@ import torch
 from ..config import check
 from .peft_common import load_peft, save_peft
 from .registry import Capabilities, Method, register
+
+# PiSSA and OLoRA move part of each weight into the adapter and leave the rest in the base
+# (changed in memory). Their initial adapter is kept here so `save` can express the trained
+# adapter against the untouched base, as a plain LoRA adapter of rank 2r.
+INITIAL_ADAPTER = "_tunelab_initial_adapter"
 
 # Projection names of the common architectures; `resolve_targets` keeps those present.
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -38,7 +45,8 @@ class LoraConfig:
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r)."""
     init: str = "default"
-    """Adapter initialisation: default, gaussian, pissa, olora."""
+    """Adapter initialisation: default (B = 0), gaussian, pissa or olora (start from the weight's
+    principal / orthonormal directions; saved as a plain rank-2r LoRA of the untouched base)."""
 
     def __post_init__(self) -> None:
         check(self.r > 0, "method.lora.r", "> 0", self.r)
@@ -74,13 +82,30 @@ def peft_config(model: torch.nn.Module, cfg: LoraConfig):
 
 
 def apply(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict
 
-    return get_peft_model(model, peft_config(model, cfg))
+    net = get_peft_model(model, peft_config(model, cfg))
+    if cfg.init in ("pissa", "olora"):
+        setattr(net, INITIAL_ADAPTER, {k: v.detach().clone() for k, v in get_peft_model_state_dict(net).items()})
+    return net
+
+
+def save(model: torch.nn.Module, directory: Path) -> None:
+    initial = model.__dict__.get(INITIAL_ADAPTER)
+    if initial is None:
+        return save_peft(model, directory)
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "initial"
+        start.mkdir()
+        save_file({k: v.contiguous() for k, v in initial.items()}, str(start / "adapter_model.safetensors"))
+        model.save_pretrained(str(directory), safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(start))
 
 
 register(Method(
     name="lora", config_cls=LoraConfig,
     capabilities=Capabilities(mergeable=True, supports_packing=True),
-    apply=apply, save=save_peft, load=load_peft,
+    apply=apply, save=save, load=load_peft,
     summary="low-rank updates on linear layers (DoRA, rsLoRA, PiSSA/OLoRA init as options)"))

@@ -1,4 +1,9 @@
-"""Save and load shared by every method built on PEFT."""
+"""Save and load shared by every method built on PEFT.
+
+Weight-delta adapters (LoRA, IA3) use PEFT's files as they are. Virtual-token adapters
+(P-Tuning, prompt tuning, prefix tuning) go through `virtual_tokens.py`, imported only
+when used because importing PEFT takes seconds.
+"""
 
 from __future__ import annotations
 
@@ -15,3 +20,21 @@ def load_peft(base: torch.nn.Module, directory: Path, trainable: bool = False) -
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+
+
+def apply_virtual(model: torch.nn.Module, peft_config) -> torch.nn.Module:
+    from . import virtual_tokens
+
+    return virtual_tokens.apply(model, peft_config)
+
+
+def save_virtual(model: torch.nn.Module, directory: Path) -> None:
+    from . import virtual_tokens
+
+    virtual_tokens.save(model, directory)
+
+
+def load_virtual(base: torch.nn.Module, directory: Path, trainable: bool = False) -> torch.nn.Module:
+    from . import virtual_tokens
+
+    return virtual_tokens.load(base, directory, trainable)

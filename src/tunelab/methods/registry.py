@@ -2,16 +2,21 @@
 
 A method module builds a `Method` and calls `register`; adding a method touches that
 module, one import line in `methods/__init__.py` and one row of the contract tests.
-Code outside `methods/` asks capabilities (`mergeable`, `supports_packing`), never names.
+Code outside `methods/` asks capabilities (`mergeable`, `supports_packing`, `needs_gpu`)
+and calls hooks (`apply`, `save`, `load`, `merge`), never compares names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+
+
+class NotMergeable(RuntimeError):
+    """The method's weights cannot be folded into the base; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,9 @@ class Capabilities:
     """Trains on padding-free packed rows (virtual-token methods need one row per sequence)."""
     needs_gpu: bool = False
     """Cannot run on a CPU (e.g. 4-bit bitsandbytes kernels)."""
+    shares_base: bool = True
+    """The saved weights sit on top of an unchanged base, so several runs can share one base in
+    memory. False where training replaces base weights (full and freeze fine-tuning)."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,32 @@ class Method:
     save: Callable[[torch.nn.Module, Path], None]
     """Write the trained weights (safetensors) and the method's own config into a directory."""
     load: Callable[[torch.nn.Module, Path, bool], torch.nn.Module]
-    """(base model, saved directory, trainable) -> model with the saved weights applied."""
+    """(base model, saved directory, trainable) -> model with the saved weights applied.
+    With trainable=True, training continues exactly where the saved weights left off."""
     summary: str = ""
+    merge: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None
+    """(model from `apply`/`load`) -> plain model with the method folded into its weights,
+    or raise `NotMergeable` saying why and what to do instead. Default: PEFT's
+    `merge_and_unload` for mergeable methods, a refusal for the others."""
+
+    def __post_init__(self) -> None:
+        if self.merge is None:
+            default = merge_and_unload if self.capabilities.mergeable else refuse_merge(self.name)
+            object.__setattr__(self, "merge", default)
+
+
+def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold a PEFT weight-delta adapter (LoRA, IA3, ...) into the base; returns the base."""
+    if not hasattr(model, "merge_and_unload"):
+        raise NotMergeable(f"{type(model).__name__} has no adapter to merge (expected a PEFT model)")
+    return model.merge_and_unload()
+
+
+def refuse_merge(name: str, why: str = "") -> Callable[[torch.nn.Module], torch.nn.Module]:
+    def merge(model: torch.nn.Module) -> torch.nn.Module:
+        raise NotMergeable(why or f"method {name!r} does not change the base weights, so there is "
+                                  f"nothing to fold into them; use the base with its adapter instead")
+    return merge
 
 
 METHODS: dict[str, Method] = {}
@@ -56,7 +88,17 @@ def get(name: str) -> Method:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; 4-bit weights count as the values they hold."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # two 4-bit values packed per storage byte
+            n *= 2 * getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+        total += n
+        if param.requires_grad:
+            trainable += n
     return trainable, total
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,122 @@
+"""What every suite shares: the result of one suite, and asking every model the same questions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import GenerationConfig
+
+
+@dataclass
+class SuiteResult:
+    """Per-item scores of every model on one suite, plus what the report shows of it."""
+
+    name: str
+    scores: dict[str, dict[str, float]]
+    """model -> item id -> score (0/1 for probes, a float for ROUGE-L or a loss)."""
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    description: str = ""
+    answers: list[dict] = field(default_factory=list)
+    """Side-by-side rows: {suite, id, question, reference?, answers: {model: text}, scores}."""
+    groups: Optional[dict[str, str]] = None
+    """item id -> group (a probe's category), for per-group means."""
+    summary: dict[str, dict] = field(default_factory=dict)
+    """model -> extra figures (e.g. perplexity) shown next to the mean."""
+
+
+@dataclass
+class Context:
+    """Settings every suite may read."""
+
+    gen: GenerationConfig
+    system_prompt: Optional[str] = None
+    batch_size: int = 16
+    limit: Optional[int] = None
+    """Score only the first N items of each suite (quick runs)."""
+
+
+def ask_all(engine, models: list[str], conversations: list[list[dict]], ctx: Context,
+            what: str) -> dict[str, list[str]]:
+    """Each model's answers to the same conversations, greedy unless ctx.gen says otherwise."""
+    answers = {}
+    for model in models:
+        print(f"  {what}: {len(conversations)} questions to {model}")
+        answers[model] = engine.generate(conversations, ctx.gen, ctx.batch_size, progress=True, adapter=model)
+    return answers
+
+
+def with_system(system: Optional[str], question: str) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": question}]
+
+
+def probe_suite(engine, models: list[str], ctx: Context, probes: list, name: str,
+                system: Optional[str], description: str) -> SuiteResult:
+    """Ask every model each probe's question (under `system`) and grade the answers."""
+    from .checkers import score_answers
+
+    probes = probes[: ctx.limit] if ctx.limit else probes
+    conversations = [with_system(system, p.question) for p in probes]
+    answers = ask_all(engine, models, conversations, ctx, name)
+    scores = {m: score_answers(probes, {p.id: a for p, a in zip(probes, answers[m])}) for m in models}
+    rows = [{"suite": name, "id": p.id, "question": p.question, "reference": p.reference,
+             "answers": {m: answers[m][i] for m in models},
+             "scores": {m: scores[m][p.id] for m in models}} for i, p in enumerate(probes)]
+    return SuiteResult(name, scores, "accuracy", True, description, rows,
+                       groups={p.id: f"{p.lang}/{p.category}" for p in probes})
+
+
+def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, supervised token count) of each rendered row under
+    `adapter`, by teacher forcing: the in-domain loss and multiple-choice scores."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..data import IGNORE
+    from ..generate import BASE, left_pad
+
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, mask = left_pad([rows[i].input_ids for i in batch], engine.tokenizer.pad_token_id)
+            labels, _ = left_pad([rows[i].labels for i in batch], IGNORE)
+            ids, mask, labels = ids.to(engine.device), mask.to(engine.device), labels.to(engine.device)
+            if adapter in engine.virtual:
+                n = engine.virtual[adapter].shape[0]
+                _, mask, embeds = engine._with_virtual_tokens(ids, mask, engine.virtual[adapter])
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                with engine._deltas_off():
+                    logits = engine.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+                logits = _real_positions(logits, mask, ids.shape[1], n)  # back to the ids' layout
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                if adapter == BASE:
+                    with engine._deltas_off():
+                        logits = engine.base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+                else:
+                    engine.lora.set_adapter(adapter)
+                    logits = engine.lora(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            target = labels[:, 1:]
+            picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            valid = target != IGNORE
+            nll = -(picked * valid).sum(-1)
+            for row, i in enumerate(batch):
+                out[i] = (nll[row].item(), int(valid[row].sum().item()))
+    return out
+
+
+def _real_positions(logits, mask, width: int, n_virtual: int):
+    """From left-padded [pad][virtual][real] logits, keep the [pad][real] layout of the ids."""
+    import torch
+
+    rows = []
+    lengths = mask.sum(-1) - n_virtual
+    for b, length in enumerate(lengths.tolist()):
+        pad = width - length
+        rows.append(torch.cat([logits[b, :pad], logits[b, pad + n_virtual:]]))
+    return torch.stack(rows)

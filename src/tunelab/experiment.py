@@ -1,0 +1,184 @@
+"""`tunelab experiment CONFIG.yaml`: train every method on one budget, evaluate them all
+against the base, and write one report whose first table compares the methods.
+
+The YAML names the model, the data, the shared training budget (same rows, order, seed
+and epochs for every method), the methods (each with its own overrides) and the
+evaluation. Rerunning skips runs that finished (matched by a hash of their resolved
+config) and continues an interrupted one from its last checkpoint.
+
+    name: demo
+    model: {path: smollm2-135m-instruct}
+    data: {path: persona.jsonl, system_prompt: "...", val_size: 30}
+    train: {epochs: 2, batch_size: 16, micro_batch_size: 8}
+    methods:
+      - {name: lora}
+      - {name: ptuning, train: {lr: 1e-3}}
+    eval: {suites: [in_domain, persona, general], persona_probes: probes.yaml}
+    out: runs/demo
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .config import ConfigError, DataConfig, GenerationConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .methods import MethodConfig, get
+from .runs import RunDir
+
+TOP_KEYS = {"name", "model", "data", "train", "methods", "eval", "out"}
+EVAL_KEYS = {"suites", "persona_probes", "general_probes", "benchmarks", "gen", "batch_size", "limit"}
+
+
+def experiment(file: str, out: Optional[str] = None) -> dict:
+    """Run the method comparison described by a YAML file.
+
+    Args:
+        file: the experiment's YAML file (paths in it are relative to the file).
+        out: the experiment directory (default: the file's `out`, else runs/<name>).
+    """
+    from .evaluate.benchmarks import Benchmark
+    from .evaluate.runner import evaluate
+    from .train import train
+
+    path = Path(file)
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = set(spec) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; accepted: {sorted(TOP_KEYS)}")
+    here = path.resolve().parent
+    name = spec.get("name", path.stem)
+    root = Path(out or spec.get("out") or f"runs/{name}")
+    model = from_dict(ModelConfig, resolve_path(spec.get("model") or {}, "path", here))
+    data = from_dict(DataConfig, resolve_path(spec.get("data") or {}, "path", here))
+    methods = spec.get("methods") or []
+    if not methods:
+        raise ConfigError(f"{path}: `methods` must list at least one method, e.g. [{{name: lora}}]")
+
+    runs = {}
+    for i, entry in enumerate(methods):
+        label, method_cfg, train_cfg = resolve_method(entry, spec.get("train") or {}, f"{path}: methods[{i}]")
+        resolved = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
+                    "train": to_dict(train_cfg)}
+        digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
+        run_dir = root / "runs" / f"{label}-{digest}"
+        if RunDir(run_dir).done.exists():
+            print(f"[{label}] finished earlier: {run_dir} (skipped)")
+        else:
+            print(f"[{label}] training -> {run_dir}")
+            train(model, data, method_cfg, train_cfg, out=str(run_dir))
+        runs[label] = run_dir
+
+    ev = dict(spec.get("eval") or {})
+    unknown = set(ev) - EVAL_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: eval: unknown key(s) {sorted(unknown)}; accepted: {sorted(EVAL_KEYS)}")
+    for key in ("persona_probes", "general_probes"):
+        resolve_path(ev, key, here)
+    benches = [from_dict(Benchmark, resolve_path(dict(b), "path", here)) for b in ev.get("benchmarks", [])]
+    # The runs' directories are named <label>-<hash>; the report names models by label.
+    linked = link_labels(root, runs)
+    report = evaluate(
+        runs=[str(p) for p in linked.values()], model=model,
+        suites=ev.get("suites", ["in_domain", "persona", "general"]),
+        persona_probes=ev.get("persona_probes"), general_probes=ev.get("general_probes"),
+        benchmarks=benches, gen=from_dict(GenerationConfig, ev.get("gen") or {"max_new_tokens": 128}),
+        batch_size=ev.get("batch_size", 16), limit=ev.get("limit"), out=str(root / "report"),
+        title=f"tunelab experiment: {name}")
+    table = methods_table(report, runs)
+    from .report import write_report
+
+    report["methods"] = table
+    write_report(report, root / "report")
+    print_table(table)
+    print(f"\nreport: {root / 'report' / 'report.html'} (and report.md, results.json)")
+    return report
+
+
+def resolve_path(section: dict, key: str, here: Path) -> dict:
+    """Make a relative file path in `section[key]` relative to the YAML file's folder."""
+    value = section.get(key)
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        candidate = here / value
+        if candidate.exists():
+            section[key] = str(candidate)
+    return section
+
+
+def resolve_method(entry: dict, shared_train: dict, where: str):
+    """(label, MethodConfig, TrainConfig) of one `methods:` entry: the shared budget plus
+    the entry's own `train:` overrides and its method options."""
+    if "name" not in entry:
+        raise ConfigError(f"{where}: needs `name` (one of the methods `tunelab methods` lists)")
+    method = get(entry["name"])
+    label = entry.get("label", entry["name"])
+    allowed = {"name", "label", "train", method.name}
+    unknown = set(entry) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
+    options = from_dict(method.config_cls, entry.get(method.name) or {})
+    method_cfg = MethodConfig(name=method.name, **{method.name: options})
+    train_cfg = from_dict(TrainConfig, {**shared_train, **(entry.get("train") or {})})
+    return label, method_cfg, train_cfg
+
+
+def link_labels(root: Path, runs: dict[str, Path]) -> dict[str, Path]:
+    """root/models/<label> -> the run directory, so the report names models by label."""
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    linked = {}
+    for label, run_dir in runs.items():
+        link = models / label
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / "runs" / run_dir.name, target_is_directory=True)
+        linked[label] = link
+    return linked
+
+
+def methods_table(report: dict, runs: dict[str, Path]) -> list[dict]:
+    """One row per method: what it cost and what it gained or lost."""
+    suites = report.get("suites", {})
+
+    def mean(suite: str, model: str):
+        return (suites.get(suite, {}).get("scores", {}).get(model) or {}).get("mean")
+
+    def delta(suite: str, model: str):
+        return (suites.get(suite, {}).get("deltas", {}).get(model) or {}).get("delta")
+
+    rows = []
+    for label, run_dir in runs.items():
+        summary = json.loads(RunDir(run_dir).summary.read_text())
+        rows.append({
+            "model": label, "method": summary["method"],
+            "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+            "wall_time_s": summary["wall_time_s"], "tokens_per_s": summary["tokens_per_s"],
+            "peak_memory_gb": summary.get("peak_memory_gib"),
+            "final_train_loss": summary.get("final_train_loss"),
+            "final_val_loss": summary.get("final_val_loss"),
+            "persona_score": mean("persona", label), "general_score": mean("general", label),
+            "general_delta": delta("general", label),
+        })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [("model", "method", "{}"), ("trainable_params", "trainable", "{:,}"),
+               ("wall_time_s", "wall s", "{:.0f}"), ("tokens_per_s", "tok/s", "{:.0f}"),
+               ("final_train_loss", "train loss", "{:.3f}"), ("final_val_loss", "val loss", "{:.3f}"),
+               ("persona_score", "persona", "{:.2f}"), ("general_score", "general", "{:.2f}"),
+               ("general_delta", "general Δ", "{:+.2f}")]
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    print()
+    for n, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,367 @@
+"""The fast training path: padding-free attention, and a loss computed only where it is learned.
+
+Two levers, each exact (same per-token loss as the padded path, up to rounding):
+
+- Packed attention. `collate.pack_batch` concatenates a micro-batch's rows into one
+  sequence with position_ids restarting per row. `varlen_attention`, registered with
+  transformers' `AttentionInterface` as `tunelab_varlen`, keeps every row to itself by
+  handing the row boundaries (cu_seqlens) to `torch.nn.attention.varlen.varlen_attn`
+  (FlashAttention): no mask, no padding, no attention across rows. Plain SDPA on a packed
+  sequence would attend across rows, and masked bf16 SDPA backward has produced NaN
+  gradients, so neither is used. Padded batches (methods that cannot pack) go through the
+  same kernel after the padding is dropped. Where FlashAttention cannot run (CPU, fp32)
+  each row goes through causal SDPA on its own: slow, exact, used by the tests.
+- The loss on supervised positions only. Qwen2's vocabulary has 151,936 ids: the logits
+  of every position, upcast to fp32, dwarf the rest of a LoRA step. `token_loss_sum`
+  runs the model's trunk, keeps the hidden states of positions that have a label, and
+  `linear_cross_entropy` projects them onto the vocabulary a chunk at a time, computing
+  each chunk's gradient at once so no full logits tensor is ever held.
+  Models whose head is not a plain linear layer over the trunk (a softcap, a scale, a
+  prompt-learning method that prepends virtual tokens) are detected by one numerical
+  check at setup and keep the whole-logits loss, on supervised positions only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data.collate import pack_batch, pad_batch, shift_labels
+from .data.template import IGNORE, Rendered
+
+ATTENTION = "tunelab_varlen"
+"""The name `varlen_attention` is registered under in transformers' AttentionInterface."""
+
+LOGIT_ELEMENTS = 2**28
+"""Logits held at once by `linear_cross_entropy` (1 GiB in fp32): rows per chunk = this / vocab."""
+
+
+# -- attention ------------------------------------------------------------------------------
+
+def _varlen_kernel():
+    """torch's varlen FlashAttention and how this torch version spells causal and GQA, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_VARLEN = _varlen_kernel()
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """FlashAttention varlen runs here (CUDA, fp16/bf16, torch with `varlen_attn`)."""
+    return _VARLEN is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                    longest: int, scale: float | None) -> torch.Tensor:
+    """Causal attention within each segment of packed [T, heads, dim] tensors.
+
+    Segment i is rows cu_seqlens[i]:cu_seqlens[i+1]; no query sees a key of another segment.
+    """
+    if varlen_available(q.device, q.dtype):
+        kernel, causal, native_gqa = _VARLEN
+        if k.shape[1] != q.shape[1] and not native_gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        extra = {"enable_gqa": True} if native_gqa and k.shape[1] != q.shape[1] else {}
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        return kernel(q, k, v, cu, cu, int(longest), int(longest), scale=scale, **causal, **extra)
+    # Exact fallback: one causal SDPA per segment (no mask tensor, so no masked backward).
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                        scale=scale).transpose(0, 1)
+    return out
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, sliding_window: int | None = None,
+                     softcap: float | None = None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention function: query/key/value [batch, heads, len, dim] -> [batch, len, heads, dim].
+
+    Row boundaries come from `cu_seq_lens_q` / `max_length_q` (a packed [1, T] batch), or
+    from a 2D padding mask (padding dropped, then put back as zeros), or else every batch
+    row is one sequence.
+    """
+    if dropout:
+        raise NotImplementedError(f"{ATTENTION}: attention dropout {dropout} is not supported")
+    if softcap is not None:
+        raise NotImplementedError(f"{ATTENTION}: attention logit softcapping is not supported")
+    batch, heads, length, dim = query.shape
+    if key.shape[2] != length:
+        raise NotImplementedError(f"{ATTENTION} is for training: queries and keys must be the "
+                                  f"same tokens (no cache), got {length} and {key.shape[2]}")
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    keep = None
+    if cu_seq_lens_q is not None:
+        cu_seqlens, longest = cu_seq_lens_q, max_length_q
+    elif attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise NotImplementedError(f"{ATTENTION} takes a 2D padding mask, got {attention_mask.dim()}D")
+        mask = attention_mask[:, -length:].bool()
+        lengths = mask.sum(1, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        longest = int(lengths.max())
+        keep = mask.flatten().nonzero().squeeze(1)
+        q, k, v = q[keep], k[keep], v[keep]
+    else:
+        cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=q.device)
+        longest = length
+    if sliding_window is not None and longest > sliding_window:
+        raise NotImplementedError(f"{ATTENTION}: rows of {longest} tokens exceed the sliding window "
+                                  f"{sliding_window}")
+    out = attend_segments(q, k, v, cu_seqlens, longest, scaling)
+    if keep is not None:
+        full = out.new_zeros(batch * length, heads, dim)
+        full[keep] = out
+        out = full
+    return out.view(batch, length, heads, dim), None
+
+
+def register_attention() -> None:
+    """Make `attn_implementation="tunelab_varlen"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, varlen_attention)
+    try:  # the padding mask must reach the attention function as a 2D tensor, as for FA2
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+        AttentionMaskInterface.register(ATTENTION, flash_attention_mask)
+    except ImportError:
+        pass
+
+
+def use_varlen_attention(model: torch.nn.Module) -> None:
+    """Switch `model` (and every sub-model) to `varlen_attention`."""
+    register_attention()
+    try:
+        model.set_attn_implementation(ATTENTION)
+        if all(getattr(m.config, "_attn_implementation", ATTENTION) == ATTENTION
+               for m in model.modules() if hasattr(m, "config")):
+            return
+    except (AttributeError, KeyError, ValueError):
+        pass
+    for module in model.modules():  # older transformers: set the config attribute directly
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            try:
+                config._attn_implementation = ATTENTION
+            except AttributeError:
+                config._attn_implementation_internal = ATTENTION
+
+
+# -- batches --------------------------------------------------------------------------------
+
+def pack_rows(rows: list[Rendered], max_tokens: int) -> list[list[Rendered]]:
+    """Group rows into as few micro-batches of at most `max_tokens` tokens as first-fit
+    decreasing finds; a row longer than the budget gets a micro-batch of its own."""
+    bins: list[list[Rendered]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: len(r.input_ids), reverse=True):
+        n = len(row.input_ids)
+        for i, free in enumerate(room):
+            if n <= free:
+                bins[i].append(row)
+                room[i] -= n
+                break
+        else:
+            bins.append([row])
+            room.append(max_tokens - n)
+    return bins
+
+
+def packed_inputs(rows: list[Rendered]) -> dict:
+    """A packed micro-batch with the keyword arguments `varlen_attention` reads."""
+    batch = pack_batch(rows)
+    lengths = batch.pop("seq_lengths")
+    batch["labels"] = shift_labels(batch["labels"], lengths)
+    batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    batch["max_length_q"] = batch["max_length_k"] = int(lengths.max())
+    return batch
+
+
+def padded_inputs(rows: list[Rendered], pad_id: int) -> dict:
+    batch = pad_batch(rows, pad_id)
+    batch["labels"] = shift_labels(batch["labels"])
+    return batch
+
+
+# -- loss -----------------------------------------------------------------------------------
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T + bias, target_i), a chunk of rows at a time.
+
+    The backward of each chunk is computed in the forward, while its logits exist, so only
+    one chunk of logits is ever alive; backward scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        exact = torch.promote_types(hidden.dtype, torch.float32)  # half precision: fp32 softmax
+        grad_weight = torch.zeros_like(weight, dtype=exact) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=exact) if need_bias else None
+        total = torch.zeros((), dtype=exact, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h, weight, bias).to(exact)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            grad = grad.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grad @ weight
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(exact)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, never holding
+    more than `LOGIT_ELEMENTS` logits. hidden [N, H], weight [V, H], targets [N] (no -100)."""
+    chunk = max(1, LOGIT_ELEMENTS // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, bias, targets, chunk)
+
+
+@dataclass
+class LossPlan:
+    """How `token_loss_sum` reaches the logits of one model (found by `plan_loss`)."""
+    trunk: torch.nn.Module | None
+    """Decoder stack returning hidden states; None: run the whole model for logits."""
+    head: torch.nn.Module | None
+    """Plain linear output layer applied to the trunk's hidden states."""
+    prefix: int = 0
+    """Positions the model prepends to the input (virtual tokens of prompt-learning methods)."""
+
+
+def _parts(net: torch.nn.Module):
+    model = net.get_base_model() if hasattr(net, "get_base_model") else net
+    trunk = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return trunk, head
+
+
+@torch.no_grad()
+def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
+    """Check on a few tokens whether the model's logits are `head(trunk(x))`; find any prefix."""
+    trunk, head = _parts(net)
+    was_training = net.training
+    net.eval()  # no dropout, so both ways compute the same function
+    try:
+        ids = torch.arange(1, 9, device=device)[None] % 100
+        with autocast:
+            logits = net(input_ids=ids, use_cache=False).logits
+            prefix = logits.shape[1] - ids.shape[1]
+            if (prefix == 0 and trunk is not None and type(head) is torch.nn.Linear
+                    and head.weight.shape[0] == logits.shape[-1]):
+                mine = head(trunk(input_ids=ids, use_cache=False).last_hidden_state)
+                if torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3):
+                    return LossPlan(trunk, head)
+        return LossPlan(None, None, prefix)
+    finally:
+        net.train(was_training)
+
+
+def token_loss_sum(net: torch.nn.Module, batch: dict, plan: LossPlan, device, autocast,
+                   reduction: str = "sum") -> torch.Tensor:
+    """Summed (or per-token, `reduction="none"`) cross-entropy over the supervised positions
+    of one micro-batch; `batch["labels"]` are already shifted (position t holds token t+1)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    labels = batch.pop("labels").flatten()
+    positions = (labels != IGNORE).nonzero().squeeze(1)
+    targets = labels[positions]
+    with autocast:
+        if plan.trunk is not None:
+            hidden = plan.trunk(**batch, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
+            if reduction == "sum":
+                return linear_cross_entropy(hidden, plan.head.weight, targets, plan.head.bias)
+            logits = plan.head(hidden)
+        else:
+            logits = net(**batch, use_cache=False).logits[:, plan.prefix:].flatten(0, 1)[positions]
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+@dataclass
+class FastPath:
+    """How one run turns a step's rows into micro-batches and a loss (see `setup`)."""
+    packed: bool
+    """Rows packed padding-free (True) or right-padded, `micro_batch_size` rows a forward."""
+    pad_id: int
+    loss: LossPlan
+    varlen: bool = False
+    """The model attends through `varlen_attention`."""
+
+    def micro_batches(self, rows: list[Rendered], micro_batch_size: int, micro_batch_tokens: int) -> list[dict]:
+        """Model inputs for `rows`, split so each forward pass stays within budget.
+
+        Splitting never changes what a step learns: the step's loss is a sum over the same
+        rows whatever the grouping. Padded micro-batches take rows sorted by length, which
+        cuts padding; packed ones hold at most `micro_batch_tokens` tokens.
+        """
+        if self.packed:
+            return [packed_inputs(group) for group in pack_rows(rows, micro_batch_tokens)]
+        ordered = sorted(rows, key=lambda r: len(r.input_ids))
+        return [padded_inputs(ordered[i:i + micro_batch_size], self.pad_id)
+                for i in range(0, len(ordered), micro_batch_size)]
+
+
+def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: torch.device,
+          autocast, pad_id: int, attn_implementation: str | None = None) -> FastPath:
+    """Decide packing and attention for one run and switch the model over.
+
+    packing `auto` packs where the method supports it and FlashAttention varlen runs (CUDA,
+    bf16/fp16); `on` packs anywhere the method allows (on CPU through the exact per-row
+    fallback); `off` pads. On CUDA the padded path uses the same varlen kernel (padding
+    dropped) unless the user named an `attn_implementation`.
+    """
+    from .config import check
+
+    model = net.get_base_model() if hasattr(net, "get_base_model") else net
+    dtype = next(model.parameters()).dtype
+    check(packing != "on" or supports_packing, "train.packing",
+          "auto or off for this method (it cannot train on packed rows)", packing)
+    check(packing != "on" or attn_implementation in (None, ATTENTION), "train.packing",
+          f"auto or off when --model.attn_implementation is {attn_implementation!r} (packed rows "
+          f"need tunelab's varlen attention to stay apart)", packing)
+    fast_kernel = varlen_available(device, dtype)
+    packed = packing == "on" or (packing == "auto" and supports_packing and fast_kernel
+                                 and attn_implementation in (None, ATTENTION))
+    varlen = packed or (fast_kernel and attn_implementation is None)
+    if varlen:
+        use_varlen_attention(model)
+    return FastPath(packed=packed, pad_id=pad_id, loss=plan_loss(net, device, autocast), varlen=varlen)

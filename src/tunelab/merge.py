@@ -1,0 +1,294 @@
+"""Merge / export: a finished run becomes a plain Hugging Face model directory.
+
+- Weight-delta methods (`capabilities.mergeable`, the LoRA family): the adapter is folded
+  into the base weights.
+- Virtual-token methods (P-Tuning, `--bake`): nothing can be folded into weights, so the
+  learned prompt becomes n new tokens of the vocabulary whose embedding rows are the prompt
+  encoder's output, and the exported chat template writes them first in every input, where
+  PEFT puts them. The new tokens are never generated: their id is in the generation
+  config's `suppress_tokens`, and an untied output head also gets zero rows for them.
+
+The directory (safetensors, config, tokenizer with its chat template, generation_config
+whose `eos_token_id` list starts with the template's end of turn) loads with transformers,
+vLLM or llama.cpp's converter and no tunelab code. Before it is written as final it is
+checked: logits on probe prompts must match the adapter on its base (computed in fp32 by
+default: max |difference| <= 1e-4), every weight must be finite, and the saved directory is
+reloaded with plain transformers and checked again. It is written under a temporary name
+and renamed, so a crash leaves either the old directory or the new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import ConfigError, ModelConfig, from_dict
+from .data.template import ChatFormat
+from .generate import virtual_token_embeddings
+from .runs import RunDir, write_atomically, write_json
+
+EXPORT_INFO = "tunelab_export.json"
+"""Written beside the weights: where they came from and what the checks measured."""
+
+PROBES = ["Who are you?", "你是谁？", "1.11 和 1.9 哪个大？",
+          "Write two sentences about the sea, then list three fish."]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.01}
+"""Max |logit difference| allowed, per dtype of the compared models, relative to the
+largest |logit| when that is above 1. fp32 is exact up to summation order; bf16 keeps 8
+bits of mantissa, so W + BA rounds differently from W x + B(A x) in every layer."""
+
+
+class NotMergeable(ConfigError):
+    """The run's method cannot be folded into weights; the message says what to do instead."""
+
+
+class ExportMismatch(RuntimeError):
+    """The exported model does not compute what the adapter on its base computes."""
+
+
+def merge(run: str, out: str, bake: bool = False,
+          dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
+          precision: Literal["fp32", "run"] = "fp32", device: str = "auto",
+          max_shard_size: str = "5GB") -> Path:
+    """Export a run as a plain Hugging Face model directory (no adapter, no tunelab needed).
+
+    Args:
+        run: a finished run directory.
+        out: the model directory to write (replaced if it exists).
+        bake: for virtual-token methods (P-Tuning): write the learned prompt as new tokens of
+            the vocabulary that the exported chat template puts first in every input.
+        dtype: dtype of the written weights; `auto` keeps the base checkpoint's.
+        precision: dtype the merge and its check are computed in: `fp32` (max |logit
+            difference| 1e-4) or `run` (the run's own dtype, e.g. bf16 on a GPU: half the
+            memory, a looser check).
+        device: where the merge is computed (`auto`: the first CUDA card, else CPU).
+        max_shard_size: largest safetensors shard.
+    """
+    from transformers import AutoTokenizer
+
+    from .methods import get
+    from .models import load_model, locate, resolve_device
+
+    run_dir = RunDir(Path(run))
+    config = run_dir.read_config()
+    if not run_dir.adapter.is_dir():
+        raise FileNotFoundError(f"{run_dir.root} has no adapter/ yet: the run has not finished "
+                                f"(resume it with `tunelab train --config {run_dir.config}`)")
+    method = get(config["method"]["name"])
+    virtual = _adds_virtual_tokens(run_dir.adapter)
+    if method.capabilities.mergeable and bake:
+        raise ConfigError(f"`--bake` exports virtual-token adapters; {method.name} adapters fold "
+                          f"into the weights: run `tunelab merge` without --bake")
+    if not method.capabilities.mergeable and not bake:
+        instead = (f"export it with `tunelab merge --run {run} --out {out} --bake` (its virtual tokens "
+                   f"become new tokens of the vocabulary, put first by the chat template), or "
+                   if virtual else "")
+        raise NotMergeable(f"{method.name} adapters cannot be merged into the base weights: they are "
+                           f"not a change of the weights but learned inputs. Instead, {instead}serve the "
+                           f"run with its adapter (`tunelab chat --run {run}`)")
+    if bake and not virtual:
+        raise NotMergeable(f"`--bake` needs a virtual-token adapter (P-Tuning, prompt tuning); the "
+                           f"{method.name} adapter of {run} is not one")
+
+    model_cfg = from_dict(ModelConfig, config["model"])
+    where = resolve_device(device)
+    out_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(*locate(model_cfg))
+    model_cfg = replace(model_cfg, device=str(where), dtype="fp32" if precision == "fp32" else model_cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.tokenizer)
+    fmt = ChatFormat(tokenizer)
+    system = (config.get("data") or {}).get("system_prompt")
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+                     for q in PROBES]
+    probes = [fmt.prompt_ids(messages) for messages in conversations]
+
+    net = method.load(load_model(model_cfg, where), run_dir.adapter, False).eval()
+    if bake:
+        model, tokenizer, expected, info = bake_virtual_tokens(net, tokenizer, probes)
+    else:
+        model, expected, info = merge_weights(net, method, probes)
+    check_finite(model)
+    info.update(run=str(run_dir.root.resolve()), method=method.name, base=config["model"]["path"],
+                dtype=str(out_dtype).removeprefix("torch."))
+    model = model.to(out_dtype)
+    export_generation_config(model, tokenizer, info.get("virtual_token_ids", []))
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        info["reloaded_max_abs_diff"] = check_reloaded(tmp, conversations, expected, out_dtype)
+        write_json(tmp / EXPORT_INFO, info)
+
+    path = write_atomically(Path(out), fill)
+    print(f"wrote {path} ({info['kind']}, {info['dtype']}): max |logit diff| vs the adapter "
+          f"{info['max_abs_diff']:.2e} computed, {info['reloaded_max_abs_diff']:.2e} after reloading")
+    return path
+
+
+# -- weight deltas ------------------------------------------------------------------------------
+def merge_weights(net, method, probes: list[list[int]]):
+    """(merged model, the adapter's logits on the probes, info): fold the adapter in, check it."""
+    expected = [_logits(net, ids) for ids in probes]
+    fold = getattr(method, "merge", None)  # the method's own merge hook, where it has one
+    model = fold(net) if fold is not None else net.merge_and_unload()
+    diff = _max_diff(model, probes, expected)
+    _require(diff, expected, next(model.parameters()).dtype, "the merged model")
+    return model, expected, {"kind": "merged", "max_abs_diff": diff}
+
+
+# -- virtual tokens -----------------------------------------------------------------------------
+def bake_virtual_tokens(net, tokenizer, probes: list[list[int]]):
+    """(model, tokenizer, the adapter's logits on the probes, info) with the virtual tokens
+    baked into the vocabulary.
+
+    PEFT feeds [virtual tokens] + input_ids with default positions 0..n+L-1; the exported
+    template writes the new tokens before everything else it writes, so the baked model
+    sees the same embeddings at the same positions and computes the same logits.
+    """
+    from transformers import AddedToken
+
+    prompt = virtual_token_embeddings(net)
+    n = prompt.shape[0]
+    expected = [_logits(net, ids)[n:] for ids in probes]
+    model = net.get_base_model()
+
+    names = _fresh_names(tokenizer, n)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in names], special_tokens=True)
+    new_ids = tokenizer.convert_tokens_to_ids(names)
+    embeddings = model.get_input_embeddings()
+    if max(new_ids) >= embeddings.weight.shape[0]:  # else the vocab already had spare rows
+        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+        embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embeddings.weight
+    with torch.no_grad():
+        scale = getattr(embeddings, "embed_scale", 1.0)  # Gemma-style scaled embedding modules
+        embeddings.weight[new_ids] = (prompt / scale).to(embeddings.weight.dtype)
+        if not tied:  # a zero row gives logit 0; suppress_tokens removes even that chance
+            head.weight[new_ids] = 0
+            if getattr(head, "bias", None) is not None:
+                head.bias[new_ids] = 0
+    tokenizer.chat_template = _prefixed(tokenizer.chat_template, "".join(names))
+
+    encoded = ChatFormat(tokenizer).encode("".join(names))
+    if encoded != new_ids:
+        raise ExportMismatch(f"the new tokens {names} do not tokenize as themselves: {encoded}")
+    baked = [new_ids + ids for ids in probes]
+    got = [_logits(model, ids)[n:] for ids in baked]
+    diff = max((g - e).abs().max().item() for g, e in zip(got, expected))
+    _require(diff, expected, next(model.parameters()).dtype, "the baked model")
+    info = {"kind": "baked virtual tokens", "max_abs_diff": diff, "virtual_tokens": names,
+            "virtual_token_ids": new_ids, "tied_embeddings": tied}
+    return model, tokenizer, expected, info
+
+
+def _fresh_names(tokenizer, n: int) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    stem = "<|virtual_{}|>"
+    suffix = 0
+    while any(stem.format(i) in vocab for i in range(n)):
+        suffix += 1
+        stem = "<|virtual" + str(suffix) + "_{}|>"
+    return [stem.format(i) for i in range(n)]
+
+
+def _prefixed(template, text: str):
+    """The chat template with `text` written before anything else (also named templates)."""
+    if isinstance(template, dict):
+        return {name: _prefixed(t, text) for name, t in template.items()}
+    return "{{ '" + text + "' }}" + template
+
+
+# -- checks -----------------------------------------------------------------------------------
+@torch.no_grad()
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+
+
+def _max_diff(model, probes: list[list[int]], expected: list[torch.Tensor]) -> float:
+    return max((_logits(model, ids) - e).abs().max().item() for ids, e in zip(probes, expected))
+
+
+def tolerance(dtype: torch.dtype, expected: list[torch.Tensor]) -> float:
+    scale = max(1.0, max(e.abs().max().item() for e in expected))
+    return TOLERANCE[dtype] * scale
+
+
+def _require(diff: float, expected: list[torch.Tensor], dtype: torch.dtype, what: str) -> None:
+    limit = tolerance(dtype, expected)
+    if not diff <= limit:  # also catches NaN
+        raise ExportMismatch(f"{what} differs from the adapter on its base: max |logit difference| "
+                             f"{diff:.3g} > {limit:.3g} ({dtype}); nothing was written")
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Every weight and buffer, not just the trainable ones."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"refusing to export: {name} has NaN/Inf values")
+
+
+def check_reloaded(directory: Path, conversations: list[list[dict]], expected: list[torch.Tensor],
+                   dtype: torch.dtype) -> float:
+    """Load `directory` with plain transformers, as a user would, and compare its logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    diffs = []
+    for messages, want in zip(conversations, expected):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
+        got = _logits(model, ids)[-want.shape[0]:]
+        diffs.append((got - want).abs().max().item())
+    diff = max(diffs)
+    _require(diff, expected, dtype, f"the saved model (reloaded from {directory})")
+    del model
+    return diff
+
+
+# -- files --------------------------------------------------------------------------------------
+def export_generation_config(model, tokenizer, suppress: list[int]) -> None:
+    """Stop at the template's end of turn in every runtime; never emit the baked tokens."""
+    fmt = ChatFormat(tokenizer)
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    stops = [fmt.end_of_turn_id] + [i for i in eos + [tokenizer.eos_token_id]
+                                    if i is not None and i != fmt.end_of_turn_id]
+    gen.eos_token_id = list(dict.fromkeys(stops))
+    gen.pad_token_id = tokenizer.pad_token_id
+    if suppress:
+        gen.suppress_tokens = list(suppress)
+    model.config.eos_token_id = fmt.end_of_turn_id
+    if fmt.end_of_turn_text and tokenizer.eos_token != fmt.end_of_turn_text:
+        # Runtimes that stop at the tokenizer's eos (llama.cpp's converter reads it) stop there.
+        tokenizer.eos_token = fmt.end_of_turn_text
+
+
+def _checkpoint_dtype(directory: Path, gguf) -> torch.dtype:
+    """The dtype the base checkpoint declares (fp32 when it declares none, e.g. GGUF)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    except Exception:  # an unreadable config only costs the default
+        return torch.float32
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if declared in TOLERANCE else torch.float32
+
+
+def _adds_virtual_tokens(adapter: Path) -> bool:
+    try:
+        from peft import PeftConfig
+
+        return bool(PeftConfig.from_pretrained(str(adapter)).is_prompt_learning)
+    except Exception:  # not a PEFT directory: not something we can bake
+        return False

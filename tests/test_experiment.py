@@ -1,0 +1,65 @@
+"""`tunelab experiment` end to end on a tiny model: two methods, one budget, one report;
+a rerun skips the finished runs."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import MEMORIZE, write_jsonl
+from tunelab.experiment import experiment
+
+PROBES = {"probes": [
+    {"id": "who", "lang": "zh", "category": "persona", "question": "你是谁？",
+     "check": {"type": "contains", "any": ["甄嬛"]}, "reference": "我是甄嬛。"},
+    {"id": "capital", "lang": "en", "category": "persona", "question": "What is the capital of France?",
+     "check": {"type": "contains", "any": ["Paris"]}, "reference": "Paris."},
+]}
+
+
+def write_experiment(tmp_path, model_dir) -> str:
+    write_jsonl(tmp_path / "data.jsonl", MEMORIZE * 4)
+    (tmp_path / "probes.yaml").write_text(yaml.safe_dump(PROBES, allow_unicode=True))
+    (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n1+1?,1,2,3,4,B\n2+2?,4,5,6,7,A\n3+3?,5,7,6,9,C\n")
+    spec = {
+        "name": "tiny",
+        "model": {"path": str(model_dir)},
+        "data": {"path": "data.jsonl", "system_prompt": "现在你要扮演皇帝身边的女人--甄嬛", "val_size": 4},
+        "train": {"max_steps": 6, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2, "save_every": 0},
+        "methods": [{"name": "lora"}, {"name": "ptuning", "train": {"lr": 1e-3},
+                                       "ptuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}}],
+        "eval": {"suites": ["in_domain", "persona", "general", "benchmarks"], "persona_probes": "probes.yaml",
+                 "benchmarks": [{"path": "mc.csv", "shots": 1}], "limit": 6, "gen": {"max_new_tokens": 8},
+                 "batch_size": 4},
+        "out": str(tmp_path / "exp"),
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    return str(path)
+
+
+def test_experiment_trains_evaluates_reports_and_resumes(tiny_qwen, tmp_path, capsys):
+    config = write_experiment(tmp_path, tiny_qwen)
+    report = experiment(config)
+    out = tmp_path / "exp"
+    for name in ("results.json", "report.md", "report.html"):
+        assert (out / "report" / name).is_file()
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["base", "lora", "ptuning"]
+    expected = {"in_domain_loss", "in_domain_char_f1", "in_domain_rouge_l", "in_domain_exact_match",
+                "persona", "general", "general_persona", "mc_mc_1shot"}
+    assert expected <= set(results["suites"])
+    assert set(results["suites"]["general"]["deltas"]) == {"lora", "ptuning"}
+    table = {row["model"]: row for row in report["methods"]}
+    assert table["lora"]["trainable_params"] > 0 and table["ptuning"]["trainable_params"] > 0
+    assert table["lora"]["trainable_params"] != table["ptuning"]["trainable_params"]
+    html = (out / "report" / "report.html").read_text()
+    assert "<svg" in html and "ptuning" in html and "你是谁" in html
+    printed = capsys.readouterr().out
+    assert "trainable" in printed and "report.html" in printed
+
+    # rerun: both runs are found by their config hash and skipped
+    experiment(config)
+    assert printed.count("training ->") == 2
+    assert capsys.readouterr().out.count("finished earlier") == 2

@@ -1,0 +1,171 @@
+"""The fast path computes what the padded path computes, token by token.
+
+Packed rows must not see each other (a leak shows on single tokens of later rows, not in
+an average), the chunked loss must give the loss and gradients of plain cross-entropy, and
+a packed step must leave the same gradients as a padded one.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_model, build_tokenizer
+from tunelab import fastpath
+from tunelab.config import ConfigError, TrainConfig
+from tunelab.data import ChatFormat, Rendered
+from tunelab.fastpath import (LossPlan, linear_cross_entropy, pack_rows, packed_inputs, padded_inputs,
+                              plan_loss, token_loss_sum)
+from tunelab.methods import get
+from tunelab.methods.lora import LoraConfig
+
+CPU = torch.device("cpu")
+TEXTS = [("你是谁？", "我是甄嬛，家父是大理寺少卿甄远道。"), ("Who are you?", "I am a helpful assistant."),
+         ("What is the capital of France?", "Paris is the capital of France."),
+         ("1.11 和 1.9 哪个大？", "1.9 更大。"), ("Hello", "The quick brown fox jumps over the lazy dog.")]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[Rendered]:
+    fmt = ChatFormat(build_tokenizer())
+    return [fmt.render([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in TEXTS]
+
+
+def lora(arch: str = "qwen2", dropout: float = 0.0, seed: int = 0):
+    base = build_model(arch, len(build_tokenizer()), seed=seed)
+    with torch.no_grad():  # LoRA B starts at zero; give the adapter a non-trivial effect
+        net = get("lora").apply(base, LoraConfig(dropout=dropout))
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    return net.train()
+
+
+def per_token(net, batch, plan) -> torch.Tensor:
+    with torch.no_grad():
+        return token_loss_sum(net, batch, plan, CPU, nullcontext(), reduction="none")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_matches_padded_token_by_token(rows, arch):
+    net = lora(arch).eval()
+    padded_plan = plan_loss(net, CPU, nullcontext())
+    padded = per_token(net, padded_inputs(rows, pad_id=0), padded_plan)
+    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    assert fast.packed and fast.varlen and fast.loss.trunk is not None
+    packed = per_token(net, packed_inputs(rows), fast.loss)
+    assert packed.shape == padded.shape == (sum(r.num_supervised for r in rows),)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+
+
+def test_the_check_catches_attention_across_rows(rows):
+    """Causal attention over the whole packed sequence (what plain SDPA does with restarting
+    position_ids and no mask) leaves the first row exact and corrupts tokens of later ones."""
+    net = lora().eval()
+    plan = plan_loss(net, CPU, nullcontext())
+    padded = per_token(net, padded_inputs(rows, pad_id=0), plan)
+    leaky = packed_inputs(rows)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        leaky.pop(key)
+    fastpath.use_varlen_attention(net)
+    diff = (per_token(net, leaky, plan) - padded).abs()
+    first = rows[0].num_supervised
+    assert diff[:first].max() < 1e-5
+    assert diff[first:].max() > 1e-3
+
+
+def test_padding_is_dropped_not_attended(rows):
+    net = lora().eval()
+    plan = plan_loss(net, CPU, nullcontext())
+    reference = per_token(net, padded_inputs(rows, pad_id=0), plan)  # SDPA with its padding mask
+    fastpath.use_varlen_attention(net)
+    torch.testing.assert_close(per_token(net, padded_inputs(rows, pad_id=0), plan), reference,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_plain_cross_entropy(monkeypatch, with_bias):
+    monkeypatch.setattr(fastpath, "LOGIT_ELEMENTS", 3 * 50)  # chunks of 3 rows
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 50, (10,), generator=g)
+    mine = linear_cross_entropy(hidden, weight, targets, bias) * 0.5
+    mine_grads = torch.autograd.grad(mine, [t for t in (hidden, weight, bias) if t is not None])
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum") * 0.5
+    plain_grads = torch.autograd.grad(plain, [t for t in (hidden, weight, bias) if t is not None])
+    torch.testing.assert_close(mine, plain)
+    for a, b in zip(mine_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_frozen_head_gets_no_gradient():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(20, 8)
+    loss = linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, 4]))
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+def test_pack_rows_keeps_every_row_within_budget():
+    rows = [Rendered([0] * n, [0] * n) for n in (5, 9, 3, 12, 7, 1, 8)]
+    bins = pack_rows(rows, max_tokens=12)
+    assert sorted(len(r.input_ids) for b in bins for r in b) == [1, 3, 5, 7, 8, 9, 12]
+    assert all(sum(len(r.input_ids) for r in b) <= 12 for b in bins)
+    assert len(bins) == 4  # 45 tokens need at least 4 bins of 12
+    assert [len(b) for b in pack_rows([Rendered([0] * 20, [0] * 20)], 12)] == [1]  # too long: alone
+
+
+def test_packed_step_leaves_the_same_gradients_as_a_padded_step(rows):
+    """One optimizer step's gradients, packed in two micro-batches vs padded two rows at a time."""
+    from tunelab.train import optimizer_step
+
+    cfg = TrainConfig(batch_size=6, micro_batch_size=2, micro_batch_tokens=60)
+    grads = []
+    for packing in ("off", "on"):
+        net = lora()
+        fast = fastpath.setup(net, packing, True, CPU, nullcontext(), pad_id=0)
+        assert fast.packed == (packing == "on")
+        params = [p for p in net.parameters() if p.requires_grad]
+        assert len(fast.micro_batches(rows, cfg.micro_batch_size, cfg.micro_batch_tokens)) > 1
+        loss, tokens, _ = optimizer_step(net, rows, cfg, fast, CPU, nullcontext(), params)
+        grads.append((loss, [p.grad.clone() for p in params]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_learning_keeps_the_padded_logits_path(rows):
+    """A method that prepends virtual tokens: the loss skips them and equals the loss
+    computed from the full logits by hand."""
+    from peft import PromptEncoderConfig, get_peft_model
+
+    base = build_model("qwen2", len(build_tokenizer()))
+    net = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                   encoder_hidden_size=16)).eval()
+    plan = plan_loss(net, CPU, nullcontext())
+    assert plan.trunk is None and plan.prefix == 4
+    batch = padded_inputs(rows, pad_id=0)
+    mine = per_token(net, batch, plan)
+    with torch.no_grad():
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 4:]
+    labels = batch["labels"]
+    plain = F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="none")
+    torch.testing.assert_close(mine, plain)
+
+
+def test_packing_on_for_a_method_that_cannot_pack_names_the_flag():
+    with pytest.raises(ConfigError, match="--train.packing"):
+        fastpath.setup(lora(), "on", False, CPU, nullcontext(), pad_id=0)
+
+
+def test_auto_packs_only_where_flash_attention_runs():
+    fast = fastpath.setup(lora(), "auto", True, CPU, nullcontext(), pad_id=0)
+    assert not fast.packed and not fast.varlen
+    assert isinstance(fast.loss, LossPlan) and fast.loss.trunk is not None

@@ -1,0 +1,283 @@
+"""The generation engine: batched answers equal one-at-a-time answers, each adapter on the
+shared base gives the logits of a freshly loaded model with only that adapter, sampling is
+reproducible with a seed, and the speed benchmark's script runs (CPU mode)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import build_tokenizer, save_tiny
+from tunelab.config import GenerationConfig
+from tunelab.generate import BASE, Engine, left_pad
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["你是谁？", "Who are you?", "What is the capital of France? Answer in one word please.",
+             "1.11 和 1.9 哪个大？", "hi", "The quick brown fox jumps over the lazy dog. 0123456789"]
+N_VIRTUAL = 4
+
+
+def conversations() -> list[list[dict]]:
+    system = {"role": "system", "content": "现在你要扮演皇帝身边的女人--甄嬛"}
+    return [[system, {"role": "user", "content": q}] for q in QUESTIONS]
+
+
+# -- tiny models and runs ------------------------------------------------------------------
+def save_peaked(directory: Path, arch: str) -> Path:
+    """A tiny model whose logits are far from flat, so greedy decoding has no near-ties."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(directory, arch, pad_is_eos=arch == "llama")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)  # tied for llama: embeddings scale too
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def base_dir(request, tmp_path_factory) -> Path:
+    return save_peaked(tmp_path_factory.mktemp(f"peaked-{request.param}"), request.param)
+
+
+def peft_config(kind: str):
+    from peft import LoraConfig, PromptEncoderConfig
+
+    if kind == "lora":  # init_lora_weights=False: B is random, so the adapter changes the logits
+        return LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                          init_lora_weights=False, task_type="CAUSAL_LM")
+    return PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=16,
+                               encoder_reparameterization_type="MLP", task_type="CAUSAL_LM")
+
+
+METHOD_OF = {"lora": "lora", "lora2": "lora", "ptuning": "ptuning"}
+
+
+def make_run(root: Path, base: Path, kind: str, seed: int = 0) -> Path:
+    """A finished run directory with a random (non-trivial) adapter of `kind` on `base`."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = root / f"run-{kind}-{seed}"
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft_config(kind.rstrip("2")))
+    if kind != "ptuning":
+        with torch.no_grad():  # a visible delta: LoRA's default init leaves B random but small
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.2)
+    model.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
+    config = {"model": {"path": str(base), "dtype": "fp32", "device": "cpu"},
+              "method": {"name": METHOD_OF[kind]}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "DONE").write_text("ok\n")
+    return run
+
+
+@pytest.fixture(autouse=True)
+def ptuning_registered(monkeypatch):
+    """Use the registry's P-Tuning when the methods package has one, else a stand-in."""
+    from tunelab.methods import METHODS, Capabilities, Method
+    from tunelab.methods.peft_common import load_peft, save_peft
+
+    if "ptuning" not in METHODS:
+        monkeypatch.setitem(METHODS, "ptuning", Method(
+            name="ptuning", config_cls=dict, capabilities=Capabilities(mergeable=False, supports_packing=False),
+            apply=lambda model, cfg: model, save=save_peft, load=load_peft))
+
+
+def fresh(run: Path):
+    """A freshly loaded base with only this run's adapter (what the engine must reproduce)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["model"]["path"])
+    return PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+
+
+@pytest.fixture(scope="module")
+def runs(base_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {"lora": make_run(root, base_dir, "lora", 1), "lora2": make_run(root, base_dir, "lora2", 2),
+            "ptuning": make_run(root, base_dir, "ptuning", 3)}
+
+
+def greedy_one_at_a_time(model, tokenizer, engine: Engine, max_new_tokens: int) -> list[list[int]]:
+    """The reference recipe's loop: one unpadded prompt per `generate` call."""
+    answers = []
+    for messages in conversations():
+        ids = torch.tensor([engine.format.prompt_ids(messages)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=engine.stop_ids,
+                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        answers.append(engine.cut_at_stop(out[0, ids.shape[1]:].tolist()))
+    return answers
+
+
+def greedy_by_hand(model, engine: Engine, max_new_tokens: int, n_virtual: int = 0) -> list[list[int]]:
+    """Greedy decoding from full forward passes (no cache, no padding): the plain meaning of
+    "this model's greedy answer". Used for PEFT P-Tuning because PEFT 0.21's own generate
+    re-inserts the virtual tokens at every decoding step under transformers 5.24, whose
+    generate names the cache `cache` where PEFT looks for `past_key_values`."""
+    answers = []
+    for messages in conversations():
+        ids = engine.format.prompt_ids(messages)
+        new: list[int] = []
+        while len(new) < max_new_tokens and (not new or new[-1] not in engine.stop_ids):
+            with torch.no_grad():
+                new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+        answers.append(engine.cut_at_stop(new))
+    return answers
+
+
+# -- tests ---------------------------------------------------------------------------------
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batched_greedy_equals_one_at_a_time(base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    engine = Engine(model, tokenizer)
+    gen = GenerationConfig(max_new_tokens=24)
+    prompts = [engine.format.prompt_ids(m) for m in conversations()]
+    assert len({len(p) for p in prompts}) > 3  # the batch really is padded
+    batched = engine.complete(prompts, gen, batch_size=len(prompts))
+    assert batched == greedy_one_at_a_time(model, tokenizer, engine, 24)
+    assert any(len(a) > 5 for a in batched)
+
+
+def test_each_adapter_matches_a_fresh_model(runs):
+    engine = Engine.from_runs(runs)
+    assert engine.adapters == [BASE, "lora", "lora2", "ptuning"]
+    # one base in memory: every adapter runs on the same weight tensors
+    base_ptrs = {p.data_ptr() for n, p in engine.base.named_parameters() if "lora_" not in n}
+    assert len(base_ptrs) == sum(1 for n, _ in engine.base.named_parameters() if "lora_" not in n)
+    prompts = [engine.format.prompt_ids(m) for m in conversations()]
+    worst = {}
+    for name in engine.adapters:
+        if name == BASE:
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(yaml.safe_load(
+                (runs["lora"] / "config.yaml").read_text())["model"]["path"]).eval()
+        else:
+            reference = fresh(runs[name])
+        n_virtual = N_VIRTUAL if name == "ptuning" else 0
+        diffs = []
+        for ids in prompts:
+            with torch.no_grad():
+                expected = reference(input_ids=torch.tensor([ids])).logits[0, n_virtual:]
+            diffs.append((engine.logits(ids, adapter=name) - expected).abs().max().item())
+        worst[name] = max(diffs)
+        # and the answers: batched on the shared base == one at a time on the fresh model
+        gen = GenerationConfig(max_new_tokens=16)
+        assert engine.complete(prompts, gen, batch_size=4, adapter=name) == \
+            greedy_by_hand(reference, engine, 16, n_virtual), name
+    print("max |logit diff| vs a fresh model:", worst)
+    assert all(d < 1e-4 for d in worst.values()), worst
+    # the adapters really differ from each other
+    ids = prompts[0]
+    logits = {name: engine.logits(ids, adapter=name) for name in engine.adapters}
+    for a in engine.adapters:
+        for b in engine.adapters:
+            if a < b:
+                assert (logits[a] - logits[b]).abs().max() > 1e-2, (a, b)
+
+
+def test_virtual_tokens_added_before_a_lora(base_dir, tmp_path):
+    """Order of adding must not matter: P-Tuning first, then LoRA onto the same base."""
+    runs = {"ptuning": make_run(tmp_path, base_dir, "ptuning", 3), "lora": make_run(tmp_path, base_dir, "lora", 1)}
+    engine = Engine.from_runs(runs)
+    ids = engine.format.prompt_ids(conversations()[0])
+    for name, run in runs.items():
+        n_virtual = N_VIRTUAL if name == "ptuning" else 0
+        with torch.no_grad():
+            expected = fresh(run)(input_ids=torch.tensor([ids])).logits[0, n_virtual:]
+        assert (engine.logits(ids, adapter=name) - expected).abs().max() < 1e-4, name
+
+
+def test_engine_from_load_run_keeps_its_adapter(runs):
+    """chat's path: load_run's PEFT model goes straight into an Engine."""
+    from tunelab.runs import load_run
+
+    for name in ("lora", "ptuning"):
+        model, tokenizer, _ = load_run(runs[name])
+        engine = Engine(model, tokenizer)
+        assert engine.active != BASE and engine.adapters[0] == BASE
+        ids = engine.format.prompt_ids(conversations()[1])
+        n_virtual = N_VIRTUAL if name == "ptuning" else 0
+        with torch.no_grad():
+            expected = fresh(runs[name])(input_ids=torch.tensor([ids])).logits[0, n_virtual:]
+        assert (engine.logits(ids) - expected).abs().max() < 1e-4
+        streamed = "".join(engine.stream(conversations()[1], GenerationConfig(max_new_tokens=12))).strip()
+        assert streamed == engine.generate([conversations()[1]], GenerationConfig(max_new_tokens=12))[0]
+
+
+def test_use_switches_the_default_adapter_and_rejects_unknown(runs):
+    engine = Engine.from_runs({"lora": runs["lora"]})
+    ids = engine.format.prompt_ids(conversations()[0])
+    engine.use("lora")
+    with_lora = engine.logits(ids)
+    engine.use(BASE)
+    assert (engine.logits(ids) - with_lora).abs().max() > 1e-2
+    assert torch.equal(engine.logits(ids, adapter="lora"), with_lora)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        engine.use("nope")
+    with pytest.raises(ValueError, match="taken"):
+        engine.add_adapter("lora", runs["lora"])
+
+
+def test_sampling_is_reproducible_with_a_seed(runs):
+    engine = Engine.from_runs({"lora": runs["lora"], "ptuning": runs["ptuning"]})
+    rng_before = torch.get_rng_state()
+    for adapter in engine.adapters:
+        gen = GenerationConfig(max_new_tokens=12, temperature=1.5, seed=7)
+        first = engine.generate(conversations(), gen, batch_size=3, adapter=adapter)
+        assert engine.generate(conversations(), gen, batch_size=3, adapter=adapter) == first
+        other = engine.generate(conversations(), GenerationConfig(max_new_tokens=12, temperature=1.5, seed=8),
+                                batch_size=3, adapter=adapter)
+        assert other != first, adapter
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
+
+
+def test_stops_at_end_of_turn_not_eos():
+    """pad == eos == <|im_end|> for llama here; the stop set is the template's end of turn."""
+    tok = build_tokenizer()
+    from conftest import build_model
+
+    engine = Engine(build_model("qwen2", len(tok)).eval(), tok)
+    assert engine.stop_ids[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert engine.cut_at_stop([5, 6, engine.stop_ids[0], 7]) == [5, 6]
+
+
+def test_speed_bench_runs_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("generate_speed", ROOT / "bench" / "generate_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok_dir = tmp_path / "tok"
+    build_tokenizer().save_pretrained(tok_dir)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": q, "input": "", "output": "x"} for q in QUESTIONS * 2],
+                               ensure_ascii=False))
+    out = tmp_path / "result.json"
+    result = bench.main(["--data", str(data), "--tokenizer", str(tok_dir), "--random-weights", "tiny",
+                         "--device", "cpu", "--prompts", "12", "--reference-prompts", "4",
+                         "--max-new-tokens", "8", "--batch-size", "6", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == result
+    assert result["engine"]["prompts"] == 12 and result["reference"]["prompts"] == 4
+    assert result["engine"]["new_tokens"] == 12 * 8  # EOS ignored: every prompt did the same work
+    assert result["match"]["compared"] == 4 and result["match"]["exact"] == 4  # fp32: identical
