@@ -70,7 +70,7 @@ def make_run(root: Path, base: Path, kind: str, seed: int = 0) -> Path:
         with torch.no_grad():  # a visible delta: LoRA's default init leaves B random but small
             for name, param in model.named_parameters():
                 if "lora_B" in name:
-                    param.normal_(0, 0.2)
+                    param.normal_(0, 0.05)
     model.save_pretrained(run / "adapter")
     AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
     config = {"model": {"path": str(base), "dtype": "fp32", "device": "cpu"},

@@ -42,9 +42,10 @@ def verbs() -> dict:
     from .data.inspect import inspect_data
     from .evaluate.runner import evaluate
     from .experiment import experiment
+    from .merge import merge
     from .train import train
 
-    return {"train": train, "chat": chat, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
+    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull) as err:
         print(f"error: {err.strerror if isinstance(err, DiskFull) else err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 1))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, complete checkpoints are intact
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

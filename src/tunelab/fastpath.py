@@ -89,6 +89,20 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     return out
 
 
+_UNPADDING: list = [None, None]  # [mask, (keep, cu_seqlens, longest)] of the last forward
+
+
+def _unpadding(mask: torch.Tensor):
+    """(kept token indices, cu_seqlens, longest row) of a 2D padding mask. Every layer gets the
+    same mask tensor, so it is worked out once a forward: each time is a device sync."""
+    if _UNPADDING[0] is not mask:
+        mask_bool = mask.bool()
+        lengths = mask_bool.sum(1, dtype=torch.int32)
+        _UNPADDING[:] = [mask, (mask_bool.flatten().nonzero().squeeze(1),
+                                F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()))]
+    return _UNPADDING[1]
+
+
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, sliding_window: int | None = None,
                      softcap: float | None = None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
@@ -113,11 +127,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     elif attention_mask is not None:
         if attention_mask.dim() != 2:
             raise NotImplementedError(f"{ATTENTION} takes a 2D padding mask, got {attention_mask.dim()}D")
-        mask = attention_mask[:, -length:].bool()
-        lengths = mask.sum(1, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        longest = int(lengths.max())
-        keep = mask.flatten().nonzero().squeeze(1)
+        if attention_mask.shape[1] != length:
+            raise NotImplementedError(f"{ATTENTION}: a padding mask of {attention_mask.shape[1]} "
+                                      f"positions for {length} tokens")
+        keep, cu_seqlens, longest = _unpadding(attention_mask)
         q, k, v = q[keep], k[keep], v[keep]
     else:
         cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=q.device)
@@ -299,10 +312,12 @@ def token_loss_sum(net: torch.nn.Module, batch: dict, plan: LossPlan, device, au
                    reduction: str = "sum") -> torch.Tensor:
     """Summed (or per-token, `reduction="none"`) cross-entropy over the supervised positions
     of one micro-batch; `batch["labels"]` are already shifted (position t holds token t+1)."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    labels = batch.pop("labels").flatten()
-    positions = (labels != IGNORE).nonzero().squeeze(1)
-    targets = labels[positions]
+    labels = batch["labels"].flatten()
+    positions = (labels != IGNORE).nonzero().squeeze(1)  # on the host: no device sync
+    targets = labels[positions].to(device, non_blocking=True)
+    positions = positions.to(device, non_blocking=True)
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in batch.items() if k != "labels"}
     with autocast:
         if plan.trunk is not None:
             hidden = plan.trunk(**batch, use_cache=False).last_hidden_state.flatten(0, 1)[positions]

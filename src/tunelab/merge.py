@@ -115,18 +115,27 @@ def merge(run: str, out: str, bake: bool = False,
     check_finite(model)
     info.update(run=str(run_dir.root.resolve()), method=method.name, base=config["model"]["path"],
                 dtype=str(out_dtype).removeprefix("torch."))
-    model = model.to(out_dtype)
+    # The merge was checked in `precision`; the cast to the written dtype is the user's choice,
+    # its cost is reported, and the saved files must reproduce the cast model exactly.
+    cast_weights(model, out_dtype)
+    feed = [info.get("virtual_token_ids", []) + ids for ids in probes]
+    written = [_logits(model, ids)[-e.shape[0]:] for ids, e in zip(feed, expected)]
+    if not all(torch.isfinite(w).all() for w in written):
+        raise ExportMismatch(f"the model cast to {out_dtype} computes non-finite logits; "
+                             f"choose another --dtype")
+    info["cast_max_abs_diff"] = max_diff(written, expected)
     export_generation_config(model, tokenizer, info.get("virtual_token_ids", []))
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        info["reloaded_max_abs_diff"] = check_reloaded(tmp, conversations, expected, out_dtype)
+        info["reloaded_max_abs_diff"] = check_reloaded(tmp, conversations, feed, written, out_dtype)
         write_json(tmp / EXPORT_INFO, info)
 
     path = write_atomically(Path(out), fill)
-    print(f"wrote {path} ({info['kind']}, {info['dtype']}): max |logit diff| vs the adapter "
-          f"{info['max_abs_diff']:.2e} computed, {info['reloaded_max_abs_diff']:.2e} after reloading")
+    print(f"wrote {path} ({info['kind']}): max |logit difference| from the adapter on its base "
+          f"{info['max_abs_diff']:.2e} ({precision}), {info['cast_max_abs_diff']:.2e} once cast to "
+          f"{info['dtype']}; reloaded from disk: {info['reloaded_max_abs_diff']:.2e} from the model written")
     return path
 
 
@@ -136,9 +145,10 @@ def merge_weights(net, method, probes: list[list[int]]):
     expected = [_logits(net, ids) for ids in probes]
     fold = getattr(method, "merge", None)  # the method's own merge hook, where it has one
     model = fold(net) if fold is not None else net.merge_and_unload()
-    diff = _max_diff(model, probes, expected)
-    _require(diff, expected, next(model.parameters()).dtype, "the merged model")
-    return model, expected, {"kind": "merged", "max_abs_diff": diff}
+    diff = max_diff([_logits(model, ids) for ids in probes], expected)
+    dtype = next(model.parameters()).dtype
+    _require(diff, expected, dtype, "the merged model")
+    return model, expected, {"kind": "merged", "max_abs_diff": diff, "tolerance": tolerance(dtype, expected)}
 
 
 # -- virtual tokens -----------------------------------------------------------------------------
@@ -179,10 +189,11 @@ def bake_virtual_tokens(net, tokenizer, probes: list[list[int]]):
     if encoded != new_ids:
         raise ExportMismatch(f"the new tokens {names} do not tokenize as themselves: {encoded}")
     baked = [new_ids + ids for ids in probes]
-    got = [_logits(model, ids)[n:] for ids in baked]
-    diff = max((g - e).abs().max().item() for g, e in zip(got, expected))
-    _require(diff, expected, next(model.parameters()).dtype, "the baked model")
-    info = {"kind": "baked virtual tokens", "max_abs_diff": diff, "virtual_tokens": names,
+    diff = max_diff([_logits(model, ids)[n:] for ids in baked], expected)
+    dtype = next(model.parameters()).dtype
+    _require(diff, expected, dtype, "the baked model")
+    info = {"kind": "baked virtual tokens", "max_abs_diff": diff, "tolerance": tolerance(dtype, expected),
+            "virtual_tokens": names,
             "virtual_token_ids": new_ids, "tied_embeddings": tied}
     return model, tokenizer, expected, info
 
@@ -211,8 +222,9 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
 
 
-def _max_diff(model, probes: list[list[int]], expected: list[torch.Tensor]) -> float:
-    return max((_logits(model, ids) - e).abs().max().item() for ids, e in zip(probes, expected))
+def max_diff(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Max |logit difference| over the expected vocabulary (baked tokens are extra columns)."""
+    return max((g[:, :e.shape[1]] - e).abs().max().item() for g, e in zip(got, expected))
 
 
 def tolerance(dtype: torch.dtype, expected: list[torch.Tensor]) -> float:
@@ -227,6 +239,15 @@ def _require(diff: float, expected: list[torch.Tensor], dtype: torch.dtype, what
                              f"{diff:.3g} > {limit:.3g} ({dtype}); nothing was written")
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the weights only, as `from_pretrained(dtype=...)` loads them: buffers such as the
+    rotary inverse frequencies stay fp32 (`model.to(bf16)` would round them too)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    model.config.dtype = dtype
+
+
 def check_finite(model: torch.nn.Module) -> None:
     """Every weight and buffer, not just the trainable ones."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -234,21 +255,24 @@ def check_finite(model: torch.nn.Module) -> None:
             raise FloatingPointError(f"refusing to export: {name} has NaN/Inf values")
 
 
-def check_reloaded(directory: Path, conversations: list[list[dict]], expected: list[torch.Tensor],
-                   dtype: torch.dtype) -> float:
-    """Load `directory` with plain transformers, as a user would, and compare its logits."""
+def check_reloaded(directory: Path, conversations: list[list[dict]], feed: list[list[int]],
+                   written: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """Load `directory` with plain transformers, as a user would: its chat template must
+    render the ids that were checked, and its logits must be those of the model written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     diffs = []
-    for messages, want in zip(conversations, expected):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
-        got = _logits(model, ids)[-want.shape[0]:]
-        diffs.append((got - want).abs().max().item())
+    for messages, ids, want in zip(conversations, feed, written):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if rendered != ids:
+            raise ExportMismatch(f"the saved chat template renders {rendered[:12]}... where the "
+                                 f"checked model was fed {ids[:12]}...; nothing was written")
+        diffs.append((_logits(model, ids)[-want.shape[0]:] - want).abs().max().item())
     diff = max(diffs)
-    _require(diff, expected, dtype, f"the saved model (reloaded from {directory})")
+    _require(diff, written, dtype, f"the saved model (reloaded from {directory})")
     del model
     return diff
 

@@ -96,7 +96,7 @@ class RunDir:
             elif suffix != ".trash" and not final.exists() and (path / COMPLETE).is_file():
                 path.rename(final)  # killed between write_atomically's two renames: roll forward
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                delete_tree(path)
 
     def start_over(self) -> list[str]:
         """Remove what an earlier attempt left (checkpoints, adapter, metrics); returns what went."""
@@ -136,7 +136,7 @@ def write_atomically(final: Path, fill) -> Path:
     and whatever was at `final` before is untouched.
     """
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    delete_tree(tmp)
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
@@ -147,16 +147,16 @@ def write_atomically(final: Path, fill) -> Path:
             os.fsync(marker.fileno())
         fsync_dir(tmp)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        delete_tree(tmp)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(err.errno, disk_full_message(final)) from err
         raise
     old = final.with_name(final.name + ".old")
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        delete_tree(old)
         final.rename(old)
     tmp.rename(final)  # a crash between these two renames is rolled forward by RunDir.recover
-    shutil.rmtree(old, ignore_errors=True)
+    delete_tree(old)
     fsync_dir(final.parent)
     return final
 
@@ -176,9 +176,18 @@ def remove_tree(path: Path) -> None:
     """Delete a directory so that a crash midway never leaves it looking complete: it is
     renamed away (atomically) first, then removed."""
     trash = path.with_name(path.name + ".trash")
-    shutil.rmtree(trash, ignore_errors=True)
+    delete_tree(trash)
     path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    delete_tree(trash)
+
+
+def delete_tree(path: Path) -> None:
+    """rmtree that drops the COMPLETE marker first: a directory cut short by a crash while
+    being deleted never claims to be complete."""
+    if path.is_dir():
+        for marker in path.rglob(COMPLETE):
+            marker.unlink()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def assert_finite(model: torch.nn.Module, what: str) -> None:

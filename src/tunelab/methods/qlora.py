@@ -174,6 +174,8 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
             setattr(base.get_submodule(parent), child, new)
             replaced.append(name)
     base.is_loaded_in_4bit = False
+    if "peft_config" in base.__dict__:  # as merge_and_unload leaves it: a plain model
+        del base.peft_config
     return base
 
 

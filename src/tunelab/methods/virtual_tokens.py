@@ -194,18 +194,28 @@ def save(model: PeftModel, directory: Path) -> None:
 
 
 def load(base: torch.nn.Module, directory: Path, trainable: bool = False) -> VirtualTokenModel:
-    """The saved adapter on `base`; with trainable=True the encoder is restored as trained."""
+    """The saved adapter on `base`. With trainable=True the encoder is restored as it was
+    trained (PEFT itself refuses to load a prompt-learning adapter for training)."""
     directory = Path(directory)
-    model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
-    if trainable:
-        encoder = model.prompt_encoder[model.active_adapter]
-        path = directory / ENCODER_FILE
-        if path.is_file():
-            encoder.load_state_dict(load_file(str(path)), strict=True)
-        elif set(encoder.state_dict()) != {"embedding.weight"}:
-            raise ValueError(
-                f"{directory} holds only the final virtual-token embeddings (PEFT's own save), not "
-                f"the {model.active_peft_config.peft_type.value} prompt encoder that produced them, "
-                f"so training cannot continue from it. It works for inference (chat, eval); to "
-                f"train further, start a new run (tunelab's saves include {ENCODER_FILE})")
+    if not trainable:
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+        model.requires_grad_(False)
+        return promote(model)
+    from peft import PeftConfig, get_peft_model
+
+    config = PeftConfig.from_pretrained(str(directory))
+    config.inference_mode = False
+    model = get_peft_model(base, config)
+    encoder = model.prompt_encoder[model.active_adapter]
+    if (directory / ENCODER_FILE).is_file():
+        encoder.load_state_dict(load_file(str(directory / ENCODER_FILE)), strict=True)
+    elif set(encoder.state_dict()) == {"embedding.weight"}:  # the saved embeddings are the whole adapter
+        encoder.load_state_dict({"embedding.weight": load_file(str(directory / "adapter_model.safetensors"))
+                                 ["prompt_embeddings"]}, strict=True)
+    else:
+        raise ValueError(
+            f"{directory} holds only the final virtual-token embeddings (PEFT's own save), not the "
+            f"{config.peft_type.value} prompt encoder that produced them, so training cannot continue "
+            f"from it. It works for inference (chat, eval); to train further, start a new run "
+            f"(tunelab's saves include {ENCODER_FILE})")
     return promote(model)

@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmarks: model shapes, random-weight models, the two renderings of
+the data, the card's measured bf16 matmul peak, and timing.
+
+Models are random-weight Qwen2 architectures of the published shapes: speed and memory
+depend on the shape, not on the weights, and no weights need to travel to the GPU machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
+MAX_LENGTH = 384
+
+SHAPES = {
+    "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                     intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    # CPU mode: the harness end to end in seconds (vocabulary set from the tokenizer)
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, tie_word_embeddings=True),
+}
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, vocab_size: int | None = None,
+                seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random-weight Qwen2ForCausalLM of `shape`, built directly on `device` in `dtype`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    spec = dict(SHAPES[shape])
+    if vocab_size is not None and "vocab_size" not in spec:
+        spec["vocab_size"] = vocab_size
+    config = Qwen2Config(**spec, max_position_embeddings=4096, use_cache=False)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
+
+
+def reference_features(path: str, tokenizer) -> list[dict]:
+    """The reference rendering: hand-written ChatML, labels -100 on the prompt, the response
+    ids then the pad id appended, cut at 384 from the right (the recipe's `process_func`)."""
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    features = []
+    for row in rows:
+        prompt = tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+                           f"{row['instruction'] + row['input']}<|im_end|>\n<|im_start|>assistant\n",
+                           add_special_tokens=False)
+        response = tokenizer(row["output"], add_special_tokens=False)
+        ids = prompt["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
+        mask = prompt["attention_mask"] + response["attention_mask"] + [1]
+        labels = [-100] * len(prompt["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
+        features.append({"input_ids": ids[:MAX_LENGTH], "attention_mask": mask[:MAX_LENGTH],
+                         "labels": labels[:MAX_LENGTH]})
+    return features
+
+
+def tunelab_rows(path: str, tokenizer):
+    """tunelab's rendering: the tokenizer's chat template through ChatFormat (ends at <|im_end|>)."""
+    from tunelab.config import DataConfig
+    from tunelab.data import ChatFormat, load_examples, render_all
+
+    examples = load_examples(path, SYSTEM).examples
+    rows, _, _ = render_all(examples, ChatFormat(tokenizer), DataConfig(path=path, max_length=MAX_LENGTH))
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """Median bf16 TFLOP/s of an n x n x n product on random data (the MFU denominator)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+@contextmanager
+def fresh_memory(device: torch.device):
+    """Free what earlier cases left and count this case's peak from zero."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+class Clock:
+    """Wall time of the steps after warmup, the device synchronized at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.seconds = device, None, None
+
+    def begin(self) -> None:
+        sync(self.device)
+        self.start = time.perf_counter()
+
+    def end(self) -> None:
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,82 @@
+"""tunelab's own training step, timed: the functions `tunelab.train.train` runs, on a
+random-weight model built in memory (same setup order: checkpointing, method, optimizer,
+autocast, fastpath.setup)."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from common import Clock, build_model, fresh_memory, parameter_count, peak_gib
+
+
+def apply_method(name: str, base):
+    """(capabilities.supports_packing, trainable model) of tunelab's method `name`.
+
+    P-Tuning is built with PEFT from the reference settings when tunelab has not registered
+    it (it cannot pack: each row carries its own virtual tokens)."""
+    from tunelab.methods import METHODS
+
+    if name in METHODS:
+        method = METHODS[name]
+        return method.capabilities.supports_packing, method.apply(base, method.config_cls())
+    if name == "ptuning":
+        from reference import peft_model
+
+        return False, peft_model(base, "ptuning", gradient_checkpointing=False)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def compile_layers(fast) -> None:
+    """Regional torch.compile: each decoder layer, shapes dynamic (packed lengths vary)."""
+    for layer in fast.loss.trunk.layers:
+        layer.compile(dynamic=True)
+
+
+def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
+        warmup: int, train_cfg, compile: bool = False) -> dict:
+    from tunelab import fastpath
+    from tunelab.train import optimizer_step, step_rows
+
+    cfg = train_cfg
+    clock = Clock(device)
+    with fresh_memory(device):
+        base = build_model(shape, device, dtype, vocab_size=len(tokenizer))
+        n_params = parameter_count(base)
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        supports_packing, net = apply_method(method, base)
+        net.train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=device.type == "cuda")
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
+        fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id)
+        if compile:
+            compile_layers(fast)
+        steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+        tokens = 0
+        for step in range(warmup + steps):
+            if step == warmup:
+                clock.begin()
+                tokens = 0
+            step_of = step_rows(rows, cfg, step, steps_per_epoch)
+            loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params)
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += n_tokens
+        clock.end()
+        peak = peak_gib(device)
+        forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
+                                              cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
+        result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,
+                  "padding": 0.0 if fast.packed else float("nan"), "peak_gib": peak, "params": n_params,
+                  "rows_per_step": cfg.batch_size, "forwards_per_step": forwards / steps,
+                  "packed": fast.packed, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
+                  "last_loss": loss}
+        del net, base, optimizer, params, fast
+    return result

@@ -1,0 +1,356 @@
+"""Fault injection: kill -9, signals, NaN, out of memory, disk full, bad data.
+
+Each test injects one fault and checks the promise of docs/RELIABILITY.md that covers it.
+Training processes for the crash and signal tests are real `tunelab train` processes forked
+from a server that imported tunelab once (tests/forkserver.py), so a trial costs about a
+second, not a Python start. TUNELAB_KILL_TRIALS sets the number of random-moment kills
+(default 20) and TUNELAB_SAVE_FAULTS the number of kills at exact points of a save (default 12).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_model, build_tokenizer
+from faults import (adapter_tensors, assert_loads, assert_same_tensors, capture_base, complete_dirs,
+                    data_file, metrics, poison, quick_train, results, step_hook)
+from forkserver import ForkServer, wait_for
+from tunelab.runs import DiskFull, RunDir, load_trainer_state, save_checkpoint
+from tunelab.train import OutOfMemory, TrainingDiverged
+
+KILL_TRIALS = int(os.environ.get("TUNELAB_KILL_TRIALS", "20"))
+SAVE_FAULTS = int(os.environ.get("TUNELAB_SAVE_FAULTS", "12"))
+# Where a save can be cut short, and how many calls of each happen in the first few saves.
+FAULT_POINTS = {"os.fsync": 30, "os.rename": 8, "os.unlink": 30, "os.replace": 6,
+                "torch.save": 4, "safetensors": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices run faster on one thread, and a 2-core CI runner is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server():
+    fork_server = ForkServer(env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    yield fork_server
+    fork_server.close()
+
+
+def train_argv(model: Path, data: Path, out: Path, **train) -> list[str]:
+    argv = ["train", "--model.path", str(model), "--data.path", str(data), "--out", str(out)]
+    for key, value in train.items():
+        argv += [f"--train.{key}", str(value)]
+    return argv
+
+
+def newest_complete(run: Path) -> int | None:
+    """Step of the checkpoint a resume should start from: a complete `step-N`, or a complete
+    `step-N.tmp` killed just before its rename (RunDir.recover rolls it forward)."""
+    steps = [int(m.group(1)) for d in complete_dirs(run)
+             if d.parent.name == "checkpoints" and (m := re.fullmatch(r"step-(\d+)(\.tmp)?", d.name))]
+    return max(steps, default=None)
+
+
+def leftovers(run: Path) -> set[str]:
+    """Directories a kill left half written, half renamed or half deleted."""
+    found = run.glob("checkpoints/*") if (run / "checkpoints").is_dir() else []
+    return {p.name for p in found if p.name.endswith((".tmp", ".trash", ".old"))}
+
+
+def resumed_from(log: Path) -> int | None:
+    match = re.search(r"resuming from \S+step-(\d+) ", log.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+# -- 1. crash-safe checkpoints ----------------------------------------------------------------
+
+def test_kill_9_at_random_moments_and_inside_saves(server, tiny_qwen, tmp_path):
+    """SIGKILL a run again and again (random moments, then exact points inside a save); after
+    every kill every directory marked COMPLETE loads, the next run resumes from the newest
+    one, and the finished run equals an uninterrupted one bit for bit."""
+    data = data_file(tmp_path)
+    settings = dict(max_steps=160, batch_size=2, micro_batch_size=1, save_every=1, keep_checkpoints=2)
+    reference = tmp_path / "reference"
+    done = server.run(train_argv(tiny_qwen, data, reference, **{**settings, "save_every": 0}), tmp_path / "ref.log")
+    assert done["exit"] == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    run, rng = tmp_path / "run", random.Random(8)
+    faults = [None] * KILL_TRIALS + [
+        {"target": target, "call": rng.randint(1, FAULT_POINTS[target])}
+        for target in [list(FAULT_POINTS)[i % len(FAULT_POINTS)] for i in range(SAVE_FAULTS)]]
+    expected, kills, mid_save, resumes, checked, unreached = None, 0, 0, 0, 0, 0
+    for trial, fault in enumerate(faults):
+        log = tmp_path / f"trial-{trial}.log"
+        before = leftovers(run)
+        pid = server.start(train_argv(tiny_qwen, data, run, **settings), log, fault)
+        try:  # a fault point the run never reaches: killed at a random moment instead
+            ended = server.wait(timeout=rng.uniform(0.2, 2.0) if fault is None else 10)
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            ended = server.wait(timeout=120)
+            unreached += fault is not None
+        assert ended["signal"] == signal.SIGKILL, f"trial {trial} {fault}: {ended}\n{log.read_text()[-3000:]}"
+        kills += 1
+        mid_save += bool(leftovers(run) - before)
+        if (started := resumed_from(log)) is not None:
+            assert started == expected, f"trial {trial} resumed from {started}, newest complete was {expected}"
+            resumes += 1
+        for directory in complete_dirs(run):
+            assert_loads(directory, base)
+            checked += 1
+        expected = newest_complete(run) or expected
+    assert not RunDir(run).done.exists(), "the run finished during the kills: raise max_steps"
+
+    log = tmp_path / "final.log"
+    done = server.run(train_argv(tiny_qwen, data, run, **{**settings, "save_every": 0}), log)
+    assert done["exit"] == 0, log.read_text()[-3000:]
+    assert resumed_from(log) == expected
+    assert results(run) == results(reference)
+    assert_same_tensors(adapter_tensors(run / "adapter"), adapter_tensors(reference / "adapter"))
+    print(f"\nkill -9: {kills} kills ({KILL_TRIALS} random, {SAVE_FAULTS} inside saves, "
+          f"{unreached} of which never reached their fault point), "
+          f"{mid_save} left a half-written or half-deleted directory, {resumes} resumes checked, "
+          f"{checked} complete directories loaded, resumed at step {expected} of 160; final run "
+          f"bit-identical to the uninterrupted one")
+
+
+# -- 4. signals --------------------------------------------------------------------------------
+
+def test_sigterm_saves_prints_the_resume_command_and_it_finishes(tiny_qwen, tmp_path):
+    """A real `python -m tunelab.cli train` process; then the printed command, verbatim."""
+    data, run = data_file(tmp_path), tmp_path / "run"
+    argv = train_argv(tiny_qwen, data, run, max_steps=60, batch_size=2, micro_batch_size=1, save_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert wait_for(lambda: RunDir(run).metrics.is_file() and len(RunDir(run).metrics.read_text().splitlines()) >= 2,
+                    timeout=180), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    (checkpoint,) = RunDir(run).complete_checkpoints()
+    step = int(checkpoint.name.split("-")[1])
+    assert metrics(run)[-1]["step"] == step < 60  # the step under way was finished, then saved
+    command = re.search(r"Resume with: (.+)", err).group(1)
+    assert command == f"tunelab train --config {run / 'config.yaml'}"
+    tunelab = Path(sys.executable).with_name("tunelab")
+    args = [str(tunelab)] if tunelab.exists() else [sys.executable, "-m", "tunelab.cli"]
+    again = subprocess.run(args + shlex.split(command)[1:], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in again.stdout and RunDir(run).done.exists()
+    assert [r["step"] for r in metrics(run)] == list(range(1, 61))
+
+
+def test_ctrl_c_saves_and_a_second_one_stops_at_once(server, tiny_qwen, tmp_path):
+    data, run = data_file(tmp_path), tmp_path / "run"
+    argv = train_argv(tiny_qwen, data, run, max_steps=400, batch_size=2, micro_batch_size=1, save_every=3)
+    steps = lambda: len(RunDir(run).metrics.read_text().splitlines()) if RunDir(run).metrics.is_file() else 0  # noqa: E731
+    pid = server.start(argv, tmp_path / "int.log")
+    assert wait_for(lambda: steps() >= 2, timeout=120)
+    os.kill(pid, signal.SIGINT)
+    ended = server.wait()
+    assert ended["exit"] == 128 + signal.SIGINT, (tmp_path / "int.log").read_text()[-3000:]
+    assert "Resume with: tunelab train --config" in (tmp_path / "int.log").read_text()
+    assert RunDir(run).complete_checkpoints()[-1].name == f"step-{metrics(run)[-1]['step']:07d}"
+
+    pid = server.start(argv, tmp_path / "int2.log")  # resumes; two Ctrl-C in a row
+    first = steps()
+    assert wait_for(lambda: steps() >= first + 2, timeout=120)
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGINT)
+    ended = server.wait()
+    assert ended["exit"] in (130, 128 + signal.SIGINT), (tmp_path / "int2.log").read_text()[-3000:]
+    assert resumed_from(tmp_path / "int2.log") is not None
+    base = build_model("qwen2", len(build_tokenizer()))
+    for directory in complete_dirs(run):
+        assert_loads(directory, base)
+
+
+# -- 5. numerics -------------------------------------------------------------------------------
+
+def test_nan_gradients_with_a_finite_loss_are_skipped_and_counted(tiny_qwen, tmp_path, monkeypatch):
+    """The reference failure: the logged loss looks fine, the gradients are NaN."""
+    poison(monkeypatch, {2, 3}, "grad")
+    run = quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=6, save_every=1,
+                      keep_checkpoints=10)
+    records = metrics(run)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert [math.isfinite(r["grad_norm"]) for r in records] == [True, True, False, False, True, True]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
+    assert json.loads(RunDir(run).summary.read_text())["skipped_steps"] == 2
+    # No checkpoint inside the bad streak; AdamW took 3 steps by step 5 (1, 2 and 5).
+    assert [p.name for p in RunDir(run).complete_checkpoints()] == [
+        "step-0000001", "step-0000002", "step-0000005", "step-0000006"]
+    adam = load_trainer_state(RunDir(run).checkpoints / "step-0000005")["optimizer"]["state"]
+    assert {float(s["step"]) for s in adam.values()} == {3.0}
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(run / "adapter").values())
+
+
+def test_nan_loss_is_skipped(tiny_qwen, tmp_path, monkeypatch):
+    poison(monkeypatch, {1}, "loss")
+    run = quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=4, save_every=0)
+    assert [math.isnan(r["loss"]) for r in metrics(run)] == [False, True, False, False]
+    assert metrics(run)[-1]["skipped_steps"] == 1
+
+
+def test_k_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(tiny_qwen, tmp_path, monkeypatch):
+    data = data_file(tmp_path)
+    with monkeypatch.context() as patch:
+        poison(patch, set(range(2, 100)), "grad")
+        with pytest.raises(TrainingDiverged, match=r"steps 3-5, all skipped\); the last good checkpoint is \S+step-0000002"):
+            quick_train(tiny_qwen, data, tmp_path / "run", max_steps=10, save_every=1, max_bad_steps=3,
+                        keep_checkpoints=10)
+    rd = RunDir(tmp_path / "run")
+    assert [p.name for p in rd.complete_checkpoints()] == ["step-0000001", "step-0000002"]
+    assert not rd.adapter.exists() and not rd.done.exists()
+    assert_loads(rd.checkpoints / "step-0000002", build_model("qwen2", len(build_tokenizer())))
+    quick_train(tiny_qwen, data, tmp_path / "run", max_steps=10, save_every=1, max_bad_steps=3, keep_checkpoints=10)
+    assert [r["step"] for r in metrics(rd.root)] == list(range(1, 11))  # steps 3-5 redone, not duplicated
+    assert metrics(rd.root)[-1]["skipped_steps"] == 0
+
+
+def test_non_finite_weights_are_never_written(tiny_qwen, tmp_path, monkeypatch):
+    base = capture_base(monkeypatch)
+    hook = step_hook(monkeypatch)
+
+    def corrupt(step):
+        if step == 3:  # a weight goes NaN behind the loop's back
+            lora = base["base"].model.layers[0].self_attn.q_proj.lora_A["default"].weight
+            with torch.no_grad():
+                lora[0, 0] = float("nan")
+    hook["on_step"] = corrupt
+    with pytest.raises(TrainingDiverged):
+        quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=12, save_every=1,
+                    max_bad_steps=4, keep_checkpoints=20)
+    from safetensors.torch import load_file
+
+    written = list((tmp_path / "run").rglob("*.safetensors"))
+    assert len(written) == 3  # checkpoints 1-3; nothing after the corruption
+    assert all(torch.isfinite(t).all() for f in written for t in load_file(str(f)).values())
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_previous_checkpoint(tiny_qwen, tmp_path):
+    from tunelab.methods import get
+
+    run = quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=2, save_every=2)
+    model = get("lora").load(build_model("qwen2", len(build_tokenizer())), RunDir(run).adapter, True)
+    next(p for n, p in model.named_parameters() if "lora_B" in n).data.fill_(float("inf"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        save_checkpoint(RunDir(run), 3, model, get("lora"), optimizer, scheduler, {"step": 3}, 2)
+    assert [p.name for p in (RunDir(run).checkpoints).iterdir()] == ["step-0000002"]
+
+
+# -- 6. out of GPU memory (simulated on CPU) ------------------------------------------------------
+
+def fail_above(monkeypatch, rows: int) -> None:
+    """Raise CUDA's out-of-memory error for any forward pass over more than `rows` rows."""
+    def install(base):
+        def pre_hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and ids.shape[0] > rows:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        base.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    capture_base(monkeypatch, install)
+
+
+def test_out_of_memory_names_the_knobs(tiny_qwen, tmp_path, monkeypatch):
+    fail_above(monkeypatch, 2)
+    with pytest.raises(OutOfMemory) as raised:
+        quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=2, batch_size=8, micro_batch_size=8)
+    message = str(raised.value)
+    for knob in ("--train.micro_batch_size 8", "--data.max_length", "--train.gradient_checkpointing",
+                 "--train.auto_micro_batch true", "--train.batch_size 8"):
+        assert knob in message
+
+
+def test_auto_micro_batch_halves_until_it_fits_and_learns_the_same(tiny_qwen, tmp_path, monkeypatch, capsys):
+    data = data_file(tmp_path)
+    reference = quick_train(tiny_qwen, data, tmp_path / "reference", max_steps=4, batch_size=8, micro_batch_size=2)
+    fail_above(monkeypatch, 2)
+    run = quick_train(tiny_qwen, data, tmp_path / "run", max_steps=4, batch_size=8, micro_batch_size=8,
+                      auto_micro_batch=True)
+    err = capsys.readouterr().err
+    assert "micro_batch_size 8; retrying with 4" in err and "micro_batch_size 4; retrying with 2" in err
+    assert results(run) == results(reference)  # same rows a step, same dropout masks
+    assert_same_tensors(adapter_tensors(run / "adapter"), adapter_tensors(reference / "adapter"))
+    assert json.loads((RunDir(run).complete_checkpoints()[-1] / "state.json").read_text())["micro_batch_size"] == 2
+
+
+# -- 7. disk full ------------------------------------------------------------------------------
+
+def test_disk_full_mid_save_keeps_the_previous_checkpoint(tiny_qwen, tmp_path, monkeypatch):
+    data, calls = data_file(tmp_path), {"n": 0}
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint: half a file, then ENOSPC
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(f).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save)
+        with pytest.raises(DiskFull) as raised:
+            quick_train(tiny_qwen, data, tmp_path / "run", max_steps=6, save_every=2)
+    message = str(raised.value)
+    assert "the disk is full" in message and str(tmp_path / "run" / "checkpoints") in message
+    assert "step-0000004" in message and "intact" in message
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert_loads(tmp_path / "run" / "checkpoints" / "step-0000002", build_model("qwen2", len(build_tokenizer())))
+    quick_train(tiny_qwen, data, tmp_path / "run", max_steps=6, save_every=2)  # space is back
+    assert RunDir(tmp_path / "run").done.exists()
+
+
+def test_disk_full_on_the_cli_is_one_clear_line(tiny_qwen, tmp_path, monkeypatch, capsys):
+    import peft.peft_model
+
+    from tunelab.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+    with pytest.raises(SystemExit) as exited:
+        main(train_argv(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=1, batch_size=2,
+                        micro_batch_size=2))
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "error: the disk is full" in err and "Traceback" not in err
+
+
+# -- 9. bad data -------------------------------------------------------------------------------
+
+def test_bad_data_lists_every_bad_record_and_exits_2(server, tiny_qwen, tmp_path):
+    from test_formats import write_bad_fixture
+
+    path, expected = write_bad_fixture(tmp_path)
+    log = tmp_path / "bad.log"
+    ended = server.run(train_argv(tiny_qwen, path, tmp_path / "run", max_steps=1), log)
+    text = log.read_text()
+    assert ended["exit"] == 2, text[-3000:]
+    for line, _kind, reason in expected:
+        assert f"{path}:{line}" in text and reason in text, (line, reason)
+    assert "Traceback" not in text and not (tmp_path / "run" / "checkpoints").exists()
