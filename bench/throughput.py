@@ -36,20 +36,28 @@ CASES = {
     "ref-lora-1.5b": ("reference", "qwen2-1.5b", "lora", dict(gradient_checkpointing=False), None),
     "ref-lora-0.5b-gc": ("reference", "qwen2-0.5b", "lora", dict(gradient_checkpointing=True), None),
     "ref-ptuning-1.5b": ("reference", "qwen2-1.5b", "ptuning", dict(gradient_checkpointing=False), None),
+    # tunelab defaults: packed, varlen attention, loss on supervised positions, CUDA graphs
     "lora-1.5b": ("tunelab", "qwen2-1.5b", "lora", TUNELAB_LORA, "ref-lora-1.5b-gc"),
-    "lora-1.5b-lowmem": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, gradient_checkpointing=True),
+    "lora-1.5b-lowmem": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, micro_batch_tokens=512),
                          "ref-lora-1.5b-gc"),
-    "lora-1.5b-padded": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, packing="off"), "ref-lora-1.5b-gc"),
-    "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, compile=True), "ref-lora-1.5b-gc"),
     "lora-0.5b": ("tunelab", "qwen2-0.5b", "lora", TUNELAB_LORA, "ref-lora-0.5b-gc"),
-    "lora-7b-gc": ("tunelab", "qwen2-7b", "lora", dict(TUNELAB_LORA, gradient_checkpointing=True), None),
+    "lora-7b-lowmem": ("tunelab", "qwen2-7b", "lora", dict(TUNELAB_LORA, micro_batch_tokens=768), None),
     "ptuning-1.5b": ("tunelab", "qwen2-1.5b", "ptuning", dict(batch_size=4, micro_batch_size=4, lr=1e-4),
                      "ref-ptuning-1.5b"),
+    # levers, one at a time
+    "lora-1.5b-eager": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False), "ref-lora-1.5b-gc"),
+    "lora-1.5b-padded": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, packing="off"), "ref-lora-1.5b-gc"),
+    "lora-1.5b-gc": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, gradient_checkpointing=True),
+                     "ref-lora-1.5b-gc"),
+    "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
+                          "ref-lora-1.5b-gc"),
+    "lora-7b-gc": ("tunelab", "qwen2-7b", "lora", dict(TUNELAB_LORA, gradient_checkpointing=True), None),
     "ptuning-1.5b-b40": ("tunelab", "qwen2-1.5b", "ptuning", dict(batch_size=40, micro_batch_size=40, lr=1e-4),
                          "ref-ptuning-1.5b"),
 }
 DEFAULT_GPU = ["ref-lora-1.5b-gc", "ref-lora-1.5b", "ref-lora-0.5b-gc", "ref-ptuning-1.5b", "lora-1.5b",
-               "lora-1.5b-lowmem", "lora-0.5b", "lora-7b-gc", "ptuning-1.5b"]
+               "lora-1.5b-lowmem", "lora-0.5b", "lora-7b-lowmem", "ptuning-1.5b", "lora-1.5b-eager",
+               "lora-1.5b-padded", "lora-1.5b-gc", "lora-7b-gc", "ptuning-1.5b-b40"]
 DEFAULT_CPU = ["ref-lora-1.5b-gc", "ref-ptuning-1.5b", "lora-1.5b", "lora-1.5b-padded", "ptuning-1.5b"]
 
 
@@ -130,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = run_case(name, args, data, device, dtype, peak)
             r = results[name]
             print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, "
-                  f"MFU {100 * r['mfu']:.1f}% ({r['wall_s']:.0f} s)", flush=True)
+                  f"MFU {100 * r['mfu']:.1f}% ({r['wall_s']:.0f} s) "
+                  f"{ {k: r[k] for k in ('cuda_graphs', 'graphs_captured', 'graph_failure', 'forwards_per_step', 'first_pass_seconds') if k in r} }",
+                  flush=True)
         except Exception as err:  # one failing case must not lose the others' numbers
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
             results[name] = None

@@ -54,29 +54,41 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                                       fused=device.type == "cuda")
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
-        fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id)
+        fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
+                              cuda_graphs=cfg.cuda_graphs)
         if compile:
             compile_layers(fast)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-        tokens = 0
-        for step in range(warmup + steps):
-            if step == warmup:
+        # Warm up on `warmup` steps, then pass once over the measured steps (CUDA graphs are
+        # captured there, once per padded size, as they would be early in a run), then time
+        # a second pass over the same steps: the steady state of a long run.
+        measured = list(range(warmup, warmup + steps))
+        first_pass = Clock(device)
+        for phase, indices in (("warmup", range(warmup)), ("first", measured), ("timed", measured)):
+            if phase == "first":
+                first_pass.begin()
+            if phase == "timed":
+                first_pass.end()
                 clock.begin()
                 tokens = 0
-            step_of = step_rows(rows, cfg, step, steps_per_epoch)
-            loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params)
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += n_tokens
+            for step in indices:
+                step_of = step_rows(rows, cfg, step, steps_per_epoch)
+                loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params)
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tokens += n_tokens
         clock.end()
         peak = peak_gib(device)
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,
+                  "first_pass_seconds": first_pass.seconds,
                   "padding": 0.0 if fast.packed else float("nan"), "peak_gib": peak, "params": n_params,
                   "rows_per_step": cfg.batch_size, "forwards_per_step": forwards / steps,
                   "packed": fast.packed, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
-                  "last_loss": loss}
+                  "cuda_graphs": fast.graphs is not None and not fast.graphs.failed,
+                  "graphs_captured": len(fast.graphs.graphs) if fast.graphs else 0,
+                  "graph_failure": fast.graphs.failed if fast.graphs else None, "last_loss": loss}
         del net, base, optimizer, params, fast
     return result

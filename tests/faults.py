@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import write_jsonl
@@ -23,6 +24,16 @@ ROWS = [{"instruction": f"Question {i}: what is {i} plus {i}?" + " Please think.
          "input": "", "output": f"{i} plus {i} is {2 * i}." + " Sure." * (i % 4)} for i in range(12)]
 RESULT_KEYS = ("step", "epoch", "loss", "grad_norm", "lr", "tokens", "skipped_steps", "val_loss")
 """Metrics that must match exactly between an interrupted and an uninterrupted run."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices run faster on one thread, and a 2-core CI runner is shared (imported by
+    the test modules that train, it applies to them only)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def data_file(directory: Path, rows: list[dict] = ROWS) -> Path:

@@ -84,6 +84,7 @@ def serve() -> None:
                 fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
+                sys.stdout.reconfigure(line_buffering=True)  # a killed child's log is whole
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 if job.get("fault"):
                     install_fault(**job["fault"])
@@ -115,6 +116,7 @@ class ForkServer:
     def __init__(self, env: dict | None = None):
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
+        self.running: int | None = None
         self._read(120)
 
     def _read(self, timeout: float) -> dict:
@@ -129,16 +131,24 @@ class ForkServer:
     def start(self, argv: list[str], log: Path, fault: dict | None = None) -> int:
         self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "fault": fault}) + "\n")
         self.proc.stdin.flush()
-        return self._read(60)["pid"]
+        self.running = self._read(60)["pid"]
+        return self.running
 
     def wait(self, timeout: float = 300) -> dict:
-        return self._read(timeout)
+        ended = self._read(timeout)
+        self.running = None
+        return ended
 
     def run(self, argv: list[str], log: Path, fault: dict | None = None, timeout: float = 300) -> dict:
         self.start(argv, log, fault)
         return self.wait(timeout)
 
     def close(self) -> None:
+        if self.running:  # a test failed with a child still running
+            try:
+                os.kill(self.running, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.stdin.close()
         try:
             self.proc.wait(30)

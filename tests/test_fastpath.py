@@ -82,7 +82,7 @@ def test_padding_is_dropped_not_attended(rows):
     net = lora().eval()
     plan = plan_loss(net, CPU, nullcontext())
     reference = per_token(net, padded_inputs(rows, pad_id=0), plan)  # SDPA with its padding mask
-    fastpath.use_varlen_attention(net)
+    fastpath.use_varlen_attention(net, padded=True)
     torch.testing.assert_close(per_token(net, padded_inputs(rows, pad_id=0), plan), reference,
                                rtol=0, atol=1e-5)
 
@@ -169,3 +169,39 @@ def test_auto_packs_only_where_flash_attention_runs():
     fast = fastpath.setup(lora(), "auto", True, CPU, nullcontext(), pad_id=0)
     assert not fast.packed and not fast.varlen
     assert isinstance(fast.loss, LossPlan) and fast.loss.trunk is not None
+
+
+def test_linear_cross_entropy_row_weights_drop_rows():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 30, (6,), generator=g)
+    keep = torch.tensor([1.0, 1, 0, 1, 0, 0])
+    mine = linear_cross_entropy(hidden, weight, targets, row_weights=keep)
+    (grad,) = torch.autograd.grad(mine, hidden)
+    plain = F.cross_entropy(hidden[:3] @ weight.t(), targets[:3], reduction="none")
+    plain = plain[torch.tensor([0, 1])].sum() + F.cross_entropy(hidden[3:4] @ weight.t(), targets[3:4], reduction="sum")
+    torch.testing.assert_close(mine, plain)
+    assert grad[keep == 0].abs().max() == 0
+
+
+def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
+    """What a CUDA graph replays (bucketed, padded inputs), run eagerly: the same loss and
+    gradients as the unpadded packed micro-batch. Capture itself needs a GPU (bench/)."""
+    from tunelab.graphs import GraphedSteps
+
+    net = lora().eval()
+    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    params = [p for p in net.parameters() if p.requires_grad]
+    steps = GraphedSteps(net, fast.loss.trunk, fast.loss.head, params, pad_id=0, autocast=nullcontext())
+    batch = packed_inputs(rows)
+    key, host = steps._host_inputs(batch)
+    tokens = sum(len(r.input_ids) for r in rows)
+    assert key[0] % 256 == 0 and key[0] > tokens and host["cu_seqlens"].numel() % 16 == 0
+    assert host["cu_seqlens"][len(rows) + 1] == key[0]  # the padding is a row of its own
+    loss, grads = steps._body(dict(host, scale=torch.tensor(0.5)), key[2])
+    eager = token_loss_sum(net, batch, fast.loss, CPU, nullcontext()) * 0.5
+    eager_grads = torch.autograd.grad(eager, params)
+    torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

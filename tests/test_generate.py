@@ -46,8 +46,13 @@ def base_dir(request, tmp_path_factory) -> Path:
 
 
 def peft_config(kind: str):
-    from peft import LoraConfig, PromptEncoderConfig
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig
 
+    if kind == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL, task_type="CAUSAL_LM")
+    if kind == "ia3":
+        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         task_type="CAUSAL_LM")
     if kind == "lora":  # init_lora_weights=False: B is random, so the adapter changes the logits
         return LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
                           init_lora_weights=False, task_type="CAUSAL_LM")
@@ -55,7 +60,8 @@ def peft_config(kind: str):
                                encoder_reparameterization_type="MLP", task_type="CAUSAL_LM")
 
 
-METHOD_OF = {"lora": "lora", "lora2": "lora", "ptuning": "ptuning"}
+METHOD_OF = {"lora": "lora", "lora2": "lora", "ptuning": "ptuning", "prefix": "prefix", "ia3": "ia3",
+             "full": "full"}
 
 
 def make_run(root: Path, base: Path, kind: str, seed: int = 0) -> Path:
@@ -65,7 +71,8 @@ def make_run(root: Path, base: Path, kind: str, seed: int = 0) -> Path:
 
     run = root / f"run-{kind}-{seed}"
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft_config(kind.rstrip("2")))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           peft_config({"lora2": "lora", "full": "lora"}.get(kind, kind)))
     if kind != "ptuning":
         with torch.no_grad():  # a visible delta: LoRA's default init leaves B random but small
             for name, param in model.named_parameters():
@@ -78,18 +85,6 @@ def make_run(root: Path, base: Path, kind: str, seed: int = 0) -> Path:
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "DONE").write_text("ok\n")
     return run
-
-
-@pytest.fixture(autouse=True)
-def ptuning_registered(monkeypatch):
-    """Use the registry's P-Tuning when the methods package has one, else a stand-in."""
-    from tunelab.methods import METHODS, Capabilities, Method
-    from tunelab.methods.peft_common import load_peft, save_peft
-
-    if "ptuning" not in METHODS:
-        monkeypatch.setitem(METHODS, "ptuning", Method(
-            name="ptuning", config_cls=dict, capabilities=Capabilities(mergeable=False, supports_packing=False),
-            apply=lambda model, cfg: model, save=save_peft, load=load_peft))
 
 
 def fresh(run: Path):
@@ -106,7 +101,7 @@ def fresh(run: Path):
 def runs(base_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     return {"lora": make_run(root, base_dir, "lora", 1), "lora2": make_run(root, base_dir, "lora2", 2),
-            "ptuning": make_run(root, base_dir, "ptuning", 3)}
+            "ptuning": make_run(root, base_dir, "ptuning", 3), "prefix": make_run(root, base_dir, "prefix", 6)}
 
 
 def greedy_one_at_a_time(model, tokenizer, engine: Engine, max_new_tokens: int) -> list[list[int]]:
@@ -161,10 +156,16 @@ def test_batched_greedy_equals_one_at_a_time(base_dir):
 
 def test_each_adapter_matches_a_fresh_model(runs):
     engine = Engine.from_runs(runs)
-    assert engine.adapters == [BASE, "lora", "lora2", "ptuning"]
-    # one base in memory: every adapter runs on the same weight tensors
-    base_ptrs = {p.data_ptr() for n, p in engine.base.named_parameters() if "lora_" not in n}
-    assert len(base_ptrs) == sum(1 for n, _ in engine.base.named_parameters() if "lora_" not in n)
+    assert engine.adapters == [BASE, "lora", "lora2", "ptuning", "prefix"]
+    # one base in memory: the prefix-tuning wrapper holds the same base module and adds only
+    # its prompt encoder; the LoRA adapters live inside that base's layers; P-Tuning is kept
+    # as its [n_virtual, hidden] embeddings
+    wrapper = engine.prefix["prefix"]
+    assert wrapper.get_base_model() is engine.base and engine.lora.get_base_model() is engine.base
+    in_base = {id(p) for p in engine.base.parameters()}
+    added = [n for n, p in wrapper.named_parameters() if id(p) not in in_base]
+    assert added and all("prompt_encoder" in n for n in added), added
+    assert engine.virtual["ptuning"].shape == (N_VIRTUAL, engine.base.config.hidden_size)
     prompts = [engine.format.prompt_ids(m) for m in conversations()]
     worst = {}
     for name in engine.adapters:
@@ -238,6 +239,15 @@ def test_use_switches_the_default_adapter_and_rejects_unknown(runs):
         engine.use("nope")
     with pytest.raises(ValueError, match="taken"):
         engine.add_adapter("lora", runs["lora"])
+
+
+def test_adapters_that_cannot_share_the_base_are_refused(base_dir, tmp_path):
+    engine = Engine.from_runs({"lora": make_run(tmp_path, base_dir, "lora", 1)})
+    with pytest.raises(ValueError, match="cannot switch"):  # PEFT holds one tuner type per model
+        engine.add_adapter("ia3", make_run(tmp_path, base_dir, "ia3", 4))
+    with pytest.raises(ValueError, match="changes the base weights"):  # full fine-tuning
+        engine.add_adapter("full", make_run(tmp_path, base_dir, "full", 5))
+    assert engine.adapters == [BASE, "lora"]
 
 
 def test_sampling_is_reproducible_with_a_seed(runs):

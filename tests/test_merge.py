@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_generate import N_VIRTUAL, base_dir, conversations, fresh, make_run, ptuning_registered  # noqa: F401
+from test_generate import N_VIRTUAL, base_dir, conversations, fresh, make_run  # noqa: F401
 from tunelab.config import GenerationConfig
 from tunelab.data.template import ChatFormat
 from tunelab.generate import Engine
@@ -173,8 +173,10 @@ def test_cli_merge(base_dir, tmp_path):
     from tunelab.cli import main
 
     run = make_run(tmp_path, base_dir, "lora", 1)
-    main(["merge", "--run", str(run), "--out", str(tmp_path / "merged")])
+    main(["merge", str(run), "--out", str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "config.json").is_file()
+    main(["merge", str(run)])
+    assert (run / "merged" / "config.json").is_file()
     with pytest.raises(SystemExit) as exit_:
-        main(["merge", "--run", str(make_run(tmp_path, base_dir, "ptuning", 3)), "--out", str(tmp_path / "x")])
+        main(["merge", str(make_run(tmp_path, base_dir, "ptuning", 3)), "--out", str(tmp_path / "x")])
     assert exit_.value.code == 2

@@ -141,7 +141,7 @@ def case(request, tiny_qwen, tiny_llama, tmp_path_factory):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    saved = tmp_path_factory.mktemp(f"saved-{name}")
+    saved = tmp_path_factory.mktemp(f"saved-{name}") / "adapter"  # save creates it, as in train.py
     method.save(net, saved)
     net.eval()
     return dict(name=name, method=method, net=net, model_dir=model_dir, tokenizer=tokenizer, batch=batch,

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import save_tiny
-from faults import (ROWS, adapter_tensors, assert_same_tensors, data_file, metrics, quick_train, results,
-                    step_hook)
+from faults import (ROWS, adapter_tensors, assert_same_tensors, data_file, metrics, one_thread,  # noqa: F401
+                    quick_train, results, step_hook)
 from tunelab.runs import ResumeRefused, RunDir
 
 # 10 train rows + 2 held out, 4 rows a step (2 micro-batches of 2): 3 steps an epoch, the

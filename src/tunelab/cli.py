@@ -18,9 +18,9 @@ def methods() -> None:
 
     for name, method in METHODS.items():
         caps = method.capabilities
-        print(f"{name:10} {method.summary}")
-        print(f"{'':10} mergeable={caps.mergeable} packing={caps.supports_packing} needs_gpu={caps.needs_gpu}")
-        print(f"{'':10} defaults: {asdict(method.config_cls())}")
+        print(f"{name:14} {method.summary}")
+        print(f"{'':14} mergeable={caps.mergeable} packing={caps.supports_packing} needs_gpu={caps.needs_gpu}")
+        print(f"{'':14} defaults: {asdict(method.config_cls())}")
 
 
 def pull(name: str, cache_dir: str | None = None, hub: str = "hf", find_links: str | None = None) -> None:
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .config import ConfigError
     from .data import DataError, TemplateError
+    from .methods import NotMergeable
     from .models import ModelNotFound, UnsafeWeights
     from .pull import PullError
     from .runs import AdapterMismatch, DiskFull, ResumeRefused
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         CLI(verbs(), args=argv)
-    except (ConfigError, DataError, TemplateError, ModelNotFound, UnsafeWeights, PullError,
+    except (ConfigError, DataError, TemplateError, ModelNotFound, UnsafeWeights, PullError, NotMergeable,
             FileNotFoundError, ResumeRefused, AdapterMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -104,6 +104,9 @@ class TrainConfig:
     """Packed micro-batches: most tokens in one forward pass. A step's rows are packed whole
     into as few passes as fit; the optimizer step still covers `batch_size` rows, so this
     changes memory and speed, not what is learned."""
+    cuda_graphs: bool = True
+    """Replay packed micro-batches as CUDA graphs (captured once per padded size) instead of
+    launching every kernel from Python; off: eager. Not used with gradient checkpointing."""
     eval_every: int = 0
     """Held-out loss every N optimizer steps (0: once per epoch)."""
     save_every: int = 100

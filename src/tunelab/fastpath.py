@@ -33,7 +33,10 @@ from .data.collate import pack_batch, pad_batch, shift_labels
 from .data.template import IGNORE, Rendered
 
 ATTENTION = "tunelab_varlen"
-"""The name `varlen_attention` is registered under in transformers' AttentionInterface."""
+"""`varlen_attention` for packed batches: no mask is built at all (the rows' boundaries
+come as keyword arguments)."""
+ATTENTION_PADDED = "tunelab_varlen_padded"
+"""`varlen_attention` for padded batches: transformers hands it the 2D padding mask."""
 
 LOGIT_ELEMENTS = 2**28
 """Logits held at once by `linear_cross_entropy` (1 GiB in fp32): rows per chunk = this / vocab."""
@@ -147,24 +150,30 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def register_attention() -> None:
-    """Make `attn_implementation="tunelab_varlen"` known to transformers (idempotent)."""
+    """Make both `varlen_attention` names known to transformers (idempotent)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, varlen_attention)
+    AttentionInterface.register(ATTENTION_PADDED, varlen_attention)
     try:  # the padding mask must reach the attention function as a 2D tensor, as for FA2
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-        AttentionMaskInterface.register(ATTENTION, flash_attention_mask)
+        AttentionMaskInterface.register(ATTENTION_PADDED, flash_attention_mask)
     except ImportError:
         pass
 
 
-def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Switch `model` (and every sub-model) to `varlen_attention`."""
+def use_varlen_attention(model: torch.nn.Module, padded: bool = False) -> None:
+    """Switch `model` (and every sub-model) to `varlen_attention`, for packed or padded batches."""
     register_attention()
+    set_attention(model, ATTENTION_PADDED if padded else ATTENTION)
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """Set transformers' attention implementation of `model` and every sub-model to `name`."""
     try:
-        model.set_attn_implementation(ATTENTION)
-        if all(getattr(m.config, "_attn_implementation", ATTENTION) == ATTENTION
+        model.set_attn_implementation(name)
+        if all(getattr(m.config, "_attn_implementation", name) == name
                for m in model.modules() if hasattr(m, "config")):
             return
     except (AttributeError, KeyError, ValueError):
@@ -173,9 +182,9 @@ def use_varlen_attention(model: torch.nn.Module) -> None:
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
             try:
-                config._attn_implementation = ATTENTION
+                config._attn_implementation = name
             except AttributeError:
-                config._attn_implementation_internal = ATTENTION
+                config._attn_implementation_internal = name
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
+    def forward(ctx, hidden, weight, bias, targets, chunk, row_weights=None):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         exact = torch.promote_types(hidden.dtype, torch.float32)  # half precision: fp32 softmax
@@ -235,11 +244,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = F.linear(h, weight, bias).to(exact)
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            losses = lse - logits.gather(1, t[:, None]).squeeze(1)
+            w = None if row_weights is None else row_weights[start:start + chunk].to(exact)
+            total += (losses if w is None else losses * w).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if w is not None:
+                grad.mul_(w[:, None])
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             grad = grad.to(h.dtype)
@@ -257,16 +270,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, never holding
-    more than `LOGIT_ELEMENTS` logits. hidden [N, H], weight [V, H], targets [N] (no -100)."""
+    more than `LOGIT_ELEMENTS` logits. hidden [N, H], weight [V, H], targets [N] (no -100);
+    `row_weights` [N] scales each row's loss (0 drops a row of fixed-size inputs)."""
     chunk = max(1, LOGIT_ELEMENTS // weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, bias, targets, chunk)
+        return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, bias, targets, chunk, row_weights)
 
 
 @dataclass
@@ -340,6 +354,8 @@ class FastPath:
     loss: LossPlan
     varlen: bool = False
     """The model attends through `varlen_attention`."""
+    graphs: object = None
+    """`graphs.GraphedSteps` replaying packed micro-batches as CUDA graphs, or None (eager)."""
 
     def micro_batches(self, rows: list[Rendered], micro_batch_size: int, micro_batch_tokens: int) -> list[dict]:
         """Model inputs for `rows`, split so each forward pass stays within budget.
@@ -356,13 +372,16 @@ class FastPath:
 
 
 def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: torch.device,
-          autocast, pad_id: int, attn_implementation: str | None = None) -> FastPath:
-    """Decide packing and attention for one run and switch the model over.
+          autocast, pad_id: int, attn_implementation: str | None = None, cuda_graphs: bool = True) -> FastPath:
+    """Decide packing, attention and graphs for one run and switch the model over.
 
     packing `auto` packs where the method supports it and FlashAttention varlen runs (CUDA,
     bf16/fp16); `on` packs anywhere the method allows (on CPU through the exact per-row
     fallback); `off` pads. On CUDA the padded path uses the same varlen kernel (padding
-    dropped) unless the user named an `attn_implementation`.
+    dropped) unless the user named an `attn_implementation`. Packed micro-batches on CUDA
+    replay as CUDA graphs (`graphs.py`) when `cuda_graphs`, the loss has the trunk + head
+    form and activations are not checkpointed (recomputation saves and restores RNG state,
+    which a graph cannot).
     """
     from .config import check
 
@@ -370,13 +389,28 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     dtype = next(model.parameters()).dtype
     check(packing != "on" or supports_packing, "train.packing",
           "auto or off for this method (it cannot train on packed rows)", packing)
-    check(packing != "on" or attn_implementation in (None, ATTENTION), "train.packing",
+    check(packing != "on" or attn_implementation in (None, ATTENTION, ATTENTION_PADDED), "train.packing",
           f"auto or off when --model.attn_implementation is {attn_implementation!r} (packed rows "
           f"need tunelab's varlen attention to stay apart)", packing)
     fast_kernel = varlen_available(device, dtype)
     packed = packing == "on" or (packing == "auto" and supports_packing and fast_kernel
-                                 and attn_implementation in (None, ATTENTION))
+                                 and attn_implementation in (None, ATTENTION, ATTENTION_PADDED))
     varlen = packed or (fast_kernel and attn_implementation is None)
-    if varlen:
-        use_varlen_attention(model)
-    return FastPath(packed=packed, pad_id=pad_id, loss=plan_loss(net, device, autocast), varlen=varlen)
+    if not varlen:
+        return FastPath(packed=False, pad_id=pad_id, loss=plan_loss(net, device, autocast))
+    previous = model.config._attn_implementation
+    use_varlen_attention(model, padded=not packed)
+    try:
+        fast = FastPath(packed=packed, pad_id=pad_id, loss=plan_loss(net, device, autocast), varlen=True)
+        if (cuda_graphs and packed and device.type == "cuda" and fast.loss.trunk is not None
+                and not getattr(model, "is_gradient_checkpointing", False)):
+            from .graphs import GraphedSteps
+
+            params = [p for p in net.parameters() if p.requires_grad]
+            fast.graphs = GraphedSteps(net, fast.loss.trunk, fast.loss.head, params, pad_id, autocast)
+        return fast
+    except NotImplementedError:  # e.g. prefix tuning: keys come from a cache as well
+        if packed:
+            raise
+        set_attention(model, previous)
+        return FastPath(packed=False, pad_id=pad_id, loss=plan_loss(net, device, autocast))

@@ -8,12 +8,18 @@ One base model stays in memory and several adapters share it, switched by name:
 - `base`: the model alone (weight-delta adapters disabled);
 - weight-delta adapters (LoRA and its family): all live in one PEFT model, which switches
   between them with `set_adapter` and turns them off with `disable_adapter`;
-- virtual-token adapters (P-Tuning, prompt tuning): their prompt encoder does not depend on
-  the input, so at inference the adapter is a fixed [n_virtual, hidden] block of input
-  embeddings. It is computed once when the adapter is added and placed before each prompt,
-  after the left padding, so a padded row sees exactly the positions (0..n+L-1) it would
-  see alone. (PEFT's own `generate` puts it before the padding, which shifts every real
-  token's position by the amount of padding: batched and one-at-a-time answers differ.)
+- virtual tokens that are input embeddings (P-Tuning, prompt tuning): the prompt encoder's
+  input is a fixed range of indices, so at inference the adapter is a fixed
+  [n_virtual, hidden] block of input embeddings. It is computed once when the adapter is
+  added (through the method's own `load`, around the same base module: PEFT's wrapper keeps
+  a reference to the base and adds only its encoder, so no weight is copied) and placed
+  before each prompt, after the left padding, so a padded row has exactly the positions
+  0..n+L-1 it has alone. Weight deltas are disabled meanwhile.
+- prefix tuning (keys and values in every layer): its PEFT model, loaded around the same
+  base, generates with the weight deltas disabled (its `generate`, methods/virtual_tokens.py,
+  gives padded rows their unpadded positions too).
+PEFT's own `generate` is not used for virtual tokens: under transformers 5.2x it re-inserts
+them at every decoding step, and with left padding it shifts every real token's position.
 """
 
 from __future__ import annotations
@@ -44,18 +50,18 @@ class Engine:
         self.base = model
         self.lora = None  # the PEFT model holding every weight-delta adapter, once there is one
         self.virtual: dict[str, torch.Tensor] = {}  # name -> [n_virtual, hidden] input embeddings
+        self.prefix: dict = {}  # name -> its prefix-tuning PEFT model around `self.base`
         self.active = BASE
         self.model_path: Optional[str] = None  # the base's --model.path, when known
+        self.device = device or next(model.parameters()).device
         if _is_peft(model):
             name = model.active_adapter
             self.base = model.get_base_model()
-            prompt = virtual_token_embeddings(model)
-            if prompt is None:
+            if not model.active_peft_config.is_prompt_learning:
                 self.lora = model
             else:
-                self.virtual[name] = prompt
+                self._keep_prompt(name, model)
             self.active = name
-        self.device = device or next(self.base.parameters()).device
         self.base.eval()
         self.stop_ids = self._stop_ids()
 
@@ -96,12 +102,12 @@ class Engine:
     def adapters(self) -> list[str]:
         """Names usable as `adapter=`: `base`, then every added adapter."""
         deltas = list(self.lora.peft_config) if self.lora is not None else []
-        return [BASE] + deltas + list(self.virtual)
+        return [BASE] + deltas + list(self.virtual) + list(self.prefix)
 
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
         """Load a finished run's adapter onto the base, under `name` (weights are not reloaded)."""
         from .methods import get
-        from .runs import RunDir
+        from .runs import RunDir, check_adapter
 
         if name in self.adapters:
             raise ValueError(f"adapter name {name!r} is taken (names in use: {self.adapters})")
@@ -113,29 +119,50 @@ class Engine:
         if self.model_path and trained_on and trained_on != self.model_path:
             raise ValueError(f"run {run_dir.root} was trained on {trained_on!r}, but this engine's "
                              f"base is {self.model_path!r}: an adapter only fits its own base")
+        if self.lora is None:  # (its shape check reads un-injected modules; later, PEFT's load checks)
+            check_adapter(run_dir.adapter, self.base)  # another base's adapter is refused here
         method = get(config["method"]["name"])
+        if not getattr(method.capabilities, "shares_base", True):
+            raise ValueError(f"{method.name} training changes the base weights themselves, so its run "
+                             f"cannot share a base with others; load it alone (`tunelab chat --run "
+                             f"{run_dir.root}`)")
         if method.capabilities.mergeable:
-            # A weight delta: PEFT keeps several on the same injected layers.
-            from peft import PeftModel
+            self._add_weight_delta(name, run_dir.adapter)
+        else:
+            self._add_virtual_tokens(name, method, run_dir.adapter)
+        self.base.eval()
 
-            if self.lora is None:
-                self.lora = PeftModel.from_pretrained(self.base, str(run_dir.adapter), adapter_name=name)
-            else:
-                self.lora.load_adapter(str(run_dir.adapter), adapter_name=name)
-            self.base.eval()
+    def _add_weight_delta(self, name: str, adapter: Path) -> None:
+        """Weight deltas of one PEFT type share the injected layers of one PEFT model."""
+        from peft import PeftConfig, PeftModel
+
+        if self.lora is None:
+            self.lora = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
             return
-        # Anything else must be a virtual-token prompt: load it around the same base module
-        # (PEFT's prompt-learning wrapper holds a reference to the base and adds only its
-        # prompt encoder, so no weight is copied), keep the prompt, drop the wrapper.
+        kind = PeftConfig.from_pretrained(str(adapter)).peft_type
+        held = next(iter(self.lora.peft_config.values())).peft_type
+        if kind != held:
+            raise ValueError(f"this engine holds {held.value} adapters and PEFT cannot switch between "
+                             f"those and {kind.value} on one model; use a second Engine for {name!r}")
+        self.lora.load_adapter(str(adapter), adapter_name=name)
+
+    def _add_virtual_tokens(self, name: str, method, adapter: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "modifying a model with PEFT a second time"
-            wrapped = method.load(self.base, run_dir.adapter, False)
+            wrapped = method.load(self.base, adapter, False)
+        config = getattr(wrapped, "active_peft_config", None)
+        if config is None or not config.is_prompt_learning or wrapped.get_base_model() is not self.base:
+            raise ValueError(f"method {method.name!r} is neither a weight delta (mergeable) nor "
+                             f"virtual tokens on the same base, so its adapter cannot share the "
+                             f"Engine's base; load it alone")
+        self._keep_prompt(name, wrapped)
+
+    def _keep_prompt(self, name: str, wrapped) -> None:
         prompt = virtual_token_embeddings(wrapped)
-        if prompt is None:
-            raise ValueError(f"method {method.name!r} is neither a weight delta (mergeable) nor a "
-                             f"virtual-token prompt, so its adapter cannot share a base in the "
-                             f"Engine; load it alone (`tunelab chat --run {run_dir.root}`)")
-        self.virtual[name] = prompt.to(self.device)
+        if prompt is None:  # a prefix: keys and values, only its own forward can place them
+            self.prefix[name] = wrapped.eval()
+        else:
+            self.virtual[name] = prompt.to(self.device)
 
     def use(self, name: str) -> None:
         """Make `name` the adapter used when `adapter=` is not given."""
@@ -183,6 +210,9 @@ class Engine:
             ids, mask, embeds = self._with_virtual_tokens(ids, mask, self.virtual[adapter])
             with self._deltas_off():
                 out = self.base.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        elif adapter in self.prefix:
+            with self._deltas_off():
+                out = self.prefix[adapter].generate(input_ids=ids, attention_mask=mask, **kwargs)
         elif adapter == BASE:
             with self._deltas_off():
                 out = self.base.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -212,22 +242,33 @@ class Engine:
         return new_ids, new_mask, embeds
 
     @torch.no_grad()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapter: Optional[str] = None) -> torch.Tensor:
+        """Teacher-forced logits [batch, width, vocab] of left-padded `ids` with `adapter`, in
+        the layout of `ids` (virtual positions removed); each row has its unpadded positions."""
+        adapter = self._check_adapter(adapter or self.active)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if adapter in self.virtual:
+            n, width = self.virtual[adapter].shape[0], ids.shape[1]
+            _, full_mask, embeds = self._with_virtual_tokens(ids, mask, self.virtual[adapter])
+            with self._deltas_off():
+                logits = self.base(inputs_embeds=embeds, attention_mask=full_mask,
+                                   position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+            pads = (width - mask.sum(-1)).tolist()
+            return torch.stack([torch.cat([row[:pad], row[pad + n:]]) for row, pad in zip(logits, pads)])
+        if adapter in self.prefix:  # PEFT shifts position_ids past the prefix itself
+            with self._deltas_off():
+                return self.prefix[adapter](input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        if adapter == BASE:
+            with self._deltas_off():
+                return self.base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        self.lora.set_adapter(adapter)
+        return self.lora(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
     def logits(self, ids: list[int], adapter: Optional[str] = None) -> torch.Tensor:
         """Next-token logits [len(ids), vocab] for one unpadded prompt (virtual tokens excluded)."""
-        adapter = self._check_adapter(adapter or self.active)
-        batch = torch.tensor([ids], device=self.device)
-        mask = torch.ones_like(batch)
-        if adapter in self.virtual:
-            batch, mask, embeds = self._with_virtual_tokens(batch, mask, self.virtual[adapter])
-            with self._deltas_off():
-                out = self.base(inputs_embeds=embeds, attention_mask=mask)
-        elif adapter == BASE:
-            with self._deltas_off():
-                out = self.base(input_ids=batch, attention_mask=mask)
-        else:
-            self.lora.set_adapter(adapter)
-            out = self.lora(input_ids=batch, attention_mask=mask)
-        return out.logits[0, -len(ids):].float()
+        batch = torch.tensor([ids])
+        return self.forward(batch, torch.ones_like(batch), adapter)[0].float()
 
     @torch.no_grad()
     def complete(self, prompts: list[list[int]], gen: Optional[GenerationConfig] = None,
@@ -309,15 +350,12 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def virtual_token_embeddings(model) -> Optional[torch.Tensor]:
-    """The [n_virtual, hidden] input embeddings a virtual-token adapter puts before every
-    input (PEFT P-Tuning / prompt tuning: `get_prompt`), or None for any other model.
+    """The [n_virtual, hidden] input embeddings a P-Tuning / prompt-tuning adapter puts before
+    every input; None for prefix tuning, whose virtual tokens are keys and values.
 
-    The prompt encoder's input is a fixed range of virtual-token indices, so its output is
-    the same for every input: computing it once is exact (in eval mode: no dropout).
+    The prompt encoder reads a fixed range of virtual-token indices, so its output is the
+    same for every input: computing it once (in eval mode: no dropout) is exact.
     """
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not config.is_prompt_learning:
-        return None
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -325,8 +363,7 @@ def virtual_token_embeddings(model) -> Optional[torch.Tensor]:
     model.train(was_training)
     hidden = model.get_base_model().get_input_embeddings().weight.shape[1]
     if not torch.is_tensor(prompt) or prompt.dim() != 3 or prompt.shape[-1] != hidden:
-        raise ValueError(f"{config.peft_type} adapters inject keys and values into every layer "
-                         f"(a prefix), not input embeddings: they cannot be used as virtual tokens")
+        return None
     return prompt[0].detach()
 
 

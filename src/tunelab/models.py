@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -225,5 +226,11 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
         kwargs["use_safetensors"] = None if cfg.allow_pickle else True
         kwargs["weights_only"] = True  # pickles, where allowed, never run code
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise UnsafeWeights(
+            f"{directory}: a pickle weight file holds objects other than tensors, and unpickling "
+            f"them could run code; tunelab loads pickles with weights_only=True only. Convert the "
+            f"weights to safetensors where you trust the file ({str(err).splitlines()[-1][:200]})") from None
     return model.to(device).eval()

@@ -31,10 +31,12 @@ LEFTOVER_SUFFIXES = (".tmp", ".old", ".trash")
 """Names of directories a crash can leave behind mid-write, mid-rename or mid-delete."""
 HARMLESS_CHANGES = {"train.save_every", "train.keep_checkpoints", "train.log_every",
                     "train.tensorboard", "train.max_bad_steps", "train.eval_every",
-                    "train.auto_micro_batch", "data.path", "model.path", "model.hub",
-                    "model.revision", "model.device"}
-"""Config keys that may change on resume without `--allow_config_change`: they change
-neither the weights nor the data order (the model and data files are checked by content)."""
+                    "train.micro_batch_size", "train.micro_batch_tokens", "train.auto_micro_batch",
+                    "train.gradient_checkpointing", "model.attn_implementation", "data.path",
+                    "model.path", "model.hub", "model.revision", "model.device"}
+"""Config keys that may change on resume without `--allow_config_change`: logging and
+checkpoint cadence, where the files are (they are checked by content), and the memory and
+kernel knobs a resume on another card may need, which change rounding, not what is learned."""
 
 
 class DiskFull(OSError):
@@ -86,17 +88,17 @@ class RunDir:
                      if p.name.split(".")[0] in ("adapter", "checkpoints", "metrics", "data_stats", "summary")]
         if self.checkpoints.is_dir():
             leftovers += list(self.checkpoints.iterdir())
-        for path in leftovers:
-            suffix = next((s for s in LEFTOVER_SUFFIXES if path.name.endswith(s)), None)
-            if suffix is None:
-                continue
-            final = path.with_name(path.name[:-len(suffix)])
-            if path.is_file():
-                path.unlink()
-            elif suffix != ".trash" and not final.exists() and (path / COMPLETE).is_file():
-                path.rename(final)  # killed between write_atomically's two renames: roll forward
-            else:
-                delete_tree(path)
+        for suffix in LEFTOVER_SUFFIXES:  # .tmp first: a new complete version beats the old one
+            for path in leftovers:
+                if not path.name.endswith(suffix) or not path.exists():
+                    continue
+                final = path.with_name(path.name[:-len(suffix)])
+                if path.is_file():
+                    path.unlink()
+                elif suffix != ".trash" and not final.exists() and (path / COMPLETE).is_file():
+                    path.rename(final)  # killed between write_atomically's two renames
+                else:
+                    delete_tree(path)
 
     def start_over(self) -> list[str]:
         """Remove what an earlier attempt left (checkpoints, adapter, metrics); returns what went."""

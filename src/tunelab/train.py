@@ -14,6 +14,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -120,7 +121,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and base.dtype == torch.bfloat16 else nullcontext())
     fast = fastpath.setup(net, cfg.packing, the_method.capabilities.supports_packing, device, autocast,
-                          tokenizer.pad_token_id, model.attn_implementation)
+                          tokenizer.pad_token_id, model.attn_implementation, cfg.cuda_graphs)
     if latest:
         saved = load_trainer_state(latest)
         optimizer.load_state_dict(saved["optimizer"])
@@ -146,7 +147,9 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         print(f"\n{signal.Signals(signum).name}: finishing step {state['step'] + 1}, then saving a "
               f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
 
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Python delivers signals to the main thread only (a UI may run training in another one).
+    handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+                if threading.current_thread() is threading.main_thread() else {})
     longest = max(len(r.input_ids) for r in prepared.train)
     record: dict = {}
     metrics = open(run.metrics, "a", encoding="utf-8")
@@ -188,14 +191,6 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                       "loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                       "tokens": state["tokens"], "tokens_per_s": state["tokens"] / state["elapsed"],
                       "skipped_steps": state["skipped_steps"]}
-            if state["bad_in_row"] >= cfg.max_bad_steps:
-                good = run.complete_checkpoints()
-                raise TrainingDiverged(
-                    f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
-                    f"gradients (steps {state['step'] - state['bad_in_row'] + 1}-{state['step']}, "
-                    f"all skipped); the last good checkpoint is "
-                    f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
-                    f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
             end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
             if prepared.val and (end_of_epoch if cfg.eval_every == 0 else state["step"] % cfg.eval_every == 0
                                  or state["step"] == total_steps):
@@ -205,6 +200,14 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
             if state["step"] % cfg.log_every == 0 or "val_loss" in record or state["step"] == total_steps:
                 log(metrics, writer, record)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if state["bad_in_row"] >= cfg.max_bad_steps:
+                good = run.complete_checkpoints()
+                raise TrainingDiverged(
+                    f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
+                    f"gradients (steps {state['step'] - state['bad_in_row'] + 1}-{state['step']}, "
+                    f"all skipped); the last good checkpoint is "
+                    f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
+                    f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
             # No checkpoint inside a run of skipped steps: resuming should start before it.
             save_now = cfg.save_every and state["step"] % cfg.save_every == 0 and not state["bad_in_row"]
             if save_now or stop["signal"]:
@@ -238,6 +241,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                             if device.type == "cuda" else None),
         "final_train_loss": record.get("loss"), "final_val_loss": record.get("val_loss"),
         "device": str(device),
+        "micro_batch_size": cfg.micro_batch_size, "micro_batch_tokens": cfg.micro_batch_tokens,
     }
     write_json(run.summary, summary)
     run.done.write_text("ok\n")
@@ -319,8 +323,10 @@ def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> 
     tokens = sum(len(r.input_ids) for r in rows)
     total = torch.zeros((), device=device)
     for batch in micro_batches(rows, cfg, fast):
-        loss = token_loss_sum(net, batch, fast, device, autocast) / supervised
-        loss.backward()
+        loss = fast.graphs.run(batch, 1 / supervised) if fast.graphs else None  # CUDA graph replay
+        if loss is None:
+            loss = token_loss_sum(net, batch, fast, device, autocast) / supervised
+            loss.backward()
         total += loss.detach()  # no .item() per micro-batch: the host never waits mid-step
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -57,6 +57,7 @@ def save(model: torch.nn.Module, directory: Path) -> None:
         raise ValueError("nothing to save: no decoder layer is trainable (was the model loaded for inference?)")
     state = {f"{i}.{name}": tensor.detach().cpu().contiguous()
              for i in trained for name, tensor in layers[i].state_dict().items()}
+    Path(directory).mkdir(parents=True, exist_ok=True)
     save_file(state, str(Path(directory) / WEIGHTS_FILE))
     (Path(directory) / INDEX_FILE).write_text(json.dumps({"layers": trained, "num_layers": len(layers)}))
 

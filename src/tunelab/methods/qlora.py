@@ -85,6 +85,7 @@ def quantize(model: torch.nn.Module, cfg: QLoraConfig) -> torch.nn.Module:
             layer._parameters["weight"] = bnb.nn.Params4bit(  # quantized when moved to the GPU
                 child.weight.data, requires_grad=False, compress_statistics=cfg.double_quant,
                 quant_type=cfg.quant_type).to(device)
+            layer.quant_state = layer.weight.quant_state  # newer bitsandbytes reads it from the module
             if child.bias is not None:
                 layer._parameters["bias"] = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer)
