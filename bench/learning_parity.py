@@ -54,9 +54,9 @@ def per_token_losses(net, rows, fast_or_plan, device, autocast, packed: bool, pa
 
 def token_hidden(net, rows, device, autocast, packed: bool, pad_id: int, leak: bool = False) -> torch.Tensor:
     """Final hidden state of every real token, [tokens, hidden], row order."""
-    from tunelab.fastpath import _parts, packed_inputs, padded_inputs
+    from tunelab.fastpath import model_parts, packed_inputs, padded_inputs
 
-    trunk, _ = _parts(net)
+    trunk, _ = model_parts(net)
     batch = packed_inputs(rows) if packed else padded_inputs(rows, pad_id)
     batch.pop("labels")
     if leak:

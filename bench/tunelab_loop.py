@@ -63,7 +63,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         # captured there, once per padded size, as they would be early in a run), then time
         # a second pass over the same steps: the steady state of a long run.
         measured = list(range(warmup, warmup + steps))
-        first_pass = Clock(device)
+        first_pass, tokens = Clock(device), 0
         for phase, indices in (("warmup", range(warmup)), ("first", measured), ("timed", measured)):
             if phase == "first":
                 first_pass.begin()

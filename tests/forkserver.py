@@ -30,10 +30,22 @@ def install_fault(target: str, call: int) -> None:
 
     `os.fsync`, `os.rename`, `os.replace`, `os.unlink`: killed just before the call (a save
     or a delete cut short). `torch.save`, `safetensors`: the file is written, cut to half
-    its size, then the process dies (a torn write).
+    its size, then the process dies (a torn write). `slow_steps` is no fault: each
+    optimizer step sleeps `call` milliseconds first, so a test can signal mid-step.
     """
     import peft.peft_model
     import torch
+
+    import tunelab.train
+
+    if target == "slow_steps":
+        original_rows = tunelab.train.step_rows
+
+        def slow_rows(*args, **kwargs):
+            time.sleep(call / 1000)
+            return original_rows(*args, **kwargs)
+        tunelab.train.step_rows = slow_rows
+        return
 
     count = {"n": 0}
 

@@ -6,7 +6,7 @@
    found micro-batch from the start.
 2. Exact resume on CUDA in bf16 (with the CUDA RNG state): crash, resume, compare.
 
-    PYTHONPATH=src python tests/gpu_reliability_check.py OUTDIR [deterministic]
+    PYTHONPATH=src python tests/gpu_reliability_check.py OUTDIR [deterministic] [resume-only [no-graphs]]
 
 A random Qwen2-architecture model (hidden 1536, 8 layers, ~0.4B parameters) and 512 long
 rows are built in-process; no hub is needed. Results go to OUTDIR/gpu_reliability.json.
@@ -31,7 +31,8 @@ import tunelab.train as train_module  # noqa: E402
 
 
 def losses(run: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records]
 
 
 def main(out: Path) -> None:
@@ -66,6 +67,8 @@ def main(out: Path) -> None:
             report[f"{name}_s"] = round(time.perf_counter() - started, 1)
             torch.cuda.empty_cache()
 
+    if "resume-only" in sys.argv:
+        return resume_check(run, report, out, cuda_graphs="no-graphs" not in sys.argv)
     # 1a. without --train.auto_micro_batch: the clear error
     try:
         run("oom")
@@ -79,11 +82,26 @@ def main(out: Path) -> None:
     fixed = run("fixed", micro_batch_size=summary["micro_batch_size"])
     report["auto_losses"], report["fixed_losses"] = losses(auto), losses(fixed)
     report["auto_equals_fixed"] = losses(auto) == losses(fixed)
-    report["fixed_twice_equal"] = losses(fixed) == losses(run("fixed_again", micro_batch_size=summary["micro_batch_size"]))
+    again = run("fixed_again", micro_batch_size=summary["micro_batch_size"])
+    report["fixed_twice_equal"] = losses(fixed) == losses(again)
     report["fixed_peak_memory_gib"] = json.loads((fixed / "summary.json").read_text())["peak_memory_gib"]
+    # 1c. packed rows (and CUDA graphs where the fast path uses them): micro_batch_tokens is halved
+    packed = dict(packing="auto", micro_batch_tokens=256 * 512, auto_micro_batch=True)
+    auto_packed = run("auto_packed", **packed)
+    summary = json.loads((auto_packed / "summary.json").read_text())
+    report["auto_packed_summary"] = summary
+    fixed_packed = run("fixed_packed", **{**packed, "micro_batch_tokens": summary["micro_batch_tokens"]})
+    report["auto_packed_equals_fixed"] = losses(auto_packed) == losses(fixed_packed)
+    report["fixed_packed_peak_memory_gib"] = json.loads((fixed_packed / "summary.json").read_text())["peak_memory_gib"]
 
-    # 2. exact resume on CUDA, bf16: crash at the start of step 4, resume from step-2's checkpoint
-    small = dict(batch_size=16, micro_batch_size=8, max_steps=6, save_every=2, packing="auto")
+    resume_check(run, report, out)
+
+
+def resume_check(run, report: dict, out: Path, cuda_graphs: bool = True) -> None:
+    """Exact resume on CUDA, bf16: crash at the start of step 4, resume from step-2's checkpoint."""
+    small = dict(batch_size=16, micro_batch_size=8, max_steps=6, save_every=2, packing="auto",
+                 cuda_graphs=cuda_graphs)
+    report["cuda_graphs"] = cuda_graphs
     reference = run("resume_reference", **small)
     original = train_module.step_rows
 

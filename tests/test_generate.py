@@ -198,6 +198,30 @@ def test_each_adapter_matches_a_fresh_model(runs):
                 assert (logits[a] - logits[b]).abs().max() > 1e-2, (a, b)
 
 
+def test_teacher_forced_batches_match_single_rows(runs):
+    """Engine.forward on a left-padded batch (evaluation's scoring path) == one row at a time."""
+    engine = Engine.from_runs(runs)
+    prompts = [engine.format.prompt_ids(m) for m in conversations()]
+    ids, mask = left_pad(prompts, engine.tokenizer.pad_token_id)
+    for name in engine.adapters:
+        logits = engine.forward(ids, mask, adapter=name)
+        assert logits.shape[:2] == ids.shape
+        for row, prompt in enumerate(prompts):
+            single = engine.logits(prompt, adapter=name)
+            assert (logits[row, -len(prompt):].float() - single).abs().max() < 1e-4, name
+
+
+def test_a_failed_stream_raises_instead_of_hanging(runs, monkeypatch):
+    engine = Engine.from_runs({"lora": runs["lora"]})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_run", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(engine.stream(conversations()[0]))
+
+
 def test_virtual_tokens_added_before_a_lora(base_dir, tmp_path):
     """Order of adding must not matter: P-Tuning first, then LoRA onto the same base."""
     runs = {"ptuning": make_run(tmp_path, base_dir, "ptuning", 3), "lora": make_run(tmp_path, base_dir, "lora", 1)}
@@ -214,7 +238,7 @@ def test_engine_from_load_run_keeps_its_adapter(runs):
     """chat's path: load_run's PEFT model goes straight into an Engine."""
     from tunelab.runs import load_run
 
-    for name in ("lora", "ptuning"):
+    for name in ("lora", "ptuning", "prefix"):
         model, tokenizer, _ = load_run(runs[name])
         engine = Engine(model, tokenizer)
         assert engine.active != BASE and engine.adapters[0] == BASE

@@ -135,7 +135,7 @@ def test_ptuning_is_not_mergeable_and_says_what_to_do(base_dir, tmp_path):
         merge(str(run), str(tmp_path / "merged"))
     assert "tunelab chat --run" in str(err.value)
     lora = make_run(tmp_path, base_dir, "lora", 1)
-    with pytest.raises(Exception, match="without --bake"):
+    with pytest.raises(Exception, match="without `--bake true`"):
         merge(str(lora), str(tmp_path / "merged"), bake=True)
 
 
@@ -146,7 +146,9 @@ def test_baked_ptuning_equals_peft_and_never_emits_its_tokens(base_dir, tmp_path
     virtual_ids = info["virtual_token_ids"]
     assert len(virtual_ids) == N_VIRTUAL and info["max_abs_diff"] <= info["tolerance"]
     print("baked vs PEFT P-Tuning max |logit diff| on the real tokens:", info["max_abs_diff"],
-          info["reloaded_max_abs_diff"], "tied" if info["tied_embeddings"] else "untied")
+          info["reloaded_max_abs_diff"], "head untied" if info["untied_head"] else "")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # a tied base (llama here) was untied
 
     plain = load_plainly(out)
     for ids, logits, scores in zip(plain["ids"], plain["logits"], plain["scores"]):
@@ -155,7 +157,9 @@ def test_baked_ptuning_equals_peft_and_never_emits_its_tokens(base_dir, tmp_path
         assert not set(real) & set(virtual_ids)
         want = adapter_logits(run, real, N_VIRTUAL)
         assert close(torch.tensor(logits)[N_VIRTUAL:, :want.shape[1]], want)
-        for step in scores:  # suppressed at every step: they can never be generated
+        # their head rows are zero: logit 0 even in a runtime that ignores suppress_tokens
+        assert all(row[i] == 0 for row in logits for i in virtual_ids)
+        for step in scores:  # and suppressed at every step: they can never be generated
             assert all(step[i] == float("-inf") for i in virtual_ids)
     # the engine with the adapter and the baked model answer alike, batched
     engine = Engine.from_runs({"ptuning": run})

@@ -4,7 +4,8 @@ Each test injects one fault and checks the promise of docs/RELIABILITY.md that c
 Training processes for the crash and signal tests are real `tunelab train` processes forked
 from a server that imported tunelab once (tests/forkserver.py), so a trial costs about a
 second, not a Python start. TUNELAB_KILL_TRIALS sets the number of random-moment kills
-(default 20) and TUNELAB_SAVE_FAULTS the number of kills at exact points of a save (default 12).
+(default 20), TUNELAB_SAVE_FAULTS the number of kills at exact points of a save (default 12)
+and TUNELAB_KILL_SEED the seed that draws the moments and points.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import random
 import re
 import shlex
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +66,10 @@ def leftovers(run: Path) -> set[str]:
     return {p.name for p in found if p.name.endswith((".tmp", ".trash", ".old"))}
 
 
+def logged_steps(run: Path) -> int:
+    return len(RunDir(run).metrics.read_text().splitlines()) if RunDir(run).metrics.is_file() else 0
+
+
 def resumed_from(log: Path) -> int | None:
     match = re.search(r"resuming from \S+step-(\d+) ", log.read_text(errors="replace"))
     return int(match.group(1)) if match else None
@@ -82,7 +86,8 @@ def test_kill_9_at_random_moments_and_inside_saves(server, tiny_qwen, tmp_path):
     (`--train.max_steps` changed with --allow_config_change) and compared with an
     uninterrupted run of that length, however fast this machine is.
     """
-    data, run, rng = data_file(tmp_path), tmp_path / "run", random.Random(8)
+    data, run = data_file(tmp_path), tmp_path / "run"
+    rng = random.Random(int(os.environ.get("TUNELAB_KILL_SEED", "8")))
     settings = dict(max_steps=100_000, batch_size=2, micro_batch_size=1, save_every=1, keep_checkpoints=2,
                     schedule="constant", warmup_ratio=0)
     from transformers import AutoModelForCausalLM
@@ -137,6 +142,20 @@ def test_kill_9_at_random_moments_and_inside_saves(server, tiny_qwen, tmp_path):
           f"{expected} steps survived, final run of {steps} steps bit-identical to an uninterrupted one")
 
 
+def test_kill_inside_the_final_adapter_save(server, tiny_qwen, tmp_path):
+    """The last write of a run: torn adapter file, then SIGKILL. No adapter/, no DONE; the
+    rerun redoes the tail from the checkpoint and writes an adapter that loads."""
+    data, run = data_file(tmp_path), tmp_path / "run"
+    argv = train_argv(tiny_qwen, data, run, max_steps=3, batch_size=2, micro_batch_size=1, save_every=2)
+    ended = server.run(argv, tmp_path / "a.log", fault={"target": "safetensors", "call": 2})  # 1: step-2
+    assert ended["signal"] == signal.SIGKILL, (tmp_path / "a.log").read_text()[-3000:]
+    assert not (run / "adapter").exists() and not RunDir(run).done.exists()
+    ended = server.run(argv, tmp_path / "b.log")
+    assert ended["exit"] == 0 and resumed_from(tmp_path / "b.log") == 2
+    assert_loads(run / "adapter", build_model("qwen2", len(build_tokenizer())))
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+
 def test_recover_rolls_forward_a_half_done_rename_and_drops_partial_directories(tmp_path):
     """Each state a crash inside write_atomically / remove_tree can leave, built by hand."""
     run = RunDir(tmp_path)
@@ -171,8 +190,7 @@ def test_sigterm_saves_prints_the_resume_command_and_it_finishes(server, tiny_qw
     data, run = data_file(tmp_path), tmp_path / "run"
     argv = train_argv(tiny_qwen, data, run, max_steps=60, batch_size=2, micro_batch_size=1, save_every=0)
     pid = server.start(argv, tmp_path / "term.log")
-    assert wait_for(lambda: RunDir(run).metrics.is_file() and len(RunDir(run).metrics.read_text().splitlines()) >= 2,
-                    timeout=120)
+    assert wait_for(lambda: logged_steps(run) >= 2, timeout=120)
     os.kill(pid, signal.SIGTERM)
     ended, text = server.wait(), (tmp_path / "term.log").read_text()
     assert ended["exit"] == 128 + signal.SIGTERM, text[-3000:]
@@ -191,23 +209,24 @@ def test_sigterm_saves_prints_the_resume_command_and_it_finishes(server, tiny_qw
 def test_ctrl_c_saves_and_a_second_one_stops_at_once(server, tiny_qwen, tmp_path):
     data, run = data_file(tmp_path), tmp_path / "run"
     argv = train_argv(tiny_qwen, data, run, max_steps=400, batch_size=2, micro_batch_size=1, save_every=3)
-    steps = lambda: len(RunDir(run).metrics.read_text().splitlines()) if RunDir(run).metrics.is_file() else 0  # noqa: E731
     pid = server.start(argv, tmp_path / "int.log")
-    assert wait_for(lambda: steps() >= 2, timeout=120)
+    assert wait_for(lambda: logged_steps(run) >= 2, timeout=120)
     os.kill(pid, signal.SIGINT)
     ended = server.wait()
     assert ended["exit"] == 128 + signal.SIGINT, (tmp_path / "int.log").read_text()[-3000:]
     assert "Resume with: tunelab train --config" in (tmp_path / "int.log").read_text()
     assert RunDir(run).complete_checkpoints()[-1].name == f"step-{metrics(run)[-1]['step']:07d}"
 
-    pid = server.start(argv, tmp_path / "int2.log")  # resumes; two Ctrl-C in a row
-    first = steps()
-    assert wait_for(lambda: steps() >= first + 2, timeout=120)
+    # Resumed with 2-second steps; a second Ctrl-C during the step the first one lets finish.
+    log = tmp_path / "int2.log"
+    pid = server.start(argv, log, fault={"target": "slow_steps", "call": 2000})
+    assert wait_for(lambda: log.is_file() and "optimizer steps on" in log.read_text(), timeout=120)
     os.kill(pid, signal.SIGINT)
+    assert wait_for(lambda: "finishing step" in log.read_text(), timeout=30)
     os.kill(pid, signal.SIGINT)
-    ended = server.wait()
-    assert ended["exit"] in (130, 128 + signal.SIGINT), (tmp_path / "int2.log").read_text()[-3000:]
-    assert resumed_from(tmp_path / "int2.log") is not None
+    ended, text = server.wait(), log.read_text()
+    assert ended["exit"] == 130 and "interrupted" in text and "Resume with" not in text, text[-3000:]
+    assert resumed_from(log) is not None
     base = build_model("qwen2", len(build_tokenizer()))
     for directory in complete_dirs(run):
         assert_loads(directory, base)
@@ -245,14 +264,16 @@ def test_k_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(tiny_qwen, tmp_
     data = data_file(tmp_path)
     with monkeypatch.context() as patch:
         poison(patch, set(range(2, 100)), "grad")
-        with pytest.raises(TrainingDiverged, match=r"steps 3-5, all skipped\); the last good checkpoint is \S+step-0000002"):
+        stopped = r"steps 3-5, all skipped\); the last good checkpoint is \S+step-0000002"
+        with pytest.raises(TrainingDiverged, match=stopped):
             quick_train(tiny_qwen, data, tmp_path / "run", max_steps=10, save_every=1, max_bad_steps=3,
                         keep_checkpoints=10)
     rd = RunDir(tmp_path / "run")
     assert [p.name for p in rd.complete_checkpoints()] == ["step-0000001", "step-0000002"]
     assert not rd.adapter.exists() and not rd.done.exists()
     assert_loads(rd.checkpoints / "step-0000002", build_model("qwen2", len(build_tokenizer())))
-    quick_train(tiny_qwen, data, tmp_path / "run", max_steps=10, save_every=1, max_bad_steps=3, keep_checkpoints=10)
+    quick_train(tiny_qwen, data, tmp_path / "run", max_steps=10, save_every=1, max_bad_steps=3,
+                keep_checkpoints=10)
     assert [r["step"] for r in metrics(rd.root)] == list(range(1, 11))  # steps 3-5 redone, not duplicated
     assert metrics(rd.root)[-1]["skipped_steps"] == 0
 
@@ -306,7 +327,8 @@ def fail_above(monkeypatch, rows: int) -> None:
 def test_out_of_memory_names_the_knobs(tiny_qwen, tmp_path, monkeypatch):
     fail_above(monkeypatch, 2)
     with pytest.raises(OutOfMemory) as raised:
-        quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=2, batch_size=8, micro_batch_size=8)
+        quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=2, batch_size=8,
+                    micro_batch_size=8)
     message = str(raised.value)
     for knob in ("--train.micro_batch_size 8", "--data.max_length", "--train.gradient_checkpointing",
                  "--train.auto_micro_batch true", "--train.batch_size 8"):

@@ -13,7 +13,6 @@ import shutil
 import pytest
 import yaml
 
-from conftest import save_tiny
 from faults import (ROWS, adapter_tensors, assert_same_tensors, data_file, metrics, one_thread,  # noqa: F401
                     quick_train, results, step_hook)
 from tunelab.runs import ResumeRefused, RunDir

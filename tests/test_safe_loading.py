@@ -115,8 +115,9 @@ def wider(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("wider")
     tok = build_tokenizer()
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(directory)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
 
@@ -133,14 +134,17 @@ def copy_run(run, tmp_path, model_path=None):
 def test_adapter_shapes_are_checked_against_the_model(finished, wider):
     from transformers import AutoModelForCausalLM
 
-    check_adapter(RunDir(finished).adapter, AutoModelForCausalLM.from_pretrained(RunDir(finished).read_config()["model"]["path"]))
-    with pytest.raises(AdapterMismatch, match=r"(?s)does not fit this base model.*\n.*gate_proj.lora_A.weight has shape \[8, 32\], which "
-                                                r"does not fit model.layers.0.mlp.gate_proj \(64 -> 128 features\)"):
+    own_base = RunDir(finished).read_config()["model"]["path"]
+    check_adapter(RunDir(finished).adapter, AutoModelForCausalLM.from_pretrained(own_base))
+    misfit = (r"(?s)does not fit this base model.*\n.*gate_proj.lora_A.weight has shape \[8, 32\], which "
+              r"does not fit model.layers.0.mlp.gate_proj \(64 -> 128 features\)")
+    with pytest.raises(AdapterMismatch, match=misfit):
         check_adapter(RunDir(finished).adapter, AutoModelForCausalLM.from_pretrained(wider))
 
 
 @pytest.mark.parametrize("other", ["wider", "llama"])
-def test_load_run_refuses_another_base_before_loading_it(finished, wider, tiny_llama, tmp_path, monkeypatch, other):
+def test_load_run_refuses_another_base_before_loading_it(finished, wider, tiny_llama, tmp_path, monkeypatch,
+                                                         other):
     import tunelab.models
 
     run = copy_run(finished, tmp_path, wider if other == "wider" else tiny_llama)

@@ -19,6 +19,10 @@ Two levers, each exact (same per-token loss as the padded path, up to rounding):
   Models whose head is not a plain linear layer over the trunk (a softcap, a scale, a
   prompt-learning method that prepends virtual tokens) are detected by one numerical
   check at setup and keep the whole-logits loss, on supervised positions only.
+
+`setup` decides all of it once per run (and hands packed micro-batches on CUDA to
+`graphs.GraphedSteps`, which replays them as CUDA graphs); docs/PERFORMANCE.md has the
+measurements behind each default.
 """
 
 from __future__ import annotations
@@ -294,7 +298,8 @@ class LossPlan:
     """Positions the model prepends to the input (virtual tokens of prompt-learning methods)."""
 
 
-def _parts(net: torch.nn.Module):
+def model_parts(net: torch.nn.Module):
+    """(decoder trunk, output layer) of a causal LM, through a PEFT wrapper if there is one."""
     model = net.get_base_model() if hasattr(net, "get_base_model") else net
     trunk = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -304,7 +309,7 @@ def _parts(net: torch.nn.Module):
 @torch.no_grad()
 def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
     """Check on a few tokens whether the model's logits are `head(trunk(x))`; find any prefix."""
-    trunk, head = _parts(net)
+    trunk, head = model_parts(net)
     was_training = net.training
     net.eval()  # no dropout, so both ways compute the same function
     try:

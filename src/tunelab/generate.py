@@ -331,12 +331,24 @@ class Engine:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(streamer=streamer, **self._generate_kwargs(gen))
         seed = gen.seed if gen.temperature > 0 else None
-        worker = threading.Thread(
-            target=lambda: torch.no_grad()(self._run)(ids, torch.ones_like(ids), adapter, seed, **kwargs),
-            daemon=True)
+
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            devices = [self.device] if self.device.type == "cuda" else []
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    self._run(ids, torch.ones_like(ids), adapter, seed, **kwargs)
+            except BaseException as err:  # end the stream, or the reader would wait forever
+                failed.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
         worker.start()
         yield from streamer
         worker.join()
+        if failed:
+            raise failed[0]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

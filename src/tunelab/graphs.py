@@ -113,7 +113,9 @@ class GraphedSteps:
             static["scale"] = torch.tensor(scale, device=device)
             try:
                 graph, loss, grads = self._capture(key, static)
-            except Exception as err:  # noqa: BLE001 - any capture failure: say so, go eager
+            except torch.cuda.OutOfMemoryError:
+                raise  # the trainer's out-of-memory handling shrinks the micro-batch and retries
+            except Exception as err:  # noqa: BLE001 - any other capture failure: say so, go eager
                 self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 warnings.warn(f"CUDA graph capture failed ({self.failed}); training continues eagerly")
                 torch.cuda.synchronize()

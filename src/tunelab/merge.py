@@ -5,8 +5,9 @@
 - Virtual-token methods (P-Tuning, `--bake`): nothing can be folded into weights, so the
   learned prompt becomes n new tokens of the vocabulary whose embedding rows are the prompt
   encoder's output, and the exported chat template writes them first in every input, where
-  PEFT puts them. The new tokens are never generated: their id is in the generation
-  config's `suppress_tokens`, and an untied output head also gets zero rows for them.
+  PEFT puts them. The new tokens are never generated: their ids are in the generation
+  config's `suppress_tokens`, and their output-head rows are zero (logit 0) for runtimes that
+  ignore it; a tied head is untied for that (vocab x hidden more weights).
 
 The directory (safetensors, config, tokenizer with its chat template, generation_config
 whose `eos_token_id` list starts with the template's end of turn) loads with transformers,
@@ -21,6 +22,7 @@ tunelab_export.json beside the weights records what was measured.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -92,10 +94,10 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
     method = get(config["method"]["name"])
     virtual = _adds_virtual_tokens(run_dir.adapter)
     if method.capabilities.mergeable and bake:
-        raise ConfigError(f"`--bake` exports virtual-token adapters; {method.name} adapters fold "
-                          f"into the weights: run `tunelab merge` without --bake")
+        raise ConfigError(f"`--bake true` exports virtual-token adapters; {method.name} adapters fold "
+                          f"into the weights: run `tunelab merge` without `--bake true`")
     if not method.capabilities.mergeable and not bake:
-        instead = (f" To export it anyway: `tunelab merge {run} --out DIR --bake` writes its virtual "
+        instead = (f" To export it anyway: `tunelab merge {run} --out DIR --bake true` writes its virtual "
                    f"tokens as new tokens of the vocabulary, put first by the chat template." if virtual else "")
         raise NotMergeable(f"{method.name} adapters cannot be merged into the base weights: "
                            f"{_refusal(method)}.{instead}")
@@ -142,6 +144,7 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
         tokenizer.save_pretrained(tmp)
         info["reloaded_max_abs_diff"] = check_reloaded(tmp, conversations, feed, written, out_dtype)
         write_json(tmp / EXPORT_INFO, info)
+        _usual_permissions(tmp)
 
     path = write_atomically(Path(out), fill)
     print(f"wrote {path} ({info['kind']}): max |logit difference| from the adapter on its base "
@@ -188,26 +191,37 @@ def bake_virtual_tokens(net, tokenizer, probes: list[list[int]]):
         model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
         embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = head is None or head.weight is embeddings.weight
+    tied = head.weight is embeddings.weight
+    if tied:
+        # A tied head row is the virtual embedding itself, whose logit dwarfs every real token's
+        # (SmolLM2-135M P-Tuning: by about 700): a runtime that ignores `suppress_tokens`
+        # (vLLM, llama.cpp) would emit it at every step. An untied copy of the head with zero
+        # rows for the new tokens costs vocab x hidden weights and makes their logit 0.
+        head = torch.nn.Linear(embeddings.weight.shape[1], embeddings.weight.shape[0], bias=False,
+                               device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+        head.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), requires_grad=False)
+        model.set_output_embeddings(head)
+        model.config.tie_word_embeddings = False
     with torch.no_grad():
         scale = getattr(embeddings, "embed_scale", 1.0)  # Gemma-style scaled embedding modules
         embeddings.weight[new_ids] = (prompt / scale).to(embeddings.weight.dtype)
-        if not tied:  # a zero row gives logit 0; suppress_tokens removes even that chance
-            head.weight[new_ids] = 0
-            if getattr(head, "bias", None) is not None:
-                head.bias[new_ids] = 0
+        head.weight[new_ids] = 0  # logit 0, far below a real answer's; suppress_tokens: never
+        if getattr(head, "bias", None) is not None:
+            head.bias[new_ids] = 0
     tokenizer.chat_template = _prefixed(tokenizer.chat_template, "".join(names))
 
     encoded = ChatFormat(tokenizer).encode("".join(names))
     if encoded != new_ids:
         raise ExportMismatch(f"the new tokens {names} do not tokenize as themselves: {encoded}")
     baked = [new_ids + ids for ids in probes]
-    diff = max_diff([_logits(model, ids)[n:] for ids in baked], expected)
+    got = [_logits(model, ids)[n:] for ids in baked]
+    diff = max_diff(got, expected)
     dtype = next(model.parameters()).dtype
     _require(diff, expected, dtype, "the baked model")
     info = {"kind": "baked virtual tokens", "max_abs_diff": diff, "tolerance": tolerance(dtype, expected),
-            "virtual_tokens": names,
-            "virtual_token_ids": new_ids, "tied_embeddings": tied}
+            "virtual_tokens": names, "virtual_token_ids": new_ids, "untied_head": tied,
+            # > 0: even where suppress_tokens is ignored, greedy decoding never picks a new token
+            "min_top_logit": min(g[:, :e.shape[1]].max(-1).values.min().item() for g, e in zip(got, expected))}
     return model, tokenizer, expected, info
 
 
@@ -306,6 +320,16 @@ def export_generation_config(model, tokenizer, suppress: list[int]) -> None:
     if fmt.end_of_turn_text and tokenizer.eos_token != fmt.end_of_turn_text:
         # Runtimes that stop at the tokenizer's eos (llama.cpp's converter reads it) stop there.
         tokenizer.eos_token = fmt.end_of_turn_text
+
+
+def _usual_permissions(directory: Path) -> None:
+    """transformers 5.2x writes safetensors shards readable by their owner only (0600); a
+    model directory is read by servers running as other users, so apply the umask instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def _checkpoint_dtype(directory: Path, gguf) -> torch.dtype:

@@ -164,7 +164,8 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
         header = json.loads(f.read(length))
     ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
     if ends and 8 + length + max(ends) > size:
-        raise ValueError(f"{path} is truncated: its tensors need {8 + length + max(ends)} bytes, the file has {size}")
+        raise ValueError(f"{path} is truncated: its tensors need {8 + length + max(ends)} bytes, "
+                         f"the file has {size}")
     return {key: info["shape"] for key, info in header.items() if key != "__metadata__"}
 
 
