@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .config import ConfigError
     from .data import DataError, TemplateError
+    from .merge import ExportMismatch
     from .methods import NotMergeable
     from .models import ModelNotFound, UnsafeWeights
     from .pull import PullError
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             FileNotFoundError, ResumeRefused, AdapterMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull) as err:
+    except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull, ExportMismatch, FloatingPointError) as err:
         print(f"error: {err.strerror if isinstance(err, DiskFull) else err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 1))
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, complete checkpoints are intact

@@ -395,7 +395,8 @@ def _misfit(key: str, shape: list[int], modules: dict) -> str | None:
             return (f"has shape {shape}, which does not fit {name} ({module.in_features} -> "
                     f"{module.out_features} features)")
     if isinstance(module, torch.nn.Embedding):
-        if len(shape) == 2 and not (shape[1] == module.num_embeddings or shape[0] == module.embedding_dim):
+        if len(shape) == 2 and not (shape[1] == module.num_embeddings or shape[0] == module.embedding_dim
+                                   or tuple(shape) == (module.num_embeddings, module.embedding_dim)):
             return (f"has shape {shape}, which does not fit {name} ({module.num_embeddings} x "
                     f"{module.embedding_dim})")
     return None

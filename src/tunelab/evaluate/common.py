@@ -75,7 +75,7 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
     import torch.nn.functional as F
 
     from ..data import IGNORE
-    from ..generate import BASE, left_pad
+    from ..generate import left_pad
 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
@@ -84,39 +84,12 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
             batch = order[start:start + batch_size]
             ids, mask = left_pad([rows[i].input_ids for i in batch], engine.tokenizer.pad_token_id)
             labels, _ = left_pad([rows[i].labels for i in batch], IGNORE)
-            ids, mask, labels = ids.to(engine.device), mask.to(engine.device), labels.to(engine.device)
-            if adapter in engine.virtual:
-                n = engine.virtual[adapter].shape[0]
-                _, mask, embeds = engine._with_virtual_tokens(ids, mask, engine.virtual[adapter])
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                with engine._deltas_off():
-                    logits = engine.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-                logits = _real_positions(logits, mask, ids.shape[1], n)  # back to the ids' layout
-            else:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                if adapter == BASE:
-                    with engine._deltas_off():
-                        logits = engine.base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-                else:
-                    engine.lora.set_adapter(adapter)
-                    logits = engine.lora(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logits = engine.forward(ids, mask, adapter)
+            target = labels[:, 1:].to(logits.device)
             logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = labels[:, 1:]
             picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             valid = target != IGNORE
             nll = -(picked * valid).sum(-1)
             for row, i in enumerate(batch):
                 out[i] = (nll[row].item(), int(valid[row].sum().item()))
     return out
-
-
-def _real_positions(logits, mask, width: int, n_virtual: int):
-    """From left-padded [pad][virtual][real] logits, keep the [pad][real] layout of the ids."""
-    import torch
-
-    rows = []
-    lengths = mask.sum(-1) - n_virtual
-    for b, length in enumerate(lengths.tolist()):
-        pad = width - length
-        rows.append(torch.cat([logits[b, :pad], logits[b, pad + n_virtual:]]))
-    return torch.stack(rows)
