@@ -91,7 +91,9 @@ class GraphedSteps:
             self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: lazy initialisation, allocator, library handles
+        # Warm up: lazy initialisation, allocator, library handles. Its dropout draws must not
+        # advance the global RNG: a resumed run captures at other steps than the first run did.
+        with torch.cuda.stream(side), torch.random.fork_rng(devices=[torch.cuda.current_device()]):
             for _ in range(2):
                 self._body(static, longest)
         torch.cuda.current_stream().wait_stream(side)
