@@ -53,7 +53,7 @@ def mc_question(row: dict) -> str:
 def multiple_choice(engine, models: list[str], ctx: Context, bench: Benchmark) -> SuiteResult:
     rows = read_mc(Path(bench.path))
     shots, rows = rows[: bench.shots], rows[bench.shots:]
-    rows = rows[: ctx.limit] if ctx.limit else rows
+    rows = ctx.subset(rows)
     history = []
     for shot in shots:
         history += [{"role": "user", "content": mc_question(shot)},
@@ -80,7 +80,7 @@ def multiple_choice(engine, models: list[str], ctx: Context, bench: Benchmark) -
 def qa(engine, models: list[str], ctx: Context, bench: Benchmark) -> SuiteResult:
     path = Path(bench.path)
     items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    items = items[: ctx.limit] if ctx.limit else items
+    items = ctx.subset(items)
     conversations = [with_system(None, item["question"]) for item in items]
     answers = ask_all(engine, models, conversations, ctx, path.stem)
     ids = [f"{i:04d}" for i in range(len(items))]

@@ -34,7 +34,13 @@ class Context:
     system_prompt: Optional[str] = None
     batch_size: int = 16
     limit: Optional[int] = None
-    """Score only the first N items of each suite (quick runs)."""
+    """Score at most N items of each suite, spread evenly over it (quick runs)."""
+
+    def subset(self, items: list) -> list:
+        """At most `limit` items, evenly spaced, so every category of a sorted file keeps its share."""
+        if not self.limit or len(items) <= self.limit:
+            return items
+        return [items[i * len(items) // self.limit] for i in range(self.limit)]
 
 
 def ask_all(engine, models: list[str], conversations: list[list[dict]], ctx: Context,
@@ -57,7 +63,7 @@ def probe_suite(engine, models: list[str], ctx: Context, probes: list, name: str
     """Ask every model each probe's question (under `system`) and grade the answers."""
     from .checkers import score_answers
 
-    probes = probes[: ctx.limit] if ctx.limit else probes
+    probes = ctx.subset(probes)
     conversations = [with_system(system, p.question) for p in probes]
     answers = ask_all(engine, models, conversations, ctx, name)
     scores = {m: score_answers(probes, {p.id: a for p, a in zip(probes, answers[m])}) for m in models}

@@ -15,8 +15,8 @@ from .metrics import char_f1, exact_match, rouge_l
 
 
 def run(engine, models: list[str], ctx: Context, examples: list[Example], rows: list[Rendered]) -> list[SuiteResult]:
-    if ctx.limit:
-        examples, rows = examples[: ctx.limit], rows[: ctx.limit]
+    pairs = ctx.subset(list(zip(examples, rows)))
+    examples, rows = [e for e, _ in pairs], [r for _, r in pairs]
     ids = [f"{i:04d}" for i in range(len(examples))]
     results = []
     if rows:

@@ -46,7 +46,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         system_prompt: the persona system prompt (default: the first run's data.system_prompt).
         gen: decoding options; greedy by default, so a rerun gives the same answers.
         batch_size: prompts per generation batch.
-        limit: score only the first N items of each suite (quick looks, not for conclusions).
+        limit: score at most N items of each suite, evenly spaced over it (quicker, wider intervals).
         out: where results.json, report.md and report.html are written.
         title: the report's title.
         extra: more report fields (e.g. the experiment's methods table), merged in as they are.
@@ -68,7 +68,8 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     notes = [f"decoding: {'greedy' if gen.temperature == 0 else f'sampled, T={gen.temperature}, seed {gen.seed}'}, "
              f"max_new_tokens {gen.max_new_tokens}; bootstrap: 1000 paired resamples, seed 0"]
     if limit:
-        notes.append(f"--limit {limit}: only the first {limit} items of each suite were scored")
+        notes.append(f"limit {limit}: at most {limit} items of each suite were scored, evenly spaced "
+                     f"over it; intervals are wider than with every item")
 
     results: list[SuiteResult] = []
     for suite in suites:
