@@ -66,7 +66,9 @@ def test_html_content(tmp_path):
     assert "a &amp; b" in page  # configs escaped too
     assert "<svg" in page and "<polyline" in page
     assert "1 non-finite value(s) not drawn" in page  # the NaN loss is visible, not hidden
-    assert 'class="loss"' in page and 'class="gain"' not in page.split("<h2>Flips")[0].split("<table>")[2]
+    summary_table = page.split("<h2>Summary</h2>")[1].split("<table>")[1].split("</table>")[0]
+    assert 'class="loss"' in summary_table and 'class="gain"' not in summary_table
+    assert page.index("<h2>Methods</h2>") < page.index("<h2>Models</h2>")  # the methods compared come first
     assert "<details" in page and "甄嬛" in page
     assert "general by group" in page and "number_compare" in page and "(none)" in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained

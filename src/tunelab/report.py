@@ -360,6 +360,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     out = [f"# {_md(results.get('title', 'tunelab report'))}", ""]
     out += [f"Created {_md(results['created'])}.", ""] if results.get("created") else []
     out += [f"> {_md(note)}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
+    if results.get("methods"):  # the experiment's first table: the methods compared
+        out += ["## Methods", ""] + _md_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
+            [_md(row["model"])] + [_md(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
+            for row in results["methods"]])
     out += ["## Models", ""] + _md_table(["model", "kind", "summary"], [
         [_md(m["name"]), m["kind"], _md(m.get("summary", ""))] for m in results["models"]])
     if suites:
@@ -373,10 +377,6 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                 out += [f"### {_md(suite)} by group", ""] + _md_table(["group", "n"] + [_md(m) for m in order], [
                     [_md(g), str(v["n"])] + [_num(v["means"].get(m)) for m in order]
                     for g, v in entry["by_group"].items()])
-    if results.get("methods"):
-        out += ["## Methods", ""] + _md_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
-            [_md(row["model"])] + [_md(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
-            for row in results["methods"]])
     if _flip_lines(results):
         out += ["## Flips", "", "Items the base got right and the run got wrong (right → wrong), and the reverse.",
                 ""]
@@ -450,6 +450,10 @@ def render_html(results: Mapping[str, Any]) -> str:
     body = [f"<h1>{_h(title)}</h1>"]
     body += [f"<p>Created {_h(results['created'])}.</p>"] if results.get("created") else []
     body += [f'<p class="note">{_h(note)}</p>' for note in results.get("notes", [])]
+    if results.get("methods"):
+        body += ["<h2>Methods</h2>", _html_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
+            [td(row["model"])] + [td(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
+            for row in results["methods"]])]
     body += ["<h2>Models</h2>", _html_table(["model", "kind", "summary"], [
         [td(m["name"]), td(m["kind"]), td(m.get("summary", ""))] for m in results["models"]])]
     if suites:
@@ -466,10 +470,6 @@ def render_html(results: Mapping[str, Any]) -> str:
                 body += [f"<h3>{_h(suite)} by group</h3>", _html_table(["group", "n"] + order, [
                     [td(g), td(v["n"])] + [td(_num(v["means"].get(m))) for m in order]
                     for g, v in entry["by_group"].items()])]
-    if results.get("methods"):
-        body += ["<h2>Methods</h2>", _html_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
-            [td(row["model"])] + [td(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
-            for row in results["methods"]])]
     if _flip_lines(results):
         body += ["<h2>Flips</h2>", "<p>Items the base got right and the run got wrong, and the reverse.</p>"]
         body.append(_html_table(["suite", "model", "right → wrong", "wrong → right"], [
