@@ -159,8 +159,8 @@ def print_table(r: dict) -> None:
     s = r["setup"]
     print(f"\n{s['model']} ({s['dtype']}) on {s['device']}; {s['max_new_tokens']} new tokens a prompt "
           f"(end of turn ignored), prompts {s['mean_prompt_tokens']} tokens on average")
-    print(f"| path | prompts | new tokens | seconds | prompts/s | tokens/s | speedup |")
-    print(f"| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| path | prompts | new tokens | seconds | prompts/s | tokens/s | speedup |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ref, eng = r["reference"], r["engine"]
     print(f"| one prompt per generate() | {ref['prompts']} | {ref['new_tokens']} | {ref['seconds']} | "
           f"{ref['prompts_per_s']} | {ref['tokens_per_s']} | 1.00 |")

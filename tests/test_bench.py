@@ -5,7 +5,6 @@ The GPU table comes from the same code (`bench/throughput.py` without --cpu)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -128,8 +128,8 @@ def _pull_hub(entry: CatalogEntry, root: Path, hub: str) -> Path:
         try:
             from modelscope import snapshot_download
         except ImportError:
-            raise PullError(f"--hub modelscope needs the modelscope package: "
-                            f"pip install 'tunelab[modelscope]'") from None
+            raise PullError("--hub modelscope needs the modelscope package: "
+                            "pip install 'tunelab[modelscope]'") from None
     else:
         from huggingface_hub import snapshot_download
     print(f"tunelab pull: {entry.name} <- {hub}:{repo}", file=sys.stderr)

@@ -332,8 +332,8 @@ def check_resume(run: RunDir, config: dict, inputs: dict, allow_config_change: b
         raise ResumeRefused(
             f"refusing to resume {run.root}: its checkpoints were trained on other inputs.\n  "
             + "\n  ".join(problems[:12])
-            + f"\nRestore the original files, or train a new run (another --out, or --resume false "
-              f"to discard this run's checkpoints)")
+            + "\nRestore the original files, or train a new run (another --out, or --resume false "
+              "to discard this run's checkpoints)")
     changes = config_changes(run.read_config(), config) if run.config.is_file() else []
     if changes and not allow_config_change:
         raise ResumeRefused(
