@@ -51,6 +51,11 @@ CASES = {
                      "ref-lora-1.5b-gc"),
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
+    "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False), "ref-lora-1.5b-gc"),
+    "lora-1.5b-compile-graphs": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, compile=True),
+                                 "ref-lora-1.5b-gc"),
+    "lora-1.5b-compile-graphs-unfused": ("tunelab", "qwen2-1.5b", "lora",
+                                         dict(TUNELAB_LORA, compile=True, fuse_lora=False), "ref-lora-1.5b-gc"),
     "lora-7b-gc": ("tunelab", "qwen2-7b", "lora", dict(TUNELAB_LORA, gradient_checkpointing=True), None),
     "ptuning-1.5b-b40": ("tunelab", "qwen2-1.5b", "ptuning", dict(batch_size=40, micro_batch_size=40, lr=1e-4),
                          "ref-ptuning-1.5b"),
@@ -82,9 +87,13 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
         from tunelab.config import TrainConfig
 
         use_compile = options.pop("compile", False)
+        fuse_lora = options.pop("fuse_lora", True)
         cfg = replace(TrainConfig(), **options)
+        profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
-                                  args.steps, args.warmup, cfg, compile=use_compile)
+                                  args.steps, args.warmup, cfg, compile=use_compile, fuse_lora=fuse_lora,
+                                  profile=profile)
+        result["fuse_lora"] = fuse_lora
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = use_compile
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ref-warmup", type=int, default=2)
     parser.add_argument("--limit", type=int, help="use the first N rows only")
     parser.add_argument("--json", help="write all results here")
+    parser.add_argument("--profile", help="GPU: write a kernel profile of 3 steps of each tunelab case here")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer

@@ -5,6 +5,8 @@ autocast, fastpath.setup)."""
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 from contextlib import nullcontext
 
 import torch
@@ -35,8 +37,34 @@ def compile_layers(fast) -> None:
         layer.compile(dynamic=True)
 
 
+def profile_steps(path: str, step, indices, optimizer) -> None:
+    """Kernel-level profile of a few optimizer steps: the top kernels by GPU time, how many
+    kernels a step launches, and GPU busy time against wall time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        for i in indices:
+            step(i)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6
+    summary = (f"{len(indices)} steps, wall {wall:.3f} s (profiled), {len(kernels) / len(indices):,.0f} kernels "
+               f"a step, GPU busy {busy:.3f} s ({100 * busy / wall:.0f}% of wall), mean kernel "
+               f"{1e6 * busy / max(len(kernels), 1):.1f} us\n")
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=70)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(summary + table)
+    print(summary, flush=True)
+
+
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
-        warmup: int, train_cfg, compile: bool = False) -> dict:
+        warmup: int, train_cfg, compile: bool = False, fuse_lora: bool = True,
+        profile: str | None = None) -> dict:
     from tunelab import fastpath
     from tunelab.train import optimizer_step, step_rows
 
@@ -55,7 +83,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
         fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
-                              cuda_graphs=cfg.cuda_graphs)
+                              cuda_graphs=cfg.cuda_graphs, fuse_lora=fuse_lora)
         if compile:
             compile_layers(fast)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
@@ -80,6 +108,10 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                 tokens += n_tokens
         clock.end()
         peak = peak_gib(device)
+        if profile:
+            profile_steps(profile, lambda step: optimizer_step(net, step_rows(rows, cfg, step, steps_per_epoch),
+                                                               cfg, fast, device, autocast, params),
+                          measured[:3], optimizer)
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,

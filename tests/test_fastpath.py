@@ -141,16 +141,20 @@ def test_packed_step_leaves_the_same_gradients_as_a_padded_step(rows):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_prompt_learning_keeps_the_padded_logits_path(rows):
-    """A method that prepends virtual tokens: the loss skips them and equals the loss
-    computed from the full logits by hand."""
-    from peft import PromptEncoderConfig, get_peft_model
+def ptuning(seed: int = 0):
+    from tunelab.methods.ptuning import PTuningConfig
 
-    base = build_model("qwen2", len(build_tokenizer()))
-    net = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                   encoder_hidden_size=16)).eval()
+    base = build_model("qwen2", len(build_tokenizer()), seed=seed)
+    torch.manual_seed(seed)
+    return get("ptuning").apply(base, PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16))
+
+
+def test_prompt_learning_padded_rows_keep_peft_forward(rows):
+    """A method that prepends virtual tokens, on padded rows: the loss skips them and equals
+    the loss computed from PEFT's full logits by hand."""
+    net = ptuning().eval()
     plan = plan_loss(net, CPU, nullcontext())
-    assert plan.trunk is None and plan.prefix == 4
+    assert plan.prefix == 4 and plan.prompt is not None
     batch = padded_inputs(rows, pad_id=0)
     mine = per_token(net, batch, plan)
     with torch.no_grad():
@@ -193,7 +197,7 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
     net = lora().eval()
     fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
     params = [p for p in net.parameters() if p.requires_grad]
-    steps = GraphedSteps(net, fast.loss.trunk, fast.loss.head, params, pad_id=0, autocast=nullcontext())
+    steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
     batch = packed_inputs(rows)
     key, host = steps._host_inputs(batch)
     tokens = sum(len(r.input_ids) for r in rows)
@@ -201,6 +205,53 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
     assert host["cu_seqlens"][len(rows) + 1] == key[0]  # the padding is a row of its own
     loss, grads = steps._body(dict(host, scale=torch.tensor(0.5)), key[2])
     eager = token_loss_sum(net, batch, fast.loss, CPU, nullcontext()) * 0.5
+    eager_grads = torch.autograd.grad(eager, params)
+    torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ptuning", "prompt_tuning"])
+def test_packed_virtual_tokens_match_peft_padded_rows(rows, method):
+    """P-Tuning / prompt tuning on packed rows (each row starting with its own virtual
+    tokens): per-token loss and the step's gradients equal PEFT's padded forward."""
+    from tunelab.train import optimizer_step
+
+    cfg = TrainConfig(batch_size=6, micro_batch_size=2, micro_batch_tokens=64)
+    results = []
+    for packing in ("off", "on"):
+        torch.manual_seed(0)
+        net = (ptuning() if method == "ptuning"
+               else get(method).apply(build_model("qwen2", len(build_tokenizer())), get(method).config_cls()))
+        fast = fastpath.setup(net, packing, True, CPU, nullcontext(), pad_id=0)
+        assert fast.packed == (packing == "on") and fast.loss.prefix > 0
+        tokens = per_token(net.eval(), packed_inputs(rows, fast.loss.prefix) if fast.packed
+                           else padded_inputs(rows, pad_id=0), fast.loss)
+        net.train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        loss, _, _ = optimizer_step(net, rows, cfg, fast, CPU, nullcontext(), params)
+        results.append((tokens, loss, [p.grad.clone() for p in params]))
+    (tok_a, loss_a, grads_a), (tok_b, loss_b, grads_b) = results
+    torch.testing.assert_close(tok_b, tok_a, rtol=0, atol=1e-5)
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_graph_inputs_carry_virtual_tokens(rows):
+    """The bucketed graph inputs of packed P-Tuning rows, run eagerly: the packed loss and
+    gradients, the padding row included."""
+    from tunelab.graphs import GraphedSteps
+
+    net = ptuning()
+    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    params = [p for p in net.parameters() if p.requires_grad]
+    steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
+    batch = packed_inputs(rows, fast.loss.prefix)
+    key, host = steps._host_inputs(batch)
+    loss, grads = steps._body(dict(host, scale=torch.tensor(1.0)), key[2])
+    eager = token_loss_sum(net, batch, fast.loss, CPU, nullcontext())
     eager_grads = torch.autograd.grad(eager, params)
     torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, eager_grads):

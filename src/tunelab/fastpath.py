@@ -193,13 +193,14 @@ def set_attention(model: torch.nn.Module, name: str) -> None:
 
 # -- batches --------------------------------------------------------------------------------
 
-def pack_rows(rows: list[Rendered], max_tokens: int) -> list[list[Rendered]]:
-    """Group rows into as few micro-batches of at most `max_tokens` tokens as first-fit
-    decreasing finds; a row longer than the budget gets a micro-batch of its own."""
+def pack_rows(rows: list[Rendered], max_tokens: int, prefix: int = 0) -> list[list[Rendered]]:
+    """Group rows into as few micro-batches of at most `max_tokens` tokens (each row counted
+    with `prefix` virtual tokens) as first-fit decreasing finds; a row longer than the budget
+    gets a micro-batch of its own."""
     bins: list[list[Rendered]] = []
     room: list[int] = []
     for row in sorted(rows, key=lambda r: len(r.input_ids), reverse=True):
-        n = len(row.input_ids)
+        n = len(row.input_ids) + prefix
         for i, free in enumerate(room):
             if n <= free:
                 bins[i].append(row)
@@ -211,8 +212,12 @@ def pack_rows(rows: list[Rendered], max_tokens: int) -> list[list[Rendered]]:
     return bins
 
 
-def packed_inputs(rows: list[Rendered]) -> dict:
-    """A packed micro-batch with the keyword arguments `varlen_attention` reads."""
+def packed_inputs(rows: list[Rendered], prefix: int = 0) -> dict:
+    """A packed micro-batch with the keyword arguments `varlen_attention` reads. With a
+    `prefix`, each row starts with that many placeholder positions (positions 0..prefix-1, no
+    loss) where `with_prompt` puts the virtual tokens: PEFT's layout, row by row."""
+    if prefix:
+        rows = [Rendered([0] * prefix + r.input_ids, [IGNORE] * prefix + r.labels, r.truncated) for r in rows]
     batch = pack_batch(rows)
     lengths = batch.pop("seq_lengths")
     batch["labels"] = shift_labels(batch["labels"], lengths)
@@ -296,6 +301,9 @@ class LossPlan:
     """Plain linear output layer applied to the trunk's hidden states."""
     prefix: int = 0
     """Positions the model prepends to the input (virtual tokens of prompt-learning methods)."""
+    prompt: object = None
+    """With a prefix: returns its [prefix, hidden] input embeddings (`virtual_tokens.trainable_prompt`),
+    so packed rows can carry their virtual tokens (`with_prompt`); None: only PEFT's padded forward."""
 
 
 def model_parts(net: torch.nn.Module):
@@ -317,14 +325,43 @@ def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
         with autocast:
             logits = net(input_ids=ids, use_cache=False).logits
             prefix = logits.shape[1] - ids.shape[1]
-            if (prefix == 0 and trunk is not None and type(head) is torch.nn.Linear
-                    and head.weight.shape[0] == logits.shape[-1]):
-                mine = head(trunk(input_ids=ids, use_cache=False).last_hidden_state)
-                if torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3):
-                    return LossPlan(trunk, head)
+            if trunk is None or type(head) is not torch.nn.Linear or head.weight.shape[0] != logits.shape[-1]:
+                return LossPlan(None, None, prefix)
+            prompt = None
+            if prefix:
+                from .methods.virtual_tokens import trainable_prompt
+
+                prompt = trainable_prompt(net)
+                if prompt is None:
+                    return LossPlan(None, None, prefix)
+                positions = torch.arange(prefix + ids.shape[1], device=device)[None]
+                inputs = with_prompt(LossPlan(trunk, head, prefix, prompt),
+                                     {"input_ids": torch.cat([ids.new_zeros(1, prefix), ids], 1),
+                                      "position_ids": positions})
+            else:
+                inputs = {"input_ids": ids}
+            mine = head(trunk(**inputs, use_cache=False).last_hidden_state)
+            if torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3):
+                return LossPlan(trunk, head, prefix, prompt)
         return LossPlan(None, None, prefix)
     finally:
         net.train(was_training)
+
+
+def with_prompt(plan: LossPlan, batch: dict) -> dict:
+    """`batch` with `input_ids` replaced by `inputs_embeds` whose virtual-token positions (the
+    first `plan.prefix` positions of each row, where position_ids < prefix) hold the prompt.
+
+    The prompt goes in through a one-hot matmul rather than an index, so its gradient is a
+    plain matmul too: deterministic on the GPU, where an indexed backward adds atomically.
+    """
+    batch = dict(batch)
+    ids, positions = batch.pop("input_ids"), batch["position_ids"]
+    embeds = plan.trunk.get_input_embeddings()(ids)
+    prompt = plan.prompt().to(embeds.dtype)
+    one_hot = (positions[..., None] == torch.arange(plan.prefix, device=ids.device)).to(embeds.dtype)
+    batch["inputs_embeds"] = torch.where(positions[..., None] < plan.prefix, one_hot @ prompt, embeds)
+    return batch
 
 
 def token_loss_sum(net: torch.nn.Module, batch: dict, plan: LossPlan, device, autocast,
@@ -338,7 +375,9 @@ def token_loss_sum(net: torch.nn.Module, batch: dict, plan: LossPlan, device, au
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in batch.items() if k != "labels"}
     with autocast:
-        if plan.trunk is not None:
+        if plan.trunk is not None and (not plan.prefix or "cu_seq_lens_q" in batch):
+            if plan.prefix:  # packed rows that carry their virtual tokens
+                batch = with_prompt(plan, batch)
             hidden = plan.trunk(**batch, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
             if reduction == "sum":
                 return linear_cross_entropy(hidden, plan.head.weight, targets, plan.head.bias)
@@ -370,14 +409,16 @@ class FastPath:
         cuts padding; packed ones hold at most `micro_batch_tokens` tokens.
         """
         if self.packed:
-            return [packed_inputs(group) for group in pack_rows(rows, micro_batch_tokens)]
+            prefix = self.loss.prefix
+            return [packed_inputs(group, prefix) for group in pack_rows(rows, micro_batch_tokens, prefix)]
         ordered = sorted(rows, key=lambda r: len(r.input_ids))
         return [padded_inputs(ordered[i:i + micro_batch_size], self.pad_id)
                 for i in range(0, len(ordered), micro_batch_size)]
 
 
 def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: torch.device,
-          autocast, pad_id: int, attn_implementation: str | None = None, cuda_graphs: bool = True) -> FastPath:
+          autocast, pad_id: int, attn_implementation: str | None = None, cuda_graphs: bool = True,
+          fuse_lora: bool = True) -> FastPath:
     """Decide packing, attention and graphs for one run and switch the model over.
 
     packing `auto` packs where the method supports it and FlashAttention varlen runs (CUDA,
@@ -386,9 +427,11 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     dropped) unless the user named an `attn_implementation`. Packed micro-batches on CUDA
     replay as CUDA graphs (`graphs.py`) when `cuda_graphs`, the loss has the trunk + head
     form and activations are not checkpointed (recomputation saves and restores RNG state,
-    which a graph cannot).
+    which a graph cannot). Plain LoRA projections train through `methods.lora_fused` (same
+    values and gradients as PEFT's forward, a third of the kernels) when `fuse_lora`.
     """
     from .config import check
+    from .methods import lora_fused
 
     model = net.get_base_model() if hasattr(net, "get_base_model") else net
     dtype = next(model.parameters()).dtype
@@ -397,6 +440,8 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     check(packing != "on" or attn_implementation in (None, ATTENTION, ATTENTION_PADDED), "train.packing",
           f"auto or off when --model.attn_implementation is {attn_implementation!r} (packed rows "
           f"need tunelab's varlen attention to stay apart)", packing)
+    if fuse_lora:
+        lora_fused.fuse(net)
     fast_kernel = varlen_available(device, dtype)
     packed = packing == "on" or (packing == "auto" and supports_packing and fast_kernel
                                  and attn_implementation in (None, ATTENTION, ATTENTION_PADDED))
@@ -407,12 +452,17 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     use_varlen_attention(model, padded=not packed)
     try:
         fast = FastPath(packed=packed, pad_id=pad_id, loss=plan_loss(net, device, autocast), varlen=True)
-        if (cuda_graphs and packed and device.type == "cuda" and fast.loss.trunk is not None
+        if packed and fast.loss.prefix and fast.loss.prompt is None:
+            check(packing != "on", "train.packing", "auto or off for this model (its virtual tokens "
+                  "cannot be placed in packed rows)", packing)
+            fast.packed = False
+            use_varlen_attention(model, padded=True)
+        if (cuda_graphs and fast.packed and device.type == "cuda" and fast.loss.trunk is not None
                 and not getattr(model, "is_gradient_checkpointing", False)):
             from .graphs import GraphedSteps
 
             params = [p for p in net.parameters() if p.requires_grad]
-            fast.graphs = GraphedSteps(net, fast.loss.trunk, fast.loss.head, params, pad_id, autocast)
+            fast.graphs = GraphedSteps(net, fast.loss, params, pad_id, autocast)
         return fast
     except NotImplementedError:  # e.g. prefix tuning: keys come from a cache as well
         if packed:

@@ -33,9 +33,9 @@ def _round_up(n: int, to: int) -> int:
 class GraphedSteps:
     """Forward + backward of packed micro-batches through `trunk` and `head`, as CUDA graphs."""
 
-    def __init__(self, net: torch.nn.Module, trunk: torch.nn.Module, head: torch.nn.Module,
-                 params: list[torch.nn.Parameter], pad_id: int, autocast):
-        self.net, self.trunk, self.head, self.params = net, trunk, head, params
+    def __init__(self, net: torch.nn.Module, plan, params: list[torch.nn.Parameter], pad_id: int, autocast):
+        self.net, self.plan, self.params = net, plan, params
+        self.trunk, self.head = plan.trunk, plan.head
         self.pad_id = pad_id
         # cached weight casts would be allocated inside the graph and freed after it
         self.autocast = (torch.autocast("cuda", dtype=autocast.fast_dtype, cache_enabled=False)
@@ -73,11 +73,13 @@ class GraphedSteps:
 
     # -- the captured computation -------------------------------------------------------
     def _body(self, static: dict, longest: int):
-        from .fastpath import linear_cross_entropy
+        from .fastpath import linear_cross_entropy, with_prompt
 
         with self.autocast:
-            hidden = self.trunk(input_ids=static["input_ids"], position_ids=static["position_ids"],
-                                cu_seq_lens_q=static["cu_seqlens"], cu_seq_lens_k=static["cu_seqlens"],
+            inputs = {"input_ids": static["input_ids"], "position_ids": static["position_ids"]}
+            if self.plan.prefix:  # virtual tokens (P-Tuning, prompt tuning) at each row's start
+                inputs = with_prompt(self.plan, inputs)
+            hidden = self.trunk(**inputs, cu_seq_lens_q=static["cu_seqlens"], cu_seq_lens_k=static["cu_seqlens"],
                                 max_length_q=longest, max_length_k=longest, use_cache=False).last_hidden_state
             hidden = hidden[0].index_select(0, static["positions"])
             loss = linear_cross_entropy(hidden, self.head.weight, static["targets"], self.head.bias,

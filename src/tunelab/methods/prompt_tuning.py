@@ -2,7 +2,7 @@
 
 The simplest virtual-token method (Lester et al. 2021): the embeddings themselves are the
 parameters (20 virtual tokens by default, initialised from randomly sampled vocabulary
-embeddings). Not mergeable, no packing; see `virtual_tokens.py` for what it shares with
+embeddings). Not mergeable; trains on packed rows like P-Tuning; see `virtual_tokens.py` for what it shares with
 P-Tuning.
 """
 
@@ -41,7 +41,7 @@ def apply(model: torch.nn.Module, cfg: PromptTuningConfig) -> torch.nn.Module:
 
 register(Method(
     name="prompt_tuning", config_cls=PromptTuningConfig,
-    capabilities=Capabilities(mergeable=False, supports_packing=False),
+    capabilities=Capabilities(mergeable=False, supports_packing=True),
     apply=apply, save=save_virtual, load=load_virtual,
     merge=refuse_merge("prompt_tuning", (
         "prompt tuning adds trained virtual tokens to every input; it changes no weight of the base "

@@ -2,8 +2,9 @@
 
 Defaults are the reference recipe's: PEFT's PromptEncoder, 10 virtual tokens, MLP
 reparameterization with hidden size 1024, dropout 0.1 (an LSTM encoder is an option).
-The adapter is not a weight change, so it cannot be merged; it cannot train on packed
-rows either (the virtual tokens belong to one sequence). Shared machinery (generation
+The adapter is not a weight change, so it cannot be merged. It trains on packed rows:
+each row of a pack starts with its own virtual tokens (`fastpath.with_prompt`), the
+layout PEFT gives a padded row. Shared machinery (generation
 that injects the tokens, the guard against model-specific helpers, resumable saves) is
 in `virtual_tokens.py`.
 """
@@ -64,6 +65,6 @@ NOT_MERGEABLE = (
 
 register(Method(
     name="ptuning", config_cls=PTuningConfig,
-    capabilities=Capabilities(mergeable=False, supports_packing=False),
+    capabilities=Capabilities(mergeable=False, supports_packing=True),
     apply=apply, save=save_virtual, load=load_virtual, merge=refuse_merge("ptuning", NOT_MERGEABLE),
     summary="P-Tuning: virtual tokens from a trained MLP/LSTM prompt encoder (not mergeable)"))

@@ -100,6 +100,27 @@ def is_prefix(model: PeftModel) -> bool:
     return model.active_peft_config.peft_type == PeftType.PREFIX_TUNING
 
 
+def trainable_prompt(model: torch.nn.Module):
+    """A function returning the [n_virtual, hidden] input embeddings that a P-Tuning or
+    prompt-tuning adapter puts before every row, with gradients to its encoder; None for
+    prefix tuning and anything that is not such an adapter.
+
+    It computes what PEFT's `get_prompt` computes in training (the encoder over the
+    virtual-token indices, dropout included) but keeps the indices on the device: PEFT copies
+    them from the host on every forward, which a CUDA graph cannot capture.
+    """
+    if not isinstance(model, PeftModel) or not model.active_peft_config.is_prompt_learning:
+        return None
+    if model.active_peft_config.peft_type not in (PeftType.P_TUNING, PeftType.PROMPT_TUNING):
+        return None
+    encoder = model.prompt_encoder[model.active_adapter]
+    tokens = model.prompt_tokens[model.active_adapter][None].to(encoder.embedding.weight.device)
+
+    def prompt() -> torch.Tensor:
+        return encoder(tokens)[0]
+    return prompt
+
+
 # -- generation --------------------------------------------------------------------------
 
 @contextmanager
