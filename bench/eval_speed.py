@@ -31,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -128,11 +129,14 @@ class Timers:
         self.answer_tokens = 0
         self.generate_s = 0.0
 
-    def install(self):
+    @contextmanager
+    def installed(self):
         from tunelab.evaluate import runner
         from tunelab.generate import Engine
 
-        for module in (runner.in_domain, runner.persona, runner.general, runner.benchmarks_suite):
+        modules = (runner.in_domain, runner.persona, runner.general, runner.benchmarks_suite)
+        originals = [m.run for m in modules] + [Engine.complete]
+        for module in modules:
             module.run = self._timed(module.__name__.rsplit(".", 1)[-1], module.run)
         complete = Engine.complete
 
@@ -146,6 +150,12 @@ class Timers:
             return answers
 
         Engine.complete = counted
+        try:
+            yield self
+        finally:
+            for module, fn in zip(modules, originals):
+                module.run = fn
+            Engine.complete = originals[-1]
 
     def _timed(self, name, fn):
         def run(engine, *a, **k):
@@ -179,8 +189,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     timers = Timers()
-    timers.install()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, timers.installed():
         runs, build_s = args.runs, 0.0
         if not runs:
             start = time.perf_counter()
