@@ -211,6 +211,27 @@ def test_teacher_forced_batches_match_single_rows(runs):
             assert (logits[row, -len(prompt):].float() - single).abs().max() < 1e-4, name
 
 
+def test_scoring_only_the_supervised_positions_gives_the_full_logits_loss(runs):
+    """score_rows computes the LM head from the batch's first supervised position on; the
+    summed loss equals the one from every position's logits, for every adapter."""
+    import torch.nn.functional as F
+
+    from tunelab.data import IGNORE
+    from tunelab.evaluate.common import score_rows
+
+    engine = Engine.from_runs(runs)
+    rows = [engine.format.render(m + [{"role": "assistant", "content": a}], 128, "all", "prompt")
+            for m, a in zip(conversations(), ["我是甄嬛。", "An assistant.", "Paris.", "1.9", "hello", "ok"])]
+    for name in engine.adapters:
+        scored = score_rows(engine, rows, name, batch_size=4)
+        assert engine.forward(*left_pad([rows[0].input_ids], 0), adapter=name, keep_last=2).shape[1] == 2
+        for row, (nll, count) in zip(rows, scored):
+            logits = engine.logits(row.input_ids, adapter=name)[:-1]
+            labels = torch.tensor(row.labels[1:])
+            full = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
+            assert count == int((labels != IGNORE).sum()) and abs(nll - full) < 1e-3 * max(1.0, full), name
+
+
 def test_a_failed_stream_raises_instead_of_hanging(runs, monkeypatch):
     engine = Engine.from_runs({"lora": runs["lora"]})
 

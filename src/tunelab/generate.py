@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -241,29 +241,45 @@ class Engine:
             embeds[b, start:start + n] = prompt.to(embeds.dtype)
         return new_ids, new_mask, embeds
 
+    @contextmanager
+    def _serving(self, adapter: str):
+        """The module to call for `adapter` (not a prefix), with that adapter switched on."""
+        if adapter in self.virtual or adapter == BASE:
+            with self._deltas_off():
+                yield self.base
+        else:
+            self.lora.set_adapter(adapter)
+            yield self.lora
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapter: Optional[str] = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapter: Optional[str] = None,
+                keep_last: int = 0) -> torch.Tensor:
         """Teacher-forced logits [batch, width, vocab] of left-padded `ids` with `adapter`, in
-        the layout of `ids` (virtual positions removed); each row has its unpadded positions."""
+        the layout of `ids` (virtual positions removed); each row has its unpadded positions.
+
+        keep_last > 0: only the logits of the last `keep_last` positions, [batch, keep_last,
+        vocab] (the LM head is the costliest layer of a small model; scoring needs few positions).
+        """
         adapter = self._check_adapter(adapter or self.active)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        keep = dict(logits_to_keep=keep_last) if keep_last else {}
         if adapter in self.virtual:
             n, width = self.virtual[adapter].shape[0], ids.shape[1]
             _, full_mask, embeds = self._with_virtual_tokens(ids, mask, self.virtual[adapter])
             with self._deltas_off():
                 logits = self.base(inputs_embeds=embeds, attention_mask=full_mask,
-                                   position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+                                   position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0), **keep).logits
+            if keep_last:  # the virtual tokens sit before each row's first token, never after it
+                return logits
             pads = (width - mask.sum(-1)).tolist()
             return torch.stack([torch.cat([row[:pad], row[pad + n:]]) for row, pad in zip(logits, pads)])
         if adapter in self.prefix:  # PEFT shifts position_ids past the prefix itself
             with self._deltas_off():
-                return self.prefix[adapter](input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        if adapter == BASE:
-            with self._deltas_off():
-                return self.base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        self.lora.set_adapter(adapter)
-        return self.lora(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+                return self.prefix[adapter](input_ids=ids, attention_mask=mask, position_ids=positions,
+                                            **keep).logits
+        with self._serving(adapter) as model:
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits
 
     def logits(self, ids: list[int], adapter: Optional[str] = None) -> torch.Tensor:
         """Next-token logits [len(ids), vocab] for one unpadded prompt (virtual tokens excluded)."""

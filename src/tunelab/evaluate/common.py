@@ -90,8 +90,12 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
             batch = order[start:start + batch_size]
             ids, mask = left_pad([rows[i].input_ids for i in batch], engine.tokenizer.pad_token_id)
             labels, _ = left_pad([rows[i].labels for i in batch], IGNORE)
-            logits = engine.forward(ids, mask, adapter)
-            target = labels[:, 1:].to(logits.device)
+            # Logits only from the position before the batch's first supervised token: the
+            # prompts' positions need no LM head (rows are left-padded, so replies end aligned).
+            first = int((labels != IGNORE).long().argmax(-1).min())
+            keep = labels.shape[1] - max(first - 1, 0)
+            logits = engine.forward(ids, mask, adapter, keep_last=keep)
+            target = labels[:, labels.shape[1] - keep + 1:].to(logits.device)
             logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
             picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             valid = target != IGNORE
