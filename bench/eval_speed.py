@@ -135,9 +135,10 @@ class Timers:
         from tunelab.generate import Engine
 
         modules = (runner.in_domain, runner.persona, runner.general, runner.benchmarks_suite)
-        originals = [m.run for m in modules] + [Engine.complete]
+        originals = [m.run for m in modules] + [runner.in_domain.score_rows, Engine.complete]
         for module in modules:
             module.run = self._timed(module.__name__.rsplit(".", 1)[-1], module.run)
+        runner.in_domain.score_rows = self._timed("in_domain_loss", runner.in_domain.score_rows)
         complete = Engine.complete
 
         def counted(engine, prompts, *a, **k):
@@ -155,7 +156,7 @@ class Timers:
         finally:
             for module, fn in zip(modules, originals):
                 module.run = fn
-            Engine.complete = originals[-1]
+            runner.in_domain.score_rows, Engine.complete = originals[-2:]
 
     def _timed(self, name, fn):
         def run(engine, *a, **k):

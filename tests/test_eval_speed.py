@@ -28,7 +28,7 @@ def test_eval_speed_runs_on_cpu_and_compares(tmp_path, monkeypatch, capsys):
             "--batch-size", "4", "--max-new-tokens", "6"]
     first = eval_speed.main(argv + ["--out", str(tmp_path / "a.json")])
     assert first["models"] == ["base", "lora", "ptuning"]
-    assert set(first["suite_seconds"]) == {"in_domain", "persona", "general"}
+    assert set(first["suite_seconds"]) == {"in_domain", "in_domain_loss", "persona", "general"}
     # in_domain 6 + persona 6 + general 6 + general_persona 6 items, each asked of 3 models
     assert first["answers"] == 3 * 4 * 6 and 0 < first["answer_tokens"] <= first["answers"] * 6
     assert set(first["in_domain_loss"]) == {"base", "lora", "ptuning"}
