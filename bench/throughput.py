@@ -52,6 +52,10 @@ CASES = {
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False), "ref-lora-1.5b-gc"),
+    "lora-1.5b-no-prefetch": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, prefetch=False),
+                              "ref-lora-1.5b-gc"),
+    "ptuning-1.5b-no-prefetch": ("tunelab", "qwen2-1.5b", "ptuning",
+                                 dict(batch_size=4, micro_batch_size=4, lr=1e-4, prefetch=False), "ref-ptuning-1.5b"),
     "lora-1.5b-compile-graphs": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, compile=True),
                                  "ref-lora-1.5b-gc"),
     "lora-1.5b-compile-graphs-unfused": ("tunelab", "qwen2-1.5b", "lora",
@@ -86,17 +90,17 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
     else:
         from tunelab.config import TrainConfig
 
-        use_compile = options.pop("compile", False)
         fuse_lora = options.pop("fuse_lora", True)
+        prefetching = options.pop("prefetch", True)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
-                                  args.steps, args.warmup, cfg, compile=use_compile, fuse_lora=fuse_lora,
+                                  args.steps, args.warmup, cfg, fuse_lora=fuse_lora, prefetching=prefetching,
                                   profile=profile)
-        result["fuse_lora"] = fuse_lora
+        result["fuse_lora"], result["prefetch"] = fuse_lora, prefetching
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
-        result["compile"] = use_compile
+        result["compile"] = cfg.compile
         epoch_tokens = data["tunelab_epoch_tokens"]
     result.update(case=name, runner=runner, shape=shape, method=method, wall_s=time.perf_counter() - started)
     result["mfu"] = 4 * result["params"] * result["tokens_per_s"] / (peak * 1e12)

@@ -31,12 +31,6 @@ def apply_method(name: str, base):
     raise ValueError(f"unknown method {name!r}")
 
 
-def compile_layers(fast) -> None:
-    """Regional torch.compile: each decoder layer, shapes dynamic (packed lengths vary)."""
-    for layer in fast.loss.trunk.layers:
-        layer.compile(dynamic=True)
-
-
 def profile_steps(path: str, step, indices, optimizer) -> None:
     """Kernel-level profile of a few optimizer steps: the top kernels by GPU time, how many
     kernels a step launches, and GPU busy time against wall time, written to `path`."""
@@ -63,10 +57,10 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
 
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
-        warmup: int, train_cfg, compile: bool = False, fuse_lora: bool = True,
+        warmup: int, train_cfg, fuse_lora: bool = True, prefetching: bool = True,
         profile: str | None = None) -> dict:
     from tunelab import fastpath
-    from tunelab.train import optimizer_step, step_rows
+    from tunelab.train import Prefetch, optimizer_step, step_rows
 
     cfg = train_cfg
     clock = Clock(device)
@@ -84,13 +78,14 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
         fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
                               cuda_graphs=cfg.cuda_graphs, fuse_lora=fuse_lora)
-        if compile:
-            compile_layers(fast)
+        if cfg.compile:  # as `tunelab train --train.compile true` does
+            fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
         # Warm up on `warmup` steps, then pass once over the measured steps (CUDA graphs are
         # captured there, once per padded size, as they would be early in a run), then time
         # a second pass over the same steps: the steady state of a long run.
         measured = list(range(warmup, warmup + steps))
+        prefetch = Prefetch(fast)
         first_pass, tokens = Clock(device), 0
         for phase, indices in (("warmup", range(warmup)), ("first", measured), ("timed", measured)):
             if phase == "first":
@@ -99,14 +94,18 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                 first_pass.end()
                 clock.begin()
                 tokens = 0
-            for step in indices:
+            for i, step in enumerate(indices):  # with the next step's inputs built meanwhile, as in train()
                 step_of = step_rows(rows, cfg, step, steps_per_epoch)
-                loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params)
+                inputs = prefetch.get(step, step_of, cfg) if prefetching else None
+                if prefetching and i + 1 < len(indices):
+                    prefetch.ahead(indices[i + 1], step_rows(rows, cfg, indices[i + 1], steps_per_epoch), cfg)
+                loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params, inputs)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 tokens += n_tokens
         clock.end()
+        prefetch.close()
         peak = peak_gib(device)
         if profile:
             profile_steps(profile, lambda step: optimizer_step(net, step_rows(rows, cfg, step, steps_per_epoch),

@@ -199,7 +199,7 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
     params = [p for p in net.parameters() if p.requires_grad]
     steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
     batch = packed_inputs(rows)
-    key, host = steps._host_inputs(batch)
+    key, host = steps.host_inputs(batch)
     tokens = sum(len(r.input_ids) for r in rows)
     assert key[0] % 256 == 0 and key[0] > tokens and host["cu_seqlens"].numel() % 16 == 0
     assert host["cu_seqlens"][len(rows) + 1] == key[0]  # the padding is a row of its own
@@ -249,10 +249,34 @@ def test_graph_inputs_carry_virtual_tokens(rows):
     params = [p for p in net.parameters() if p.requires_grad]
     steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
     batch = packed_inputs(rows, fast.loss.prefix)
-    key, host = steps._host_inputs(batch)
+    key, host = steps.host_inputs(batch)
     loss, grads = steps._body(dict(host, scale=torch.tensor(1.0)), key[2])
     eager = token_loss_sum(net, batch, fast.loss, CPU, nullcontext())
     eager_grads = torch.autograd.grad(eager, params)
     torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_layers_keeps_the_loss_and_gradients(rows):
+    """`--train.compile`: every decoder layer compiled (the eager backend here: the same
+    graph capture by dynamo, no C compiler in CI); the packed loss and gradients unchanged."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        net = lora()
+        fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+        if compiled:
+            assert fastpath.compile_layers(fast.loss.trunk, backend="eager") == net.config.num_hidden_layers
+        params = [p for p in net.parameters() if p.requires_grad]
+        loss = token_loss_sum(net.eval(), packed_inputs(rows), fast.loss, CPU, nullcontext())
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a)
+
+
+def test_compile_needs_a_layer_list():
+    with pytest.raises(ConfigError, match="--train.compile"):
+        fastpath.compile_layers(torch.nn.Linear(2, 2))

@@ -387,6 +387,21 @@ def token_loss_sum(net: torch.nn.Module, batch: dict, plan: LossPlan, device, au
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
+def compile_layers(trunk: torch.nn.Module, backend: str = "inductor") -> int:
+    """Regional torch.compile: every decoder layer (the modules of the trunk's `layers` list)
+    compiled with dynamic shapes, so packed micro-batches of any length reuse one compilation.
+    Inside CUDA graphs the compiled kernels are captured like any other. Returns the count."""
+    from .config import ConfigError
+
+    layers = getattr(trunk, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"`--train.compile` needs a decoder with a `layers` list; "
+                          f"{type(trunk).__name__} has none: use --train.compile false")
+    for layer in layers:
+        layer.compile(dynamic=True, backend=backend)
+    return len(layers)
+
+
 # -- setup ----------------------------------------------------------------------------------
 
 @dataclass

@@ -24,6 +24,7 @@ them at every decoding step, and with left padding it shifts every real token's 
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -64,6 +65,9 @@ class Engine:
             self.active = name
         self.base.eval()
         self.stop_ids = self._stop_ids()
+        # transformers >= 5.2x names the KV cache argument `cache`, earlier versions `past_key_values`
+        self.cache_name = "cache" if "cache" in inspect.signature(self.base.forward).parameters \
+            else "past_key_values"
 
     # -- adapters ---------------------------------------------------------------------------
     @classmethod
@@ -297,7 +301,6 @@ class Engine:
         """
         gen = gen or GenerationConfig()
         adapter = self._check_adapter(adapter or self.active)
-        kwargs = self._generate_kwargs(gen, ignore_eos)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if progress:
@@ -311,14 +314,88 @@ class Engine:
         try:
             with torch.random.fork_rng(devices=devices):  # leave the caller's RNG untouched
                 for batch_index, batch in enumerate(batches):
-                    ids, mask = left_pad([prompts[i] for i in batch], self.tokenizer.pad_token_id)
                     seed = gen.seed + batch_index if gen.temperature > 0 else None
-                    new = self._run(ids, mask, adapter, seed, **kwargs).tolist()
+                    if adapter in self.prefix:  # its keys and values: only its own generate places them
+                        ids, mask = left_pad([prompts[i] for i in batch], self.tokenizer.pad_token_id)
+                        new = self._run(ids, mask, adapter, seed, **self._generate_kwargs(gen, ignore_eos)).tolist()
+                    else:
+                        new = self._decode([prompts[i] for i in batch], adapter, gen, seed, ignore_eos)
                     for row, i in enumerate(batch):
                         answers[i] = new[row] if ignore_eos else self.cut_at_stop(new[row])
         finally:
             self.base.train(was_training)
         return answers
+
+    def _decode(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig, seed: Optional[int],
+                ignore_eos: bool = False) -> list[list[int]]:
+        """The new tokens of one batch of prompts (stop token included), decoded with a KV cache.
+
+        The loop `generate` runs, plus what it cannot do: a row that ends its turn leaves the
+        batch (its keys and values with it), so the rows still answering no longer carry it.
+        Decoding is the same as `generate`'s: argmax, or the same logits processors and
+        sampling; with `ignore_eos` the stop tokens are never picked (`min_new_tokens`).
+        """
+        from transformers import DynamicCache
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        process = self._logits_processors(gen)
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        cache = DynamicCache(config=self.base.config)
+        step_args = {self.cache_name: cache, "use_cache": True, "logits_to_keep": 1}
+        with self._serving(adapter) as model:
+            if adapter in self.virtual:
+                ids, mask, embeds = self._with_virtual_tokens(ids, mask, self.virtual[adapter])
+                inputs = dict(inputs_embeds=embeds)
+            else:
+                inputs = dict(input_ids=ids)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(**inputs, attention_mask=mask, position_ids=positions, **step_args).logits[:, -1]
+            seen, position = ids, positions[:, -1]
+            rows = torch.arange(len(prompts), device=self.device)  # the prompt each batch row answers
+            answers: list[list[int]] = [[] for _ in prompts]
+            for step in range(gen.max_new_tokens):
+                scores = process(seen, logits.float())
+                if ignore_eos:
+                    scores[:, stop] = -float("inf")
+                if gen.temperature > 0:
+                    token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+                else:
+                    token = scores.argmax(-1)
+                for row, t in zip(rows.tolist(), token.tolist()):
+                    answers[row].append(t)
+                finished = torch.zeros_like(token, dtype=torch.bool) if ignore_eos else torch.isin(token, stop)
+                if step + 1 == gen.max_new_tokens or bool(finished.all()):
+                    break
+                if bool(finished.any()):  # finished rows leave the batch
+                    keep = (~finished).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    token, mask, seen, position, rows = (t[keep] for t in (token, mask, seen, position, rows))
+                mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
+                seen = torch.cat([seen, token[:, None]], dim=1)
+                position = position + 1
+                logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                               **step_args).logits[:, -1]
+        return answers
+
+    def _logits_processors(self, gen: GenerationConfig):
+        """What `generate` applies to the logits before picking a token, in its order."""
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
+
+        processors = LogitsProcessorList()
+        if gen.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+        if gen.temperature > 0:
+            if gen.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(gen.temperature))
+            if gen.top_k:
+                processors.append(TopKLogitsWarper(gen.top_k))
+            if gen.top_p < 1.0:
+                processors.append(TopPLogitsWarper(gen.top_p))
+        return processors
 
     def generate(self, conversations: list[list[dict]], gen: Optional[GenerationConfig] = None,
                  batch_size: int = 16, progress: bool = False, adapter: Optional[str] = None) -> list[str]:

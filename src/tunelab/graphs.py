@@ -46,7 +46,8 @@ class GraphedSteps:
         self.replays = 0
 
     # -- inputs -----------------------------------------------------------------------
-    def _host_inputs(self, batch: dict) -> tuple[tuple, dict]:
+    def host_inputs(self, batch: dict) -> tuple[tuple, dict]:
+        """(graph key, bucketed host tensors) of a packed micro-batch; host-only work."""
         ids, positions = batch["input_ids"][0], batch["position_ids"][0]
         labels, cu = batch["labels"][0], batch["cu_seq_lens_q"]
         tokens = ids.numel()
@@ -105,12 +106,13 @@ class GraphedSteps:
         return graph, loss, grads
 
     # -- one micro-batch ----------------------------------------------------------------
-    def run(self, batch: dict, scale: float) -> torch.Tensor | None:
+    def run(self, batch: dict, scale: float, inputs: tuple | None = None) -> torch.Tensor | None:
         """Loss * scale of a packed micro-batch, its gradients added to `param.grad`;
-        None when graphs are off for this run (the caller runs the step eagerly)."""
+        None when graphs are off for this run (the caller runs the step eagerly).
+        `inputs`: `host_inputs(batch)`, if already built."""
         if self.failed:
             return None
-        key, host = self._host_inputs(batch)
+        key, host = inputs or self.host_inputs(batch)
         device = self.params[0].device
         if key not in self.graphs:
             static = {name: t.to(device) for name, t in host.items()}
