@@ -2,7 +2,10 @@
 
 Prompts are rendered by `ChatFormat` (the same function training uses), left-padded into
 batches sorted by length, and decoded with a KV cache until the template's end-of-turn
-token. Decoding goes through the model's own `generate`, never a model-specific chat helper.
+token, never through a model-specific chat helper. Batches (`complete`) are decoded by a
+short loop over the model's forward (`_decode`), which does what `generate` does and drops
+each row from the batch once it has ended its turn; streaming (chat) and prefix tuning go
+through the model's own `generate`.
 
 One base model stays in memory and several adapters share it, switched by name:
 - `base`: the model alone (weight-delta adapters disabled);
