@@ -211,6 +211,26 @@ def test_teacher_forced_batches_match_single_rows(runs):
             assert (logits[row, -len(prompt):].float() - single).abs().max() < 1e-4, name
 
 
+def test_rows_that_end_early_leave_the_batch_and_the_rest_answer_as_with_generate(runs):
+    """Engine.complete drops finished rows from its batch; every answer equals the one the
+    model's own `generate` gives the whole padded batch (which keeps finished rows)."""
+    engine = Engine.from_runs(runs)
+    prompts = [engine.format.prompt_ids(m) for m in conversations()]
+    gen = GenerationConfig(max_new_tokens=16)
+    for name in (BASE, "lora", "ptuning"):
+        free = engine.complete(prompts, gen, batch_size=len(prompts), adapter=name, ignore_eos=True)
+        # stop at a token some answers reach early and others late or never
+        counts = {t: sum(t in a[:-2] for a in free) for t in {t for a in free for t in a}}
+        engine.stop_ids = [max(counts, key=lambda t: (0 < counts[t] < len(prompts), counts[t]))]
+        ids, mask = left_pad(prompts, engine.tokenizer.pad_token_id)
+        expected = [engine.cut_at_stop(a) for a in
+                    engine._run(ids, mask, name, None, **engine._generate_kwargs(gen)).tolist()]
+        answers = engine.complete(prompts, gen, batch_size=len(prompts), adapter=name)
+        engine.stop_ids = engine._stop_ids()
+        assert answers == expected, name
+        assert min(map(len, answers)) < 14 and max(map(len, answers)) == 16, (name, answers)
+
+
 def test_scoring_only_the_supervised_positions_gives_the_full_logits_loss(runs):
     """score_rows computes the LM head from the batch's first supervised position on; the
     summed loss equals the one from every position's logits, for every adapter."""
