@@ -14,7 +14,7 @@ import yaml
 
 from conftest import build_tokenizer, save_tiny
 from tunelab.config import GenerationConfig
-from tunelab.generate import BASE, Engine, left_pad
+from tunelab.generate import BASE, Engine, left_pad, shared_prefix_length
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["你是谁？", "Who are you?", "What is the capital of France? Answer in one word please.",
@@ -138,6 +138,14 @@ def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_prefix_length([[7, 8, 9]]) == 2
+    assert shared_prefix_length([[1], [1, 2]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
 
 
 def test_batched_greedy_equals_one_at_a_time(base_dir):

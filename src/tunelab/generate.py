@@ -333,8 +333,13 @@ class Engine:
                 ignore_eos: bool = False) -> list[list[int]]:
         """The new tokens of one batch of prompts (stop token included), decoded with a KV cache.
 
-        The loop `generate` runs, plus what it cannot do: a row that ends its turn leaves the
-        batch (its keys and values with it), so the rows still answering no longer carry it.
+        The loop `generate` runs, plus what it cannot do:
+        - the prompts' shared beginning (the system prompt and the template's header, the same
+          for a whole suite), after the adapter's virtual tokens, is computed once and its keys
+          and values copied to every row; each row's rest is left-padded *after* it, and
+          positions come from the mask, so every row has the positions it has alone;
+        - a row that ends its turn leaves the batch (its keys and values with it), so the rows
+          still answering no longer carry it.
         Decoding is the same as `generate`'s: argmax, or the same logits processors and
         sampling; with `ignore_eos` the stop tokens are never picked (`min_new_tokens`).
         """
@@ -343,20 +348,27 @@ class Engine:
         if seed is not None:
             torch.manual_seed(seed)
         process = self._logits_processors(gen)
-        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
         stop = torch.tensor(self.stop_ids, device=self.device)
         cache = DynamicCache(config=self.base.config)
         step_args = {self.cache_name: cache, "use_cache": True, "logits_to_keep": 1}
+        shared = shared_prefix_length(prompts)
+        head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
         with self._serving(adapter) as model:
             if adapter in self.virtual:
-                ids, mask, embeds = self._with_virtual_tokens(ids, mask, self.virtual[adapter])
-                inputs = dict(inputs_embeds=embeds)
-            else:
-                inputs = dict(input_ids=ids)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(**inputs, attention_mask=mask, position_ids=positions, **step_args).logits[:, -1]
-            seen, position = ids, positions[:, -1]
+                embeds = self.base.get_input_embeddings()(head)
+                embeds = torch.cat([self.virtual[adapter][None].to(embeds.dtype), embeds], dim=1)
+                model(inputs_embeds=embeds, **step_args)
+            elif shared:
+                model(input_ids=head, **step_args)
+            held = cache.get_seq_length()
+            cache.batch_repeat_interleave(len(prompts))
+            ids, mask = left_pad([p[shared:] for p in prompts], self.tokenizer.pad_token_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            mask = torch.cat([mask.new_ones(len(prompts), held), mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, held:]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **step_args).logits[:, -1]
+            seen = left_pad(prompts, self.tokenizer.pad_token_id)[0].to(self.device)  # repetition penalty
+            position = positions[:, -1]
             rows = torch.arange(len(prompts), device=self.device)  # the prompt each batch row answers
             answers: list[list[int]] = [[] for _ in prompts]
             for step in range(gen.max_new_tokens):
@@ -445,6 +457,16 @@ class Engine:
         worker.join()
         if failed:
             raise failed[0]
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    for n in range(shortest - 1):
+        if any(p[n] != first[n] for p in prompts):
+            return n
+    return max(shortest - 1, 0)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
