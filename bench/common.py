@@ -116,14 +116,21 @@ def fresh_memory(device: torch.device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        _LEFTOVER[device] = torch.cuda.memory_allocated(device)  # not freed by earlier cases
     yield
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
+_LEFTOVER: dict = {}
+
+
 def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    """This case's peak: the allocator's peak less what earlier cases still held at its start."""
+    if device.type != "cuda":
+        return float("nan")
+    return (torch.cuda.max_memory_allocated(device) - _LEFTOVER.get(device, 0)) / 2**30
 
 
 class Clock:

@@ -52,10 +52,6 @@ CASES = {
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False), "ref-lora-1.5b-gc"),
-    "lora-1.5b-no-prefetch": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, prefetch=False),
-                              "ref-lora-1.5b-gc"),
-    "ptuning-1.5b-no-prefetch": ("tunelab", "qwen2-1.5b", "ptuning",
-                                 dict(batch_size=4, micro_batch_size=4, lr=1e-4, prefetch=False), "ref-ptuning-1.5b"),
     "lora-1.5b-compile-graphs": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, compile=True),
                                  "ref-lora-1.5b-gc"),
     "lora-1.5b-compile-graphs-unfused": ("tunelab", "qwen2-1.5b", "lora",
@@ -91,13 +87,12 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
         from tunelab.config import TrainConfig
 
         fuse_lora = options.pop("fuse_lora", True)
-        prefetching = options.pop("prefetch", True)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
-                                  args.steps, args.warmup, cfg, fuse_lora=fuse_lora, prefetching=prefetching,
+                                  args.steps, args.warmup, cfg, fuse_lora=fuse_lora,
                                   profile=profile)
-        result["fuse_lora"], result["prefetch"] = fuse_lora, prefetching
+        result["fuse_lora"] = fuse_lora
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = cfg.compile

@@ -57,10 +57,10 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
 
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
-        warmup: int, train_cfg, fuse_lora: bool = True, prefetching: bool = True,
+        warmup: int, train_cfg, fuse_lora: bool = True,
         profile: str | None = None) -> dict:
     from tunelab import fastpath
-    from tunelab.train import Prefetch, optimizer_step, step_rows
+    from tunelab.train import optimizer_step, step_rows
 
     cfg = train_cfg
     clock = Clock(device)
@@ -85,7 +85,6 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         # captured there, once per padded size, as they would be early in a run), then time
         # a second pass over the same steps: the steady state of a long run.
         measured = list(range(warmup, warmup + steps))
-        prefetch = Prefetch(fast)
         first_pass, tokens = Clock(device), 0
         for phase, indices in (("warmup", range(warmup)), ("first", measured), ("timed", measured)):
             if phase == "first":
@@ -94,18 +93,14 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                 first_pass.end()
                 clock.begin()
                 tokens = 0
-            for i, step in enumerate(indices):  # with the next step's inputs built meanwhile, as in train()
+            for step in indices:
                 step_of = step_rows(rows, cfg, step, steps_per_epoch)
-                inputs = prefetch.get(step, step_of, cfg) if prefetching else None
-                if prefetching and i + 1 < len(indices):
-                    prefetch.ahead(indices[i + 1], step_rows(rows, cfg, indices[i + 1], steps_per_epoch), cfg)
-                loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params, inputs)
+                loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 tokens += n_tokens
         clock.end()
-        prefetch.close()
         peak = peak_gib(device)
         if profile:
             profile_steps(profile, lambda step: optimizer_step(net, step_rows(rows, cfg, step, steps_per_epoch),

@@ -106,13 +106,12 @@ class GraphedSteps:
         return graph, loss, grads
 
     # -- one micro-batch ----------------------------------------------------------------
-    def run(self, batch: dict, scale: float, inputs: tuple | None = None) -> torch.Tensor | None:
+    def run(self, batch: dict, scale: float) -> torch.Tensor | None:
         """Loss * scale of a packed micro-batch, its gradients added to `param.grad`;
-        None when graphs are off for this run (the caller runs the step eagerly).
-        `inputs`: `host_inputs(batch)`, if already built."""
+        None when graphs are off for this run (the caller runs the step eagerly)."""
         if self.failed:
             return None
-        key, host = inputs or self.host_inputs(batch)
+        key, host = self.host_inputs(batch)
         device = self.params[0].device
         if key not in self.graphs:
             static = {name: t.to(device) for name, t in host.items()}

@@ -161,19 +161,15 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - state["elapsed"]
-    prefetch = Prefetch(fast)
     try:
         while state["step"] < total_steps:
             step = state["step"]
             rows = step_rows(prepared.train, cfg, step, steps_per_epoch)
-            inputs = prefetch.get(step, rows, cfg)
-            if step + 1 < total_steps:
-                prefetch.ahead(step + 1, rows_of_step(prepared.train, cfg, step + 1, steps_per_epoch), cfg)
             rng = rng_state() if cfg.auto_micro_batch else None
             while True:  # more than once only after an out-of-memory error
                 try:
-                    loss, n_tokens, grad_norm = optimizer_step(net, rows, cfg, fast, device, autocast,
-                                                               params, inputs)
+                    loss, n_tokens, grad_norm = optimizer_step(net, rows, cfg, fast,
+                                                               device, autocast, params)
                     break
                 except torch.cuda.OutOfMemoryError as err:  # leaving this block frees the step's tensors
                     why = str(err).split("\n")[0]
@@ -181,7 +177,6 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                 cfg = smaller_micro_batch(cfg, fast.packed, longest, why, step, device, data.max_length)
                 state.update(micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
                 set_rng_state(rng)  # the retried step draws the same dropout masks
-                inputs = None  # rebuilt for the smaller micro-batches
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
                 state["bad_in_row"] = 0
@@ -229,7 +224,6 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
                                                 state["step"], data.max_length)) from None
     finally:
-        prefetch.close()
         bar.close()
         metrics.close()
         if writer:
@@ -274,12 +268,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 def step_rows(rows: list[Rendered], cfg: TrainConfig, step: int, steps_per_epoch: int) -> list[Rendered]:
     """Rows of optimizer step `step`: a fixed permutation per epoch, so a resumed run sees
-    exactly the rows an uninterrupted one would. (The training loop calls this as each step
-    starts; `Prefetch` looks ahead through `rows_of_step`.)"""
-    return rows_of_step(rows, cfg, step, steps_per_epoch)
-
-
-def rows_of_step(rows: list[Rendered], cfg: TrainConfig, step: int, steps_per_epoch: int) -> list[Rendered]:
+    exactly the rows an uninterrupted one would."""
     epoch, index = divmod(step, steps_per_epoch)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
     return [rows[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
@@ -325,65 +314,25 @@ def micro_batches(rows: list[Rendered], cfg: TrainConfig, fast: FastPath) -> lis
     return fast.micro_batches(rows, cfg.micro_batch_size, cfg.micro_batch_tokens)
 
 
-def step_inputs(rows: list[Rendered], cfg: TrainConfig, fast: FastPath) -> list[tuple[dict, object]]:
-    """One step's micro-batches, each with its CUDA-graph inputs (None without graphs)."""
-    graphs = fast.graphs if fast.graphs and not fast.graphs.failed else None
-    return [(batch, graphs.host_inputs(batch) if graphs else None) for batch in micro_batches(rows, cfg, fast)]
-
-
-class Prefetch:
-    """Builds the next step's inputs on a worker thread while the GPU runs this step.
-
-    Packing rows and bucketing them for a graph is a few milliseconds of Python a step, and
-    the host waits for each step's loss (the NaN guard needs it), so without this the GPU
-    would idle for that long every step. Inputs depend only on the rows and the micro-batch
-    budget, never on random state: building them early changes nothing that is computed.
-    """
-
-    def __init__(self, fast: FastPath):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.fast = fast
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tunelab-inputs")
-        self.pending: tuple | None = None
-
-    def _key(self, step: int, cfg: TrainConfig) -> tuple:
-        return step, cfg.micro_batch_size, cfg.micro_batch_tokens
-
-    def ahead(self, step: int, rows: list[Rendered], cfg: TrainConfig) -> None:
-        self.pending = (self._key(step, cfg), self.pool.submit(step_inputs, rows, cfg, self.fast))
-
-    def get(self, step: int, rows: list[Rendered], cfg: TrainConfig) -> list[tuple[dict, object]]:
-        pending, self.pending = self.pending, None
-        if pending and pending[0] == self._key(step, cfg):
-            return pending[1].result()
-        return step_inputs(rows, cfg, self.fast)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def token_loss_sum(net, batch: dict, fast: FastPath, device, autocast) -> torch.Tensor:
     """Summed cross-entropy over the supervised tokens of one micro-batch (fastpath.py)."""
     return fastpath.token_loss_sum(net, batch, fast.loss, device, autocast)
 
 
-def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params,
-                   inputs: list[tuple[dict, object]] | None = None) -> tuple[float, int, float]:
-    """Forward/backward every micro-batch of one step; (mean loss, tokens, grad norm).
-    `inputs`: the step's `step_inputs`, if already built (`Prefetch`)."""
+def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tuple[float, int, float]:
+    """Forward/backward every micro-batch of one step; (mean loss, tokens, grad norm)."""
     supervised = sum(r.num_supervised for r in rows)
     tokens = sum(len(r.input_ids) for r in rows)
     total = torch.zeros((), device=device)
-    for batch, graph_inputs in inputs if inputs is not None else step_inputs(rows, cfg, fast):
-        loss = fast.graphs.run(batch, 1 / supervised, graph_inputs) if fast.graphs else None  # graph replay
+    for batch in micro_batches(rows, cfg, fast):
+        loss = fast.graphs.run(batch, 1 / supervised) if fast.graphs else None  # CUDA graph replay
         if loss is None:
             loss = token_loss_sum(net, batch, fast, device, autocast) / supervised
             loss.backward()
         total += loss.detach()  # no .item() per micro-batch: the host never waits mid-step
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total, grad_norm = torch.stack([total.float(), grad_norm.float()]).cpu().tolist()  # waits, GIL released
+    total, grad_norm = torch.stack([total.float(), grad_norm.float()]).tolist()
     return total, tokens, grad_norm
 
 
