@@ -443,7 +443,8 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     replay as CUDA graphs (`graphs.py`) when `cuda_graphs`, the loss has the trunk + head
     form and activations are not checkpointed (recomputation saves and restores RNG state,
     which a graph cannot). Plain LoRA projections train through `methods.lora_fused` (same
-    values and gradients as PEFT's forward, a third of the kernels) when `fuse_lora`.
+    values and gradients as PEFT's forward, fewer kernels: 7,680 -> 6,513 a step on the 1.5B
+    shape) when `fuse_lora`.
     """
     from .config import check
     from .methods import lora_fused
