@@ -17,8 +17,9 @@ x's gradient in one `addmm`, A's and B's in one matmul each. The adapter weights
 PEFT keeps them (fp32 on a half-precision base, so the optimizer updates fp32 weights); they
 are cast to the compute dtype once a forward, as autocast would. Saving, loading and merging
 are PEFT's, untouched: only `forward` changes, and only while the layer is in its plain
-training state; anything else (adapters disabled or merged, several adapters, mixed-batch
-`adapter_names`) goes through PEFT's own forward.
+state (with or without gradients: held-out losses use it too); anything else (adapters
+disabled or merged, several adapters, mixed-batch `adapter_names`) goes through PEFT's own
+forward.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _plain(layer) -> str | None:
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _plain(self) if not args and not kwargs else None
-    if name is None or not torch.is_grad_enabled():
+    if name is None:
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
