@@ -135,16 +135,20 @@ def tokens_check(args) -> dict:
                                                    reduction="none").cpu()
         results[f"packed_sdpa_use_cache_{use_cache}"] = compare(losses, truth_loss)
     fast = fastpath.setup(net, "on", True, device, autocast, pad)
-    results["fast_path"] = {
-        "packed": fast.packed, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
-        "kernel": "flash varlen" if fastpath.varlen_available(device, low) else "per-row SDPA",
-        **compare(per_token_losses(net, rows, fast, device, autocast, True, pad), truth_loss),
-        **compare_hidden(token_hidden(net, rows, device, autocast, True, pad), truth_hidden)}
     results["padded_varlen"] = {**compare(per_token_losses(net, rows, fast, device, autocast, False, pad), truth_loss)}
     results["leaky_pack"] = {**compare(per_token_losses(net, rows, fast, device, autocast, True, pad, leak=True),
                                        truth_loss),
                              **compare_hidden(token_hidden(net, rows, device, autocast, True, pad, leak=True),
                                               truth_hidden)}
+    from tunelab import kernels
+
+    with kernels.liger(net.get_base_model(), "auto", device) as liger_on:  # the defaults, liger if installed
+        results["fast_path"] = {
+            "packed": fast.packed, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
+            "kernel": "flash varlen" if fastpath.varlen_available(device, low) else "per-row SDPA",
+            "liger": liger_on,
+            **compare(per_token_losses(net, rows, fast, device, autocast, True, pad), truth_loss),
+            **compare_hidden(token_hidden(net, rows, device, autocast, True, pad), truth_hidden)}
     if fast.graphs is not None:  # the CUDA-graph replay of the same batch: loss and gradients
         results["graph_vs_eager"] = graph_check(net, rows, fast, device, autocast)
     # bf16 tolerance: the fast path may be off the fp32 truth by at most twice what the

@@ -5,6 +5,11 @@
 set -o pipefail
 out=${1:?output directory}; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=src TOKENIZERS_PARALLELISM=false
+# wheels the GPU image lacks (liger-kernel), carried in .carry/wheels/
+if ls .carry/wheels/*.whl >/dev/null 2>&1; then
+    python -m pip install -q --no-deps --target /tmp/tunelab-wheels .carry/wheels/*.whl 2>&1 | grep -v WARNING
+    export PYTHONPATH=src:/tmp/tunelab-wheels
+fi
 python - <<'PY' 2>&1 | tee "$out/versions.txt"
 import inspect, torch, transformers, peft
 print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)

@@ -51,7 +51,12 @@ CASES = {
                      "ref-lora-1.5b-gc"),
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
-    "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False), "ref-lora-1.5b-gc"),
+    "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False, kernels="torch"),
+                          "ref-lora-1.5b-gc"),
+    "lora-1.5b-torch-kernels": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, kernels="torch"),
+                                "ref-lora-1.5b-gc"),
+    "ptuning-1.5b-torch-kernels": ("tunelab", "qwen2-1.5b", "ptuning",
+                                   dict(batch_size=4, micro_batch_size=4, lr=1e-4, kernels="torch"), "ref-ptuning-1.5b"),
     "lora-1.5b-compile-graphs": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, compile=True),
                                  "ref-lora-1.5b-gc"),
     "lora-1.5b-compile-graphs-unfused": ("tunelab", "qwen2-1.5b", "lora",
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = results[name]
             print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, "
                   f"MFU {100 * r['mfu']:.1f}% ({r['wall_s']:.0f} s) "
-                  f"{ {k: r[k] for k in ('cuda_graphs', 'graphs_captured', 'graph_failure', 'forwards_per_step', 'first_pass_seconds') if k in r} }",
+                  f"{ {k: r[k] for k in ('liger', 'cuda_graphs', 'graphs_captured', 'graph_failure', 'forwards_per_step', 'first_pass_seconds') if k in r} }",
                   flush=True)
         except Exception as err:  # one failing case must not lose the others' numbers
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)

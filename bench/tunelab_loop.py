@@ -59,7 +59,7 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
         warmup: int, train_cfg, fuse_lora: bool = True,
         profile: str | None = None) -> dict:
-    from tunelab import fastpath
+    from tunelab import fastpath, kernels
     from tunelab.train import optimizer_step, step_rows
 
     cfg = train_cfg
@@ -67,6 +67,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
     with fresh_memory(device):
         base = build_model(shape, device, dtype, vocab_size=len(tokenizer))
         n_params = parameter_count(base)
+
         if cfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         supports_packing, net = apply_method(method, base)
@@ -81,6 +82,8 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         if cfg.compile:  # as `tunelab train --train.compile true` does
             fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+        fused_kernels = kernels.liger(base, cfg.kernels, device)  # as train() does, for the loop
+        liger_on = fused_kernels.__enter__()
         # Warm up on `warmup` steps, then pass once over the measured steps (CUDA graphs are
         # captured there, once per padded size, as they would be early in a run), then time
         # a second pass over the same steps: the steady state of a long run.
@@ -106,13 +109,14 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
             profile_steps(profile, lambda step: optimizer_step(net, step_rows(rows, cfg, step, steps_per_epoch),
                                                                cfg, fast, device, autocast, params),
                           measured[:3], optimizer)
+        fused_kernels.__exit__(None, None, None)
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,
                   "first_pass_seconds": first_pass.seconds,
                   "padding": 0.0 if fast.packed else float("nan"), "peak_gib": peak, "params": n_params,
                   "rows_per_step": cfg.batch_size, "forwards_per_step": forwards / steps,
-                  "packed": fast.packed, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
+                  "packed": fast.packed, "liger": liger_on, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
                   "cuda_graphs": fast.graphs is not None and not fast.graphs.failed,
                   "graphs_captured": len(fast.graphs.graphs) if fast.graphs else 0,
                   "graph_failure": fast.graphs.failed if fast.graphs else None, "last_loss": loss}

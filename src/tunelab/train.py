@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import ChatFormat, Rendered, prepare
-from . import fastpath
+from . import fastpath, kernels
 from .fastpath import FastPath
 from .methods import MethodConfig, count_parameters, selected
 from .models import fingerprint, load_model, load_tokenizer, resolve_device
@@ -161,6 +161,9 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - state["elapsed"]
+    fused_kernels = kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
+                                  cfg.kernels, device)
+    fused_kernels.__enter__()
     try:
         while state["step"] < total_steps:
             step = state["step"]
@@ -224,6 +227,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
                                                 state["step"], data.max_length)) from None
     finally:
+        fused_kernels.__exit__(None, None, None)
         bar.close()
         metrics.close()
         if writer:
