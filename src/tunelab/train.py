@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -161,9 +161,9 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - state["elapsed"]
-    fused_kernels = kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
-                                  cfg.kernels, device)
-    fused_kernels.__enter__()
+    run_scoped = ExitStack()  # undone when the loop ends, however it ends
+    run_scoped.enter_context(kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
+                                           cfg.kernels, device))
     try:
         while state["step"] < total_steps:
             step = state["step"]
@@ -227,7 +227,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
                                                 state["step"], data.max_length)) from None
     finally:
-        fused_kernels.__exit__(None, None, None)
+        run_scoped.close()
         bar.close()
         metrics.close()
         if writer:
