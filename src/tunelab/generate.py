@@ -3,8 +3,9 @@
 Prompts are rendered by `ChatFormat` (the same function training uses), left-padded into
 batches sorted by length, and decoded with a KV cache until the template's end-of-turn
 token, never through a model-specific chat helper. Batches (`complete`) are decoded by a
-short loop over the model's forward (`_decode`), which does what `generate` does and drops
-each row from the batch once it has ended its turn; streaming (chat) and prefix tuning go
+short loop over the model's forward (`_decode`) that does what `generate` does, plus: the
+prompts' shared beginning (system prompt, template header) is computed once per batch, and
+a row leaves the batch once it has ended its turn. Streaming (chat) and prefix tuning go
 through the model's own `generate`.
 
 One base model stays in memory and several adapters share it, switched by name:
@@ -69,8 +70,9 @@ class Engine:
         self.base.eval()
         self.stop_ids = self._stop_ids()
         # transformers >= 5.2x names the KV cache argument `cache`, earlier versions `past_key_values`
-        self.cache_name = "cache" if "cache" in inspect.signature(self.base.forward).parameters \
-            else "past_key_values"
+        accepted = inspect.signature(self.base.forward).parameters
+        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
+        self.keeps_logits = "logits_to_keep" in accepted  # else the head runs on every position
 
     # -- adapters ---------------------------------------------------------------------------
     @classmethod
@@ -270,23 +272,22 @@ class Engine:
         adapter = self._check_adapter(adapter or self.active)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        keep = dict(logits_to_keep=keep_last) if keep_last else {}
         if adapter in self.virtual:
             n, width = self.virtual[adapter].shape[0], ids.shape[1]
             _, full_mask, embeds = self._with_virtual_tokens(ids, mask, self.virtual[adapter])
             with self._deltas_off():
-                logits = self.base(inputs_embeds=embeds, attention_mask=full_mask,
-                                   position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0), **keep).logits
+                logits = self._logits(self.base, keep_last, inputs_embeds=embeds, attention_mask=full_mask,
+                                      position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0))
             if keep_last:  # the virtual tokens sit before each row's first token, never after it
                 return logits
             pads = (width - mask.sum(-1)).tolist()
             return torch.stack([torch.cat([row[:pad], row[pad + n:]]) for row, pad in zip(logits, pads)])
         if adapter in self.prefix:  # PEFT shifts position_ids past the prefix itself
             with self._deltas_off():
-                return self.prefix[adapter](input_ids=ids, attention_mask=mask, position_ids=positions,
-                                            **keep).logits
+                return self._logits(self.prefix[adapter], keep_last, input_ids=ids, attention_mask=mask,
+                                    position_ids=positions)
         with self._serving(adapter) as model:
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits
+            return self._logits(model, keep_last, input_ids=ids, attention_mask=mask, position_ids=positions)
 
     def logits(self, ids: list[int], adapter: Optional[str] = None) -> torch.Tensor:
         """Next-token logits [len(ids), vocab] for one unpadded prompt (virtual tokens excluded)."""
@@ -329,19 +330,72 @@ class Engine:
             self.base.train(was_training)
         return answers
 
+    def _prefill(self, model, adapter: str, prompts: list[list[int]], cache, keep_last: int = 1,
+                 shared_at_most: Optional[int] = None):
+        """Run `prompts` through `model` (serving `adapter`) into `cache`: the logits of the last
+        `keep_last` positions (prompts right-aligned), the attention mask, each row's last position.
+
+        The prompts' shared beginning (the system prompt and the template's header, the same
+        for a whole suite), after the adapter's virtual tokens, is computed once and its keys
+        and values copied to every row; each row's rest is left-padded *after* it, and positions
+        come from the mask, so every row has the positions it has alone. Positions inside the
+        shared part get no logits: `shared_at_most` keeps the ones the caller reads out of it.
+        """
+        shared = shared_prefix_length(prompts)
+        if shared_at_most is not None:
+            shared = max(0, min(shared, shared_at_most))
+        head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
+        if adapter in self.virtual:
+            embeds = self.base.get_input_embeddings()(head)
+            embeds = torch.cat([self.virtual[adapter][None].to(embeds.dtype), embeds], dim=1)
+            self._logits(model, 1, cache, inputs_embeds=embeds)
+        elif shared:
+            self._logits(model, 1, cache, input_ids=head)
+        held = cache.get_seq_length()
+        cache.batch_repeat_interleave(len(prompts))
+        ids, mask = left_pad([p[shared:] for p in prompts], self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        mask = torch.cat([mask.new_ones(len(prompts), held), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, held:]
+        logits = self._logits(model, keep_last, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+        return logits, mask, positions[:, -1]
+
+    def _logits(self, model, keep_last: int = 0, cache=None, **inputs) -> torch.Tensor:
+        """`model(**inputs).logits`, of the last `keep_last` positions only when > 0 (the LM
+        head skips the others where the model allows), reading and extending `cache`."""
+        if cache is not None:
+            inputs.update({self.cache_name: cache, "use_cache": True})
+        if keep_last and self.keeps_logits:
+            inputs["logits_to_keep"] = keep_last
+        logits = model(**inputs).logits
+        return logits[:, -keep_last:] if keep_last else logits
+
+    @torch.no_grad()
+    def last_logits(self, prompts: list[list[int]], keep_last: int, adapter: Optional[str] = None,
+                    shared_at_most: Optional[int] = None) -> torch.Tensor:
+        """Teacher-forced logits [batch, keep_last, vocab] of each prompt's last `keep_last`
+        positions, prompts right-aligned (the layout of `forward` on `left_pad(prompts)`), with
+        the shared beginning computed once (see `_prefill`; no logits inside it, so give
+        `shared_at_most` below the first position you read). Scoring uses it."""
+        from transformers import DynamicCache
+
+        adapter = self._check_adapter(adapter or self.active)
+        if adapter in self.prefix:  # its keys and values come first: no shared cache before them
+            ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+            return self.forward(ids, mask, adapter, keep_last)
+        with self._serving(adapter) as model:
+            cache = DynamicCache(config=self.base.config)
+            return self._prefill(model, adapter, prompts, cache, keep_last, shared_at_most)[0]
+
     def _decode(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig, seed: Optional[int],
                 ignore_eos: bool = False) -> list[list[int]]:
         """The new tokens of one batch of prompts (stop token included), decoded with a KV cache.
 
-        The loop `generate` runs, plus what it cannot do:
-        - the prompts' shared beginning (the system prompt and the template's header, the same
-          for a whole suite), after the adapter's virtual tokens, is computed once and its keys
-          and values copied to every row; each row's rest is left-padded *after* it, and
-          positions come from the mask, so every row has the positions it has alone;
-        - a row that ends its turn leaves the batch (its keys and values with it), so the rows
-          still answering no longer carry it.
-        Decoding is the same as `generate`'s: argmax, or the same logits processors and
-        sampling; with `ignore_eos` the stop tokens are never picked (`min_new_tokens`).
+        The loop `generate` runs, plus what it cannot do: the prompts' shared beginning is
+        computed once (`_prefill`), and a row that ends its turn leaves the batch (its keys and
+        values with it), so the rows still answering no longer carry it. Decoding is the same
+        as `generate`'s: argmax, or the same logits processors and sampling; with `ignore_eos`
+        the stop tokens are never picked (`min_new_tokens`).
         """
         from transformers import DynamicCache
 
@@ -350,25 +404,10 @@ class Engine:
         process = self._logits_processors(gen)
         stop = torch.tensor(self.stop_ids, device=self.device)
         cache = DynamicCache(config=self.base.config)
-        step_args = {self.cache_name: cache, "use_cache": True, "logits_to_keep": 1}
-        shared = shared_prefix_length(prompts)
-        head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
         with self._serving(adapter) as model:
-            if adapter in self.virtual:
-                embeds = self.base.get_input_embeddings()(head)
-                embeds = torch.cat([self.virtual[adapter][None].to(embeds.dtype), embeds], dim=1)
-                model(inputs_embeds=embeds, **step_args)
-            elif shared:
-                model(input_ids=head, **step_args)
-            held = cache.get_seq_length()
-            cache.batch_repeat_interleave(len(prompts))
-            ids, mask = left_pad([p[shared:] for p in prompts], self.tokenizer.pad_token_id)
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            mask = torch.cat([mask.new_ones(len(prompts), held), mask], dim=1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, held:]
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **step_args).logits[:, -1]
+            logits, mask, position = self._prefill(model, adapter, prompts, cache)
+            logits = logits[:, -1]
             seen = left_pad(prompts, self.tokenizer.pad_token_id)[0].to(self.device)  # repetition penalty
-            position = positions[:, -1]
             rows = torch.arange(len(prompts), device=self.device)  # the prompt each batch row answers
             answers: list[list[int]] = [[] for _ in prompts]
             for step in range(gen.max_new_tokens):
@@ -391,8 +430,8 @@ class Engine:
                 mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
                 seen = torch.cat([seen, token[:, None]], dim=1)
                 position = position + 1
-                logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                               **step_args).logits[:, -1]
+                logits = self._logits(model, 1, cache, input_ids=token[:, None], attention_mask=mask,
+                                      position_ids=position[:, None])[:, -1]
         return answers
 
     def _logits_processors(self, gen: GenerationConfig):

@@ -88,13 +88,13 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            ids, mask = left_pad([rows[i].input_ids for i in batch], engine.tokenizer.pad_token_id)
+            prompts = [rows[i].input_ids for i in batch]
             labels, _ = left_pad([rows[i].labels for i in batch], IGNORE)
-            # Logits only from the position before the batch's first supervised token: the
-            # prompts' positions need no LM head (rows are left-padded, so replies end aligned).
-            first = int((labels != IGNORE).long().argmax(-1).min())
-            keep = labels.shape[1] - max(first - 1, 0)
-            logits = engine.forward(ids, mask, adapter, keep_last=keep)
+            # Logits only from the position before each row's first supervised token on (the
+            # LM head is the costliest layer of a small model); rows are right-aligned.
+            starts = [first_supervised(rows[i].labels) for i in batch]
+            keep = min(labels.shape[1], max(len(p) - s + 1 for p, s in zip(prompts, starts)))
+            logits = engine.last_logits(prompts, keep, adapter, shared_at_most=min(starts) - 1)
             target = labels[:, labels.shape[1] - keep + 1:].to(logits.device)
             logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
             picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -103,3 +103,10 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
             for row, i in enumerate(batch):
                 out[i] = (nll[row].item(), int(valid[row].sum().item()))
     return out
+
+
+def first_supervised(labels: list[int]) -> int:
+    """Index of the first supervised label (len(labels) when there is none)."""
+    from ..data import IGNORE
+
+    return next((n for n, label in enumerate(labels) if label != IGNORE), len(labels))
