@@ -59,7 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--suites", nargs="+", default=["in_domain", "persona", "general"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: 32, --gpu 64)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="items per suite (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -68,7 +68,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.gpu:
         args.device = "cuda" if args.device == "auto" else args.device
-        args.batch_size = 64 if "--batch-size" not in (argv or sys.argv) else args.batch_size
+    if args.batch_size is None:
+        args.batch_size = 64 if args.gpu else 32
     if not args.runs and args.data is None:
         args.data = str(ROOT / ".carry" / "huanhuan.json")
     return args
