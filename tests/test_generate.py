@@ -14,7 +14,7 @@ import yaml
 
 from conftest import build_tokenizer, save_tiny
 from tunelab.config import GenerationConfig
-from tunelab.generate import BASE, Engine, left_pad, shared_prefix_length
+from tunelab.generate import BASE, Engine, column_major_weights, left_pad, shared_prefix_length
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["你是谁？", "Who are you?", "What is the capital of France? Answer in one word please.",
@@ -146,6 +146,22 @@ def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
     assert shared_prefix_length([[7, 8, 9]]) == 2
     assert shared_prefix_length([[1], [1, 2]]) == 0
     assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_column_major_weights_change_the_layout_not_the_model(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        column_major_weights(model)
+        after = model(input_ids=ids).logits
+    for name, module in model.named_modules():
+        if name in weights:
+            assert not module.weight.is_contiguous() and torch.equal(module.weight, weights[name]), name
+    assert (after - before).abs().max() < 1e-5
 
 
 def test_batched_greedy_equals_one_at_a_time(base_dir):
