@@ -129,6 +129,9 @@ class Timers:
         self.answers = 0
         self.answer_tokens = 0
         self.generate_s = 0.0
+        self.score_s = 0.0  # teacher-forced scoring: held-out loss, multiple-choice options
+        self.scored_rows = 0
+        self._scoring = False  # last_logits may call forward: count the outer call only
 
     @contextmanager
     def installed(self):
@@ -136,7 +139,8 @@ class Timers:
         from tunelab.generate import Engine
 
         modules = (runner.in_domain, runner.persona, runner.general, runner.benchmarks_suite)
-        originals = [m.run for m in modules] + [runner.in_domain.score_rows, Engine.complete]
+        originals = [m.run for m in modules] + [Engine.forward, Engine.last_logits,
+                                                runner.in_domain.score_rows, Engine.complete]
         for module in modules:
             module.run = self._timed(module.__name__.rsplit(".", 1)[-1], module.run)
         runner.in_domain.score_rows = self._timed("in_domain_loss", runner.in_domain.score_rows)
@@ -152,12 +156,29 @@ class Timers:
             return answers
 
         Engine.complete = counted
+        Engine.forward, Engine.last_logits = self._scorer(Engine.forward), self._scorer(Engine.last_logits)
         try:
             yield self
         finally:
             for module, fn in zip(modules, originals):
                 module.run = fn
-            runner.in_domain.score_rows, Engine.complete = originals[-2:]
+            Engine.forward, Engine.last_logits, runner.in_domain.score_rows, Engine.complete = originals[-4:]
+
+    def _scorer(self, fn):
+        def scored(engine, prompts, *a, **k):
+            if self._scoring:
+                return fn(engine, prompts, *a, **k)
+            self._scoring = True
+            start = time.perf_counter()
+            try:
+                out = fn(engine, prompts, *a, **k)
+                self._sync(engine.device)
+            finally:
+                self._scoring = False
+            self.score_s += time.perf_counter() - start
+            self.scored_rows += len(prompts)
+            return out
+        return scored
 
     def _timed(self, name, fn):
         def run(engine, *a, **k):
@@ -226,6 +247,7 @@ def run(args) -> dict:
         "generate_seconds": round(timers.generate_s, 1), "answers": timers.answers,
         "answer_tokens": timers.answer_tokens,
         "seconds_per_answer": round(timers.generate_s / max(1, timers.answers), 4),
+        "score_seconds": round(timers.score_s, 1), "scored_rows": timers.scored_rows,
         "in_domain_loss": losses_of(report),
         "scores": {name: {m: s["mean"] for m, s in suite["scores"].items()}
                    for name, suite in report["suites"].items()},

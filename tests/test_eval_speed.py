@@ -31,6 +31,8 @@ def test_eval_speed_runs_on_cpu_and_compares(tmp_path, monkeypatch, capsys):
     assert set(first["suite_seconds"]) == {"in_domain", "in_domain_loss", "persona", "general"}
     # in_domain 6 + persona 6 + general 6 + general_persona 6 items, each asked of 3 models
     assert first["answers"] == 3 * 4 * 6 and 0 < first["answer_tokens"] <= first["answers"] * 6
+    # the held-out loss is scored by teacher forcing: --limit 6 of the 8 rows, for each of 3 models
+    assert first["scored_rows"] == 3 * 6 and 0 < first["score_seconds"] <= first["suite_seconds"]["in_domain_loss"]
     assert set(first["in_domain_loss"]) == {"base", "lora", "ptuning"}
     assert len({round(v, 6) for v in first["in_domain_loss"].values()}) == 3  # the adapters change the model
     assert json.loads((tmp_path / "a.json").read_text())["answers_sha256"] == first["answers_sha256"]
