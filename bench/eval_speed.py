@@ -62,6 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: 32, --gpu 64)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="items per suite (default: all)")
+    p.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
+                   help="the Engine's decoding path (auto: static with CUDA graphs on a GPU, dynamic on a CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the results (JSON) here")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare the answers of two result files")
@@ -195,6 +197,25 @@ class Timers:
             torch.cuda.synchronize(device)
 
 
+@contextmanager
+def decoding(mode: str):
+    """Every Engine built meanwhile decodes through `mode` (auto: its own default)."""
+    from tunelab.generate import Engine
+
+    init = Engine.__init__
+
+    def patched(engine, *a, **k):
+        init(engine, *a, **k)
+        if mode != "auto":
+            engine.static = mode == "static"
+
+    Engine.__init__ = patched
+    try:
+        yield
+    finally:
+        Engine.__init__ = init
+
+
 def answers_of(report: dict) -> dict[str, dict[str, str]]:
     """suite/id -> model -> answer text, from the report's side-by-side rows."""
     return {f"{row['suite']}/{row['id']}": row["answers"] for row in report["answers"]}
@@ -212,7 +233,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     timers = Timers()
-    with tempfile.TemporaryDirectory() as tmp, timers.installed():
+    with tempfile.TemporaryDirectory() as tmp, timers.installed(), decoding(args.decode):
         runs, build_s = args.runs, 0.0
         if not runs:
             start = time.perf_counter()
@@ -241,7 +262,7 @@ def run(args) -> dict:
         "device": device, "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "models": [m["name"] for m in report["models"]], "runs": [str(r) for r in args.runs] or args.shape,
-        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
+        "batch_size": args.batch_size, "decode": args.decode, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
         "seconds": round(seconds, 1), "build_runs_s": round(build_s, 1),
         "suite_seconds": {k: round(v, 1) for k, v in timers.suites.items()},
         "generate_seconds": round(timers.generate_s, 1), "answers": timers.answers,

@@ -52,6 +52,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--system", default=SYSTEM, help="system prompt of every conversation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", nargs="+", default=["auto"], choices=["auto", "static", "dynamic"],
+                   help="Engine decoding paths to time, the first compared with the reference: static "
+                        "(fixed buffers, CUDA graphs on a GPU), dynamic (growing cache, finished rows leave), "
+                        "auto (the Engine's default: static on a GPU)")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -123,13 +127,20 @@ def main(argv: list[str] | None = None) -> dict:
     n_reference = len(prompts) if args.reference_prompts <= 0 else min(args.reference_prompts, len(prompts))
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
 
-    # warm up both paths (kernels, allocator) before timing
-    engine.complete(prompts[:args.batch_size], GenerationConfig(max_new_tokens=4), args.batch_size, ignore_eos=True)
+    default_static = engine.static
+    runs = []
+    for mode in args.decode:
+        engine.static = default_static if mode == "auto" else mode == "static"
+        # warm up (kernels, allocator; graphs are captured on a buffer's first use) before timing
+        engine.complete(prompts[:args.batch_size], GenerationConfig(max_new_tokens=4), args.batch_size,
+                        ignore_eos=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        answered, seconds = timed(lambda: engine.complete(prompts, gen, args.batch_size, ignore_eos=True), device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        runs.append((mode if mode != "auto" else ("static" if engine.static else "dynamic"), answered, seconds, peak))
+    _, answers, engine_s, engine_peak = runs[0]
     reference_loop(model, engine, prompts[:2], 4)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    answers, engine_s = timed(lambda: engine.complete(prompts, gen, args.batch_size, ignore_eos=True), device)
-    engine_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     reference, reference_s = timed(lambda: reference_loop(model, engine, prompts[:n_reference],
                                                           args.max_new_tokens), device)
 
@@ -139,8 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "prompts_per_s": round(n_prompts / seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
 
     result = {
-        "engine": {**rates(len(prompts), answers, engine_s), "batch_size": args.batch_size,
+        "engine": {**rates(len(prompts), answers, engine_s), "batch_size": args.batch_size, "decode": runs[0][0],
                    "peak_memory_gib": round(engine_peak, 2) if engine_peak else None},
+        "engines": [{**rates(len(prompts), a, sec), "decode": mode, "batch_size": args.batch_size,
+                     "peak_memory_gib": round(peak, 2) if peak else None} for mode, a, sec, peak in runs],
         "reference": rates(n_reference, reference, reference_s),
         "match": compare(answers[:n_reference], reference),
         "setup": {"model": args.model or f"random {args.random_weights}", "dtype": str(dtype).removeprefix("torch."),
@@ -164,8 +177,10 @@ def print_table(r: dict) -> None:
     ref, eng = r["reference"], r["engine"]
     print(f"| one prompt per generate() | {ref['prompts']} | {ref['new_tokens']} | {ref['seconds']} | "
           f"{ref['prompts_per_s']} | {ref['tokens_per_s']} | 1.00 |")
-    print(f"| Engine, batch {eng['batch_size']} | {eng['prompts']} | {eng['new_tokens']} | {eng['seconds']} | "
-          f"{eng['prompts_per_s']} | {eng['tokens_per_s']} | {r['speedup']:.2f} |")
+    for eng in r["engines"]:
+        print(f"| Engine ({eng['decode']}), batch {eng['batch_size']} | {eng['prompts']} | {eng['new_tokens']} | "
+              f"{eng['seconds']} | {eng['prompts_per_s']} | {eng['tokens_per_s']} | "
+              f"{eng['tokens_per_s'] / ref['tokens_per_s']:.2f} |")
     m = r["match"]
     print(f"greedy ids, Engine vs one at a time, first {m['compared']} prompts: {m['exact']} identical "
           f"({100 * m['exact_rate']:.0f}%); on average {100 * m['mean_shared_prefix']:.0f}% of each answer "

@@ -374,9 +374,44 @@ def test_speed_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "result.json"
     result = bench.main(["--data", str(data), "--tokenizer", str(tok_dir), "--random-weights", "tiny",
                          "--device", "cpu", "--prompts", "12", "--reference-prompts", "4",
-                         "--max-new-tokens", "8", "--batch-size", "6", "--json", str(out)])
+                         "--max-new-tokens", "8", "--batch-size", "6", "--decode", "auto", "static",
+                         "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved == result
     assert result["engine"]["prompts"] == 12 and result["reference"]["prompts"] == 4
+    assert [e["decode"] for e in result["engines"]] == ["dynamic", "static"]  # auto on a CPU: dynamic
+    assert result["engines"][1]["new_tokens"] == 12 * 8
     assert result["engine"]["new_tokens"] == 12 * 8  # EOS ignored: every prompt did the same work
     assert result["match"]["compared"] == 4 and result["match"]["exact"] == 4  # fp32: identical
+
+
+def test_static_buffers_decode_as_the_dynamic_cache(runs):
+    """The GPU's decoding path (fixed KV buffers, a 4D mask, steps that a CUDA graph can
+    replay; static_decode.py), run eagerly here, gives the dynamic path's greedy answers for
+    every adapter that shares the base, with and without an end of turn, over batches whose
+    prompts share a system prompt or nothing at all."""
+    engine = Engine.from_runs(runs)
+    assert not engine.static  # a CPU engine keeps the dynamic cache (rows leave the batch)
+    prompts = [engine.format.prompt_ids(m) for m in conversations()]
+    bare = [engine.format.prompt_ids([m[1]]) for m in conversations()]  # no shared system prompt
+    gen = GenerationConfig(max_new_tokens=20)
+    for name in (BASE, "lora", "lora2", "ptuning"):
+        for batch in (prompts, bare):
+            for ignore_eos in (False, True):
+                engine.static = False
+                expected = engine.complete(batch, gen, batch_size=4, adapter=name, ignore_eos=ignore_eos)
+                engine.static = True
+                got = engine.complete(batch, gen, batch_size=4, adapter=name, ignore_eos=ignore_eos)
+                assert got == expected, (name, ignore_eos)
+    engine.static = False
+    free = engine.complete(prompts, gen, batch_size=len(prompts), ignore_eos=True)
+    # a stop token some rows reach early and others never: rows that finished keep decoding
+    # in the static batch, and their answers are still cut after their first stop
+    counts = {t: sum(t in a[:-2] for a in free) for t in {t for a in free for t in a}}
+    engine.stop_ids = [max(counts, key=lambda t: (0 < counts[t] < len(prompts), counts[t]))]
+    expected = engine.complete(prompts, gen, batch_size=len(prompts))
+    engine.static = True
+    assert engine.complete(prompts, gen, batch_size=len(prompts)) == expected
+    assert min(map(len, expected)) < 18 and max(map(len, expected)) == 20
+    # buffers are reused across batches of the same shape, a few shapes at most
+    assert len(engine.decoder.slots) <= engine.decoder.keep

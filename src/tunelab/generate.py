@@ -39,6 +39,7 @@ import torch
 
 from .config import GenerationConfig
 from .data.template import ChatFormat
+from .static_decode import StaticDecoder, capacity_for, decodable, static_attention_in
 
 BASE = "base"
 """The adapter name that means: the base model alone."""
@@ -75,6 +76,9 @@ class Engine:
         accepted = inspect.signature(self.base.forward).parameters
         self.cache_name = "cache" if "cache" in accepted else "past_key_values"
         self.keeps_logits = "logits_to_keep" in accepted  # else the head runs on every position
+        # On a GPU, batches decode through fixed buffers, each step one CUDA graph (static_decode.py)
+        self.static = self.device.type == "cuda" and decodable(self.base)
+        self.decoder = StaticDecoder(self, graphs=self.device.type == "cuda")
 
     # -- adapters ---------------------------------------------------------------------------
     @classmethod
@@ -144,6 +148,7 @@ class Engine:
         self.base.eval()
         if self.device.type == "cpu":
             column_major_weights(self.base)
+        self.decoder.clear()  # graphs captured before hold the modules of before
 
     def _add_weight_delta(self, name: str, adapter: Path) -> None:
         """Weight deltas of one PEFT type share the injected layers of one PEFT model."""
@@ -403,6 +408,8 @@ class Engine:
         """
         from transformers import DynamicCache
 
+        if self.static:
+            return self._decode_static(prompts, adapter, gen, seed, ignore_eos)
         if seed is not None:
             torch.manual_seed(seed)
         process = self._logits_processors(gen)
@@ -437,6 +444,46 @@ class Engine:
                 logits = self._logits(model, 1, cache, input_ids=token[:, None], attention_mask=mask,
                                       position_ids=position[:, None])[:, -1]
         return answers
+
+    def _decode_static(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig,
+                       seed: Optional[int], ignore_eos: bool = False) -> list[list[int]]:
+        """`_decode` through fixed buffers (static_decode.py): the GPU's path. Every row stays
+        in the batch until all have ended their turn (checked every 8 steps); each answer is
+        cut after its first stop token. Tokens are picked exactly as in `_decode`."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        process = self._logits_processors(gen)
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        n_virtual = self.virtual[adapter].shape[0] if adapter in self.virtual else 0
+        capacity = capacity_for(n_virtual + max(map(len, prompts)), gen.max_new_tokens)
+        tokens = torch.empty(len(prompts), gen.max_new_tokens, dtype=torch.long, device=self.device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        with self._serving(adapter) as model, static_attention_in(self.base):
+            slots, logits, column = self.decoder.prefill(model, adapter, prompts, capacity)
+            seen = left_pad(prompts, self.tokenizer.pad_token_id)[0].to(self.device) if len(process) else None
+            steps = 0
+            for step in range(gen.max_new_tokens):
+                scores = process(seen, logits.float()) if seen is not None else logits.float()
+                if ignore_eos:
+                    scores[:, stop] = -float("inf")
+                if gen.temperature > 0:
+                    token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+                else:
+                    token = scores.argmax(-1)
+                tokens[:, step] = token
+                steps = step + 1
+                if not ignore_eos:
+                    finished |= torch.isin(token, stop)
+                if steps == gen.max_new_tokens or (not ignore_eos and steps % 8 == 0 and bool(finished.all())):
+                    break
+                if seen is not None:
+                    seen = torch.cat([seen, token[:, None]], dim=1)
+                logits = self.decoder.step(model, adapter, slots, token, column + step)
+        answers = tokens[:, :steps].tolist()
+        if ignore_eos:
+            return answers
+        stops = set(self.stop_ids)
+        return [next((a[:n + 1] for n, t in enumerate(a) if t in stops), a) for a in answers]
 
     def _logits_processors(self, gen: GenerationConfig):
         """What `generate` applies to the logits before picking a token, in its order."""
