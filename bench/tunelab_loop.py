@@ -60,7 +60,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         warmup: int, train_cfg, fuse_lora: bool = True,
         profile: str | None = None) -> dict:
     from tunelab import fastpath, kernels
-    from tunelab.train import optimizer_step, step_rows
+    from tunelab.train import apply_update, optimizer_step, queue_step, step_rows
 
     cfg = train_cfg
     clock = Clock(device)
@@ -96,13 +96,17 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                 first_pass.end()
                 clock.begin()
                 tokens = 0
-            for step in indices:
+            pending = None
+            for step in indices:  # as train() does: a step's loss is read after the next is queued
                 step_of = step_rows(rows, cfg, step, steps_per_epoch)
-                loss, n_tokens, grad_norm = optimizer_step(net, step_of, cfg, fast, device, autocast, params)
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    optimizer.step()
+                values, n_tokens = queue_step(net, step_of, cfg, fast, device, autocast, params)
+                apply_update(optimizer, values)
                 optimizer.zero_grad(set_to_none=True)
                 tokens += n_tokens
+                if pending is not None:
+                    loss = pending.tolist()[0]
+                pending = values
+            loss = pending.tolist()[0]
         clock.end()
         peak = peak_gib(device)
         if profile:

@@ -402,3 +402,29 @@ def test_bad_data_lists_every_bad_record_and_exits_2(server, tiny_qwen, tmp_path
     for line, _kind, reason in expected:
         assert f"{path}:{line}" in text and reason in text, (line, reason)
     assert "Traceback" not in text and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fused_optimizer_skips_a_non_finite_step_on_the_device():
+    """apply_update: a fused AdamW (what CUDA runs use) skips the update through its found_inf
+    input, so the host need not read the loss first; weights, moments and the step count are
+    left exactly as they were, and the next finite step updates as if the bad one never came."""
+    from tunelab.train import apply_update
+
+    def run(values_seq, fused):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3))
+        optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.1, fused=fused)
+        for values in values_seq:
+            weight.grad = torch.full_like(weight, 0.5)
+            apply_update(optimizer, torch.tensor(values))
+            optimizer.zero_grad(set_to_none=True)
+        return weight.detach().clone(), optimizer.state[weight]
+
+    good, bad = [1.0, 2.0], [float("nan"), 2.0]
+    for fused in (True, False):
+        clean, clean_state = run([good, good], fused)
+        skipped, skipped_state = run([good, bad, [1.0, float("inf")], good], fused)
+        assert torch.equal(clean, skipped), fused
+        assert float(skipped_state["step"]) == float(clean_state["step"]) == 2.0
+        assert torch.equal(clean_state["exp_avg_sq"], skipped_state["exp_avg_sq"])
+    assert not torch.equal(run([good], True)[0], run([bad], True)[0])  # the good step did move it

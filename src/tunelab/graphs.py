@@ -127,8 +127,8 @@ class GraphedSteps:
                 return None
             self.graphs[key] = (graph, static, loss, grads)
         graph, static, loss, grads = self.graphs[key]
-        for name, tensor in host.items():
-            static[name].copy_(tensor, non_blocking=True)
+        for name, tensor in host.items():  # from pinned memory: the host does not wait for the GPU
+            static[name].copy_(tensor.pin_memory(), non_blocking=True)
         static["scale"].fill_(scale)
         graph.replay()
         self.replays += 1

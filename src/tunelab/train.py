@@ -164,6 +164,24 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     run_scoped = ExitStack()  # undone when the loop ends, however it ends
     run_scoped.enter_context(kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
                                            cfg.kernels, device))
+    def settle(queued: tuple) -> dict:
+        """Read back a queued step's loss and gradient norm (waits for that step only)."""
+        number, values, lr, tokens, elapsed = queued
+        loss, grad_norm = values.tolist()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            state["bad_in_row"] = 0
+        else:  # its update was skipped (apply_update): keep count
+            state["skipped_steps"] += 1
+            state["bad_in_row"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+        return {"step": number, "epoch": round(number / steps_per_epoch, 3), "loss": loss,
+                "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                "skipped_steps": state["skipped_steps"]}
+
+    # A step's loss is read back only after the next step is queued, so the GPU never waits
+    # for the host between steps; steps that evaluate, save, stop or end are read at once.
+    pending = None
     try:
         while state["step"] < total_steps:
             step = state["step"]
@@ -171,8 +189,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
             rng = rng_state() if cfg.auto_micro_batch else None
             while True:  # more than once only after an out-of-memory error
                 try:
-                    loss, n_tokens, grad_norm = optimizer_step(net, rows, cfg, fast,
-                                                               device, autocast, params)
+                    values, n_tokens = queue_step(net, rows, cfg, fast, device, autocast, params)
                     break
                 except torch.cuda.OutOfMemoryError as err:  # leaving this block frees the step's tensors
                     why = str(err).split("\n")[0]
@@ -180,42 +197,38 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                 cfg = smaller_micro_batch(cfg, fast.packed, longest, why, step, device, data.max_length)
                 state.update(micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
                 set_rng_state(rng)  # the retried step draws the same dropout masks
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-                state["bad_in_row"] = 0
-            else:  # the update would poison the weights: skip it, keep count
-                state["skipped_steps"] += 1
-                state["bad_in_row"] += 1
+            apply_update(optimizer, values)  # skipped when the loss or the gradients are not finite
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state["step"] = step + 1
             state["tokens"] += n_tokens
             state["elapsed"] = time.perf_counter() - started
-            bar.update(1)
-            record = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 3),
-                      "loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                      "tokens": state["tokens"], "tokens_per_s": state["tokens"] / state["elapsed"],
-                      "skipped_steps": state["skipped_steps"]}
             end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-            if prepared.val and (end_of_epoch if cfg.eval_every == 0 else state["step"] % cfg.eval_every == 0
-                                 or state["step"] == total_steps):
-                record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast,
-                                                   device, autocast)
-                net.train()
-            if state["step"] % cfg.log_every == 0 or "val_loss" in record or state["step"] == total_steps:
-                log(metrics, writer, record)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if state["bad_in_row"] >= cfg.max_bad_steps:
-                good = run.complete_checkpoints()
-                raise TrainingDiverged(
-                    f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
-                    f"gradients (steps {state['step'] - state['bad_in_row'] + 1}-{state['step']}, "
-                    f"all skipped); the last good checkpoint is "
-                    f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
-                    f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
+            evaluate_now = bool(prepared.val) and (end_of_epoch if cfg.eval_every == 0 else
+                                                   state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
+            save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
+            queued = (state["step"], values, scheduler.get_last_lr()[0], state["tokens"], state["elapsed"])
+            settled = [settle(pending)] if pending else []
+            pending = queued
+            if evaluate_now or save_now or stop["signal"] or state["step"] == total_steps:
+                settled.append(settle(pending))
+                pending = None
+            for record in settled:
+                if record["step"] == state["step"] and evaluate_now:
+                    record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast)
+                    net.train()
+                if record["step"] % cfg.log_every == 0 or "val_loss" in record or record["step"] == total_steps:
+                    log(metrics, writer, record)
+                if state["bad_in_row"] >= cfg.max_bad_steps:
+                    good = run.complete_checkpoints()
+                    raise TrainingDiverged(
+                        f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
+                        f"gradients (steps {record['step'] - state['bad_in_row'] + 1}-{record['step']}, "
+                        f"all skipped); the last good checkpoint is "
+                        f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
+                        f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
             # No checkpoint inside a run of skipped steps: resuming should start before it.
-            save_now = cfg.save_every and state["step"] % cfg.save_every == 0 and not state["bad_in_row"]
-            if save_now or stop["signal"]:
+            if (save_now and not state["bad_in_row"]) or stop["signal"]:
                 save_checkpoint(run, state["step"], net, the_method, optimizer, scheduler, state,
                                 cfg.keep_checkpoints)
             if stop["signal"]:
@@ -325,6 +338,14 @@ def token_loss_sum(net, batch: dict, fast: FastPath, device, autocast) -> torch.
 
 def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tuple[float, int, float]:
     """Forward/backward every micro-batch of one step; (mean loss, tokens, grad norm)."""
+    values, tokens = queue_step(net, rows, cfg, fast, device, autocast, params)
+    loss, grad_norm = values.tolist()
+    return loss, tokens, grad_norm
+
+
+def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tuple[torch.Tensor, int]:
+    """`optimizer_step` without reading anything back: ([mean loss, grad norm] on the device,
+    tokens). The host queues the work and goes on."""
     supervised = sum(r.num_supervised for r in rows)
     tokens = sum(len(r.input_ids) for r in rows)
     total = torch.zeros((), device=device)
@@ -336,8 +357,25 @@ def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> 
         total += loss.detach()  # no .item() per micro-batch: the host never waits mid-step
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total, grad_norm = torch.stack([total.float(), grad_norm.float()]).tolist()
-    return total, tokens, grad_norm
+    return torch.stack([total.float(), grad_norm.float()]), tokens
+
+
+def apply_update(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> None:
+    """`optimizer.step()` unless the step's loss or gradient norm (`values`) is not finite.
+
+    A fused optimizer decides on the device, through the `found_inf` input it takes from a
+    GradScaler (its update and its step count are left as they were), so the host does not
+    wait for the step to finish; any other optimizer reads the values first.
+    """
+    bad = (~torch.isfinite(values).all()).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bad.item():
+        optimizer.step()
 
 
 @torch.no_grad()
