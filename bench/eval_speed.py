@@ -66,6 +66,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the Engine's decoding path (auto: static with CUDA graphs on a GPU, dynamic on a CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the results (JSON) here")
+    p.add_argument("--report", default=None,
+                   help="keep the evaluation's own output here (results.json, report.md, report.html)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare the answers of two result files")
     args = p.parse_args(argv)
     if args.gpu:
@@ -247,7 +249,7 @@ def run(args) -> dict:
         start = time.perf_counter()
         report = evaluate(runs=runs, suites=args.suites, persona_probes=args.persona_probes, data=data,
                           system_prompt=system, gen=GenerationConfig(max_new_tokens=args.max_new_tokens),
-                          batch_size=args.batch_size, limit=args.limit, out=str(Path(tmp) / "eval"))
+                          batch_size=args.batch_size, limit=args.limit, out=args.report or str(Path(tmp) / "eval"))
         seconds = time.perf_counter() - start
     device = "cpu"
     if torch.cuda.is_available() and args.device != "cpu":

@@ -87,7 +87,7 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
         suites=ev.get("suites", ["in_domain", "persona", "general"]),
         persona_probes=ev.get("persona_probes"), general_probes=ev.get("general_probes"),
         benchmarks=benches, gen=from_dict(GenerationConfig, ev.get("gen") or {"max_new_tokens": 128}),
-        batch_size=ev.get("batch_size", 16), limit=ev.get("limit"), out=str(root / "report"),
+        batch_size=ev.get("batch_size", 128), limit=ev.get("limit"), out=str(root / "report"),
         title=f"tunelab experiment: {name}")
     table = methods_table(report, runs)
     from .report import write_report

@@ -31,7 +31,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
              benchmarks: list[Benchmark] = [], data: Optional[DataConfig] = None,
              system_prompt: Optional[str] = None,
              gen: GenerationConfig = GenerationConfig(max_new_tokens=128),
-             batch_size: int = 16, limit: Optional[int] = None, out: str = "eval",
+             batch_size: int = 128, limit: Optional[int] = None, out: str = "eval",
              title: str = "tunelab evaluation", extra: Optional[dict] = None) -> dict:
     """Evaluate the base model and each run on the chosen suites; write a report.
 
@@ -45,7 +45,9 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         data: the data set whose held-out split is the in-domain suite (default: the first run's).
         system_prompt: the persona system prompt (default: the first run's data.system_prompt).
         gen: decoding options; greedy by default, so a rerun gives the same answers.
-        batch_size: prompts per generation batch.
+        batch_size: prompts per generation (and scoring) batch. Large batches pay: a CPU decoding
+            step of a 135M model costs ~150 ms for 16 rows and ~440 ms for 128; a GPU step of a
+            1.5B model ~4 ms for 1 row and ~6 ms for 256 (docs/PERFORMANCE.md).
         limit: score at most N items of each suite, evenly spaced over it (quicker, wider intervals).
         out: where results.json, report.md and report.html are written.
         title: the report's title.
