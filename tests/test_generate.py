@@ -415,3 +415,54 @@ def test_static_buffers_decode_as_the_dynamic_cache(runs):
     assert min(map(len, expected)) < 18 and max(map(len, expected)) == 20
     # buffers are reused across batches of the same shape, a few shapes at most
     assert len(engine.decoder.slots) <= engine.decoder.keep
+
+
+def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monkeypatch):
+    """The CPU's decoding (dynamic_decode.py): with 3 places for 12 prompts of many lengths,
+    prompts join as answers end (the running rows or the newcomers left-padded to each other,
+    unused columns dropped), and every answer is still the one-at-a-time answer: for the
+    base with a repetition penalty (padding never counts as a seen token) and for each adapter."""
+    from tunelab import dynamic_decode
+
+    engine = Engine.from_runs(runs)
+    questions = QUESTIONS + [q * 3 for q in QUESTIONS]  # long prompts join after short ones
+    system = conversations()[0][0]
+    convs = [[system, {"role": "user", "content": q}] for q in questions]
+    prompts = [engine.format.prompt_ids(m) for m in convs]
+    trims = []
+    trim = dynamic_decode.Rows.trim
+
+    def counted(rows):
+        before = rows.mask.shape[1]
+        trim(rows)
+        trims.append(before - rows.mask.shape[1])
+
+    monkeypatch.setattr(dynamic_decode.Rows, "trim", counted)
+    monkeypatch.setattr(dynamic_decode, "TRIM_AT", 1)  # drop unused columns as soon as there are any
+    base = engine.base
+    gen = GenerationConfig(max_new_tokens=24, repetition_penalty=0.5)  # < 1 favours seen tokens: a pad counted as seen would show
+    # a stop token some answers reach early and others late or never: rows leave mid-way
+    free = engine.complete(prompts, gen, batch_size=len(prompts), adapter=BASE, ignore_eos=True)
+    counts = {t: sum(t in a[:-4] for a in free) for t in {t for a in free for t in a}}
+    monkeypatch.setattr(engine, "stop_ids", [max(counts, key=lambda t: (0 < counts[t] < len(prompts) - 2,
+                                                                       counts[t]))])
+    expected = []
+    for ids in prompts:
+        with torch.no_grad(), engine._deltas_off():
+            out = base.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                **engine._generate_kwargs(gen))
+        expected.append(engine.cut_at_stop(out[0, len(ids):].tolist()))
+    assert engine.complete(prompts, gen, batch_size=3, adapter=BASE) == expected
+    assert len({len(a) for a in expected}) > 2  # answers end at different steps: rows join mid-way
+    for name, n_virtual in (("lora", 0), ("ptuning", N_VIRTUAL)):
+        plain = GenerationConfig(max_new_tokens=12)
+        reference = fresh(runs[name])
+        by_hand = []
+        for ids in prompts:
+            new: list[int] = []
+            while len(new) < 12 and (not new or new[-1] not in engine.stop_ids):
+                with torch.no_grad():
+                    new.append(int(reference(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+            by_hand.append(engine.cut_at_stop(new))
+        assert engine.complete(prompts, plain, batch_size=3, adapter=name) == by_hand, name
+    assert max(trims) > 0  # leading columns of departed rows were dropped

@@ -1,12 +1,13 @@
 """Batched generation shared by chat, evaluation and serving.
 
-Prompts are rendered by `ChatFormat` (the same function training uses), left-padded into
-batches sorted by length, and decoded with a KV cache until the template's end-of-turn
-token, never through a model-specific chat helper. Batches (`complete`) are decoded by a
-short loop over the model's forward (`_decode`) that does what `generate` does, plus: the
-prompts' shared beginning (system prompt, template header) is computed once per batch, and
-a row leaves the batch once it has ended its turn. Streaming (chat) and prefix tuning go
-through the model's own `generate`.
+Prompts are rendered by `ChatFormat` (the same function training uses), taken shortest
+first, left-padded into batches and decoded with a KV cache until the template's end-of-turn
+token, never through a model-specific chat helper. `complete` decodes by a short loop over
+the model's forward that does what `generate` does, plus: the prompts' shared beginning
+(system prompt, template header) is computed once per batch; on a CPU a row leaves the batch
+once it has ended its turn and a waiting prompt takes its place (`dynamic_decode.py`); on a
+GPU every step is one CUDA graph over fixed buffers (`static_decode.py`). Streaming (chat)
+and prefix tuning go through the model's own `generate`.
 
 One base model stays in memory and several adapters share it, switched by name:
 - `base`: the model alone (weight-delta adapters disabled);
@@ -38,8 +39,10 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .config import GenerationConfig
+from . import dynamic_decode
 from .data.template import ChatFormat
-from .static_decode import StaticDecoder, capacity_for, decodable, static_attention_in
+from .methods.virtual_tokens import virtual_token_embeddings
+from .static_decode import StaticDecoder, decodable, static_attention_in
 
 BASE = "base"
 """The adapter name that means: the base model alone."""
@@ -309,34 +312,44 @@ class Engine:
                  ignore_eos: bool = False) -> list[list[int]]:
         """The new token ids for each prompt (already rendered ids), cut before the stop token.
 
-        Sampled decoding is reproducible: batch k is seeded with `gen.seed + k`, so the same
-        prompts, batch size and device give the same answers.
+        Prompts are taken shortest first. On a CPU, one batch of at most `batch_size` rows
+        refills itself as answers end (dynamic_decode.py); on a GPU, batches of `batch_size`
+        decode through fixed buffers and CUDA graphs (static_decode.py). Sampled decoding is
+        reproducible: the same prompts, batch size and device give the same answers.
         """
         gen = gen or GenerationConfig()
         adapter = self._check_adapter(adapter or self.active)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        answers: list[list[int]] = [[] for _ in prompts]
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc=f"generate ({adapter})", dynamic_ncols=True)
-        answers: list[list[int]] = [[] for _ in prompts]
+            bar = tqdm(total=len(prompts), desc=f"generate ({adapter})", dynamic_ncols=True)
         was_training = self.base.training
         self.base.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):  # leave the caller's RNG untouched
-                for batch_index, batch in enumerate(batches):
-                    seed = gen.seed + batch_index if gen.temperature > 0 else None
-                    if adapter in self.prefix:  # its keys and values: only its own generate places them
-                        ids, mask = left_pad([prompts[i] for i in batch], self.tokenizer.pad_token_id)
-                        new = self._run(ids, mask, adapter, seed, **self._generate_kwargs(gen, ignore_eos)).tolist()
-                    else:
-                        new = self._decode([prompts[i] for i in batch], adapter, gen, seed, ignore_eos)
-                    for row, i in enumerate(batch):
-                        answers[i] = new[row] if ignore_eos else self.cut_at_stop(new[row])
+                if adapter in self.prefix or self.static:
+                    new = []
+                    for batch_index, start in enumerate(range(0, len(order), batch_size)):
+                        batch = [prompts[i] for i in order[start:start + batch_size]]
+                        seed = gen.seed + batch_index if gen.temperature > 0 else None
+                        new += self._decode(batch, adapter, gen, seed, ignore_eos)
+                        if bar:
+                            bar.update(len(batch))
+                else:
+                    seed = gen.seed if gen.temperature > 0 else None
+                    with self._serving(adapter) as model:
+                        new = dynamic_decode.decode(self, model, adapter, [prompts[i] for i in order], gen,
+                                                    batch_size, seed, ignore_eos, bar.update if bar else None)
+                for row, i in enumerate(order):
+                    answers[i] = new[row] if ignore_eos else self.cut_at_stop(new[row])
         finally:
             self.base.train(was_training)
+            if bar:
+                bar.close()
         return answers
 
     def _prefill(self, model, adapter: str, prompts: list[list[int]], cache, keep_last: int = 1,
@@ -398,92 +411,13 @@ class Engine:
 
     def _decode(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig, seed: Optional[int],
                 ignore_eos: bool = False) -> list[list[int]]:
-        """The new tokens of one batch of prompts (stop token included), decoded with a KV cache.
-
-        The loop `generate` runs, plus what it cannot do: the prompts' shared beginning is
-        computed once (`_prefill`), and a row that ends its turn leaves the batch (its keys and
-        values with it), so the rows still answering no longer carry it. Decoding is the same
-        as `generate`'s: argmax, or the same logits processors and sampling; with `ignore_eos`
-        the stop tokens are never picked (`min_new_tokens`).
-        """
-        from transformers import DynamicCache
-
-        if self.static:
-            return self._decode_static(prompts, adapter, gen, seed, ignore_eos)
-        if seed is not None:
-            torch.manual_seed(seed)
-        process = self._logits_processors(gen)
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        cache = DynamicCache(config=self.base.config)
-        with self._serving(adapter) as model:
-            logits, mask, position = self._prefill(model, adapter, prompts, cache)
-            logits = logits[:, -1]
-            seen = left_pad(prompts, self.tokenizer.pad_token_id)[0].to(self.device)  # repetition penalty
-            rows = torch.arange(len(prompts), device=self.device)  # the prompt each batch row answers
-            answers: list[list[int]] = [[] for _ in prompts]
-            for step in range(gen.max_new_tokens):
-                scores = process(seen, logits.float())
-                if ignore_eos:
-                    scores[:, stop] = -float("inf")
-                if gen.temperature > 0:
-                    token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-                else:
-                    token = scores.argmax(-1)
-                for row, t in zip(rows.tolist(), token.tolist()):
-                    answers[row].append(t)
-                finished = torch.zeros_like(token, dtype=torch.bool) if ignore_eos else torch.isin(token, stop)
-                if step + 1 == gen.max_new_tokens or bool(finished.all()):
-                    break
-                if bool(finished.any()):  # finished rows leave the batch
-                    keep = (~finished).nonzero().squeeze(1)
-                    cache.batch_select_indices(keep)
-                    token, mask, seen, position, rows = (t[keep] for t in (token, mask, seen, position, rows))
-                mask = torch.cat([mask, mask.new_ones(len(token), 1)], dim=1)
-                seen = torch.cat([seen, token[:, None]], dim=1)
-                position = position + 1
-                logits = self._logits(model, 1, cache, input_ids=token[:, None], attention_mask=mask,
-                                      position_ids=position[:, None])[:, -1]
-        return answers
-
-    def _decode_static(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig,
-                       seed: Optional[int], ignore_eos: bool = False) -> list[list[int]]:
-        """`_decode` through fixed buffers (static_decode.py): the GPU's path. Every row stays
-        in the batch until all have ended their turn (checked every 8 steps); each answer is
-        cut after its first stop token. Tokens are picked exactly as in `_decode`."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        process = self._logits_processors(gen)
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        n_virtual = self.virtual[adapter].shape[0] if adapter in self.virtual else 0
-        capacity = capacity_for(n_virtual + max(map(len, prompts)), gen.max_new_tokens)
-        tokens = torch.empty(len(prompts), gen.max_new_tokens, dtype=torch.long, device=self.device)
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        """The new tokens of one batch of prompts (stop token included): through fixed buffers
+        and CUDA graphs (static_decode.py), or, for prefix tuning, its own `generate`."""
+        if adapter in self.prefix:  # its keys and values: only its own generate places them
+            ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+            return self._run(ids, mask, adapter, seed, **self._generate_kwargs(gen, ignore_eos)).tolist()
         with self._serving(adapter) as model, static_attention_in(self.base):
-            slots, logits, column = self.decoder.prefill(model, adapter, prompts, capacity)
-            seen = left_pad(prompts, self.tokenizer.pad_token_id)[0].to(self.device) if len(process) else None
-            steps = 0
-            for step in range(gen.max_new_tokens):
-                scores = process(seen, logits.float()) if seen is not None else logits.float()
-                if ignore_eos:
-                    scores[:, stop] = -float("inf")
-                if gen.temperature > 0:
-                    token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-                else:
-                    token = scores.argmax(-1)
-                tokens[:, step] = token
-                steps = step + 1
-                if not ignore_eos:
-                    finished |= torch.isin(token, stop)
-                if steps == gen.max_new_tokens or (not ignore_eos and steps % 8 == 0 and bool(finished.all())):
-                    break
-                if seen is not None:
-                    seen = torch.cat([seen, token[:, None]], dim=1)
-                logits = self.decoder.step(model, adapter, slots, token, column + step)
-        answers = tokens[:, :steps].tolist()
-        if ignore_eos:
-            return answers
-        stops = set(self.stop_ids)
-        return [next((a[:n + 1] for n, t in enumerate(a) if t in stops), a) for a in answers]
+            return self.decoder.decode(model, adapter, prompts, gen, seed, ignore_eos)
 
     def _logits_processors(self, gen: GenerationConfig):
         """What `generate` applies to the logits before picking a token, in its order."""
@@ -578,24 +512,6 @@ def column_major_weights(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Linear) and weight is not None and weight.dtype == torch.float32 \
                 and weight.dim() == 2 and weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()
-
-
-def virtual_token_embeddings(model) -> Optional[torch.Tensor]:
-    """The [n_virtual, hidden] input embeddings a P-Tuning / prompt-tuning adapter puts before
-    every input; None for prefix tuning, whose virtual tokens are keys and values.
-
-    The prompt encoder reads a fixed range of virtual-token indices, so its output is the
-    same for every input: computing it once (in eval mode: no dropout) is exact.
-    """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        prompt = model.get_prompt(batch_size=1)
-    model.train(was_training)
-    hidden = model.get_base_model().get_input_embeddings().weight.shape[1]
-    if not torch.is_tensor(prompt) or prompt.dim() != 3 or prompt.shape[-1] != hidden:
-        return None
-    return prompt[0].detach()
 
 
 def _is_peft(model) -> bool:

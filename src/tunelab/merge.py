@@ -31,7 +31,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, from_dict
 from .data.template import ChatFormat
-from .generate import virtual_token_embeddings
+from .methods.virtual_tokens import virtual_token_embeddings
 from .methods.registry import NotMergeable as MethodNotMergeable
 from .runs import RunDir, check_adapter, check_base, write_atomically, write_json
 

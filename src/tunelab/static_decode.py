@@ -30,10 +30,11 @@ On a CPU the same steps run without graphs (what the tests compare with the dyna
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
-import torch
 
+import torch
 
 ATTENTION = "tunelab_static"
 
@@ -147,6 +148,49 @@ class StaticDecoder:
         self.slots[key] = Slots(rows, capacity, self.engine.device)
         return self.slots[key]
 
+    def decode(self, model, adapter: str, prompts: list[list[int]], gen, seed, ignore_eos: bool = False
+               ) -> list[list[int]]:
+        """`Engine._decode` through these buffers, with `model` serving `adapter` (and attending
+        through `static_attention_in`). Every row stays in the batch until all have ended their
+        turn (checked every 8 steps); each answer is cut after its first stop token. Tokens
+        are picked exactly as in `Engine._decode`."""
+        from .generate import left_pad
+
+        engine, device = self.engine, self.engine.device
+        if seed is not None:
+            torch.manual_seed(seed)
+        process = engine._logits_processors(gen)
+        stop = torch.tensor(engine.stop_ids, device=device)
+        n_virtual = engine.virtual[adapter].shape[0] if adapter in engine.virtual else 0
+        capacity = capacity_for(n_virtual + max(map(len, prompts)), gen.max_new_tokens)
+        tokens = torch.empty(len(prompts), gen.max_new_tokens, dtype=torch.long, device=device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        slots, logits, column = self.prefill(model, adapter, prompts, capacity)
+        seen = left_pad(prompts, engine.tokenizer.pad_token_id)[0].to(device) if len(process) else None
+        steps = 0
+        for step in range(gen.max_new_tokens):
+            scores = process(seen, logits.float()) if seen is not None else logits.float()
+            if ignore_eos:
+                scores[:, stop] = -float("inf")
+            if gen.temperature > 0:
+                token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+            else:
+                token = scores.argmax(-1)
+            tokens[:, step] = token
+            steps = step + 1
+            if not ignore_eos:
+                finished |= torch.isin(token, stop)
+            if steps == gen.max_new_tokens or (not ignore_eos and steps % 8 == 0 and bool(finished.all())):
+                break
+            if seen is not None:
+                seen = torch.cat([seen, token[:, None]], dim=1)
+            logits = self.step(model, adapter, slots, token, column + step)
+        answers = tokens[:, :steps].tolist()
+        if ignore_eos:
+            return answers
+        stops = set(engine.stop_ids)
+        return [next((a[:n + 1] for n, t in enumerate(a) if t in stops), a) for a in answers]
+
     def prefill(self, model, adapter: str, prompts: list[list[int]], capacity: int) -> tuple[Slots, torch.Tensor, int]:
         """Run the prompts into a Slots' cache; returns it, the last position's logits [rows,
         vocab] and the first free column. The prompts' shared beginning (after the adapter's
@@ -202,7 +246,16 @@ class StaticDecoder:
         if not self.graphs:
             return self._forward(model, slots)[:, -1]
         if adapter not in slots.graphs:
-            slots.graphs[adapter] = self._capture(model, slots)
+            try:
+                slots.graphs[adapter] = self._capture(model, slots)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - e.g. a layer that syncs with the host: go eager
+                self.graphs = False
+                warnings.warn(f"CUDA graph capture of a decoding step failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); decoding continues eagerly")
+                torch.cuda.synchronize()
+                return self._forward(model, slots)[:, -1]
             return slots.graphs[adapter][1][:, -1]  # the capture's warm-up step computed it
         graph, logits = slots.graphs[adapter]
         graph.replay()

@@ -240,3 +240,21 @@ def load(base: torch.nn.Module, directory: Path, trainable: bool = False) -> Vir
             f"from it. It works for inference (chat, eval); to train further, start a new run "
             f"(tunelab's saves include {ENCODER_FILE})")
     return promote(model)
+
+
+def virtual_token_embeddings(model) -> torch.Tensor | None:
+    """The [n_virtual, hidden] input embeddings a P-Tuning / prompt-tuning adapter puts before
+    every input; None for prefix tuning, whose virtual tokens are keys and values.
+
+    The prompt encoder reads a fixed range of virtual-token indices, so its output is the
+    same for every input: computing it once (in eval mode: no dropout) is exact.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        prompt = model.get_prompt(batch_size=1)
+    model.train(was_training)
+    hidden = model.get_base_model().get_input_embeddings().weight.shape[1]
+    if not torch.is_tensor(prompt) or prompt.dim() != 3 or prompt.shape[-1] != hidden:
+        return None
+    return prompt[0].detach()
