@@ -418,10 +418,11 @@ def test_static_buffers_decode_as_the_dynamic_cache(runs):
 
 
 def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monkeypatch):
-    """The CPU's decoding (dynamic_decode.py): with 3 places for 12 prompts of many lengths,
-    prompts join as answers end (the running rows or the newcomers left-padded to each other,
-    unused columns dropped), and every answer is still the one-at-a-time answer: for the
-    base with a repetition penalty (padding never counts as a seen token) and for each adapter."""
+    """The CPU's decoding (dynamic_decode.py): 2-3 places for 12 prompts of many lengths;
+    prompts join as answers end, the ring of key/value columns wraps around, the last rows
+    are packed into fewer places, and every answer is still the one-at-a-time answer: for
+    the base with a repetition penalty (left padding never counts as a seen token) and for
+    each adapter."""
     from tunelab import dynamic_decode
 
     engine = Engine.from_runs(runs)
@@ -429,16 +430,21 @@ def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monke
     system = conversations()[0][0]
     convs = [[system, {"role": "user", "content": q}] for q in questions]
     prompts = [engine.format.prompt_ids(m) for m in convs]
-    trims = []
-    trim = dynamic_decode.Rows.trim
+    columns, packs = [], []
+    step, pack = dynamic_decode.Ring.step, dynamic_decode.Ring.pack
 
-    def counted(rows):
-        before = rows.mask.shape[1]
-        trim(rows)
-        trims.append(before - rows.mask.shape[1])
+    def stepped(ring, *a):
+        columns.append((ring.next, ring.capacity))
+        step(ring, *a)
 
-    monkeypatch.setattr(dynamic_decode.Rows, "trim", counted)
-    monkeypatch.setattr(dynamic_decode, "TRIM_AT", 1)  # drop unused columns as soon as there are any
+    def packed(ring):
+        packs.append((ring.rows, ring.live()))
+        pack(ring)
+
+    monkeypatch.setattr(dynamic_decode.Ring, "step", stepped)
+    monkeypatch.setattr(dynamic_decode.Ring, "pack", packed)
+    # the fewest columns that can work (longest prompt + answer): the ring wraps, tightly
+    monkeypatch.setattr(dynamic_decode, "capacity_for", lambda width, new: width + new)
     base = engine.base
     gen = GenerationConfig(max_new_tokens=24, repetition_penalty=0.5)  # < 1 favours seen tokens: a pad counted as seen would show
     # a stop token some answers reach early and others late or never: rows leave mid-way
@@ -452,8 +458,21 @@ def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monke
             out = base.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 **engine._generate_kwargs(gen))
         expected.append(engine.cut_at_stop(out[0, len(ids):].tolist()))
-    assert engine.complete(prompts, gen, batch_size=3, adapter=BASE) == expected
+    assert engine.complete(prompts, gen, batch_size=2, adapter=BASE) == expected
     assert len({len(a) for a in expected}) > 2  # answers end at different steps: rows join mid-way
+    assert packs and all(live <= rows // 2 for rows, live in packs)
+    # one place, every answer 24 tokens: 288 steps go more than once around the ring
+    full = GenerationConfig(max_new_tokens=24)
+    expected = []
+    for ids in prompts:
+        with torch.no_grad(), engine._deltas_off():
+            out = base.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                **engine._generate_kwargs(full, ignore_eos=True))
+        expected.append(out[0, len(ids):].tolist())
+    columns.clear()
+    assert engine.complete(prompts, full, batch_size=1, adapter=BASE, ignore_eos=True) == expected
+    capacity = columns[0][1]
+    assert len(columns) > capacity and capacity - 1 in {c for c, _ in columns}
     for name, n_virtual in (("lora", 0), ("ptuning", N_VIRTUAL)):
         plain = GenerationConfig(max_new_tokens=12)
         reference = fresh(runs[name])
@@ -465,4 +484,3 @@ def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monke
                     new.append(int(reference(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
             by_hand.append(engine.cut_at_stop(new))
         assert engine.complete(prompts, plain, batch_size=3, adapter=name) == by_hand, name
-    assert max(trims) > 0  # leading columns of departed rows were dropped

@@ -1,85 +1,119 @@
-"""Decoding with a growing KV cache and a batch that refills itself (the CPU's decoding path).
+"""Decoding with a batch that refills itself (continuous batching): the CPU's decoding path.
 
-A CPU decoding step of a small model costs a fixed part (every weight read once: ~100 ms
-for a 135M model in fp32 on two cores) plus a part per row (docs/PERFORMANCE.md). A batch
-that waits for its longest answer pays the fixed part for a few rows at its end. Here a row
-that ends its turn leaves the batch at once (its keys and values with it) and waiting
-prompts take the free places ("continuous batching"), so the batch stays nearly full until
-the prompts run out.
+A CPU decoding step of a small model costs a fixed part (every weight read once: ~100 ms for
+a 135M model in fp32 on two cores) plus a part per row (docs/PERFORMANCE.md). A batch that
+waits for its longest answer pays the fixed part for a few rows at its end. Here a row that
+ends its turn frees its place at once and a waiting prompt takes it, so the batch stays full
+until the prompts run out; then the rows still answering are packed into a smaller batch.
 
-Rows are aligned on the newest column: prompts joining a batch whose cache is W columns wide
-are prefilled together (their shared beginning once, `Engine._prefill`) and left-padded to
-W, or the running rows are left-padded when the newcomers are longer. Positions come from
-the attention mask, so every row has the positions it has alone, and columns no remaining
-row uses are dropped. Tokens are picked as `generate` picks them: argmax, or the same logits
-processors and sampling; with `ignore_eos` the stop tokens are never picked.
+The keys and values live in fixed buffers (`static_decode.SlotCache`) used as a ring of
+`capacity` columns: every step writes each row's new token at the ring's next column, so
+nothing is copied as the answers grow (a growing cache copies itself at every step). Which
+columns are a row's own is in its mask row; attention ignores the order of columns (keys
+carry their positions already), so a row may wrap around the ring. A prompt joins by being
+prefilled with the others joining (their shared beginning once, `Engine._prefill`) and
+written into its place at the columns just before the next one; capacity (longest prompt +
+`max_new_tokens`) guarantees the ring never reaches a column a living row still owns.
+Positions come from each row's own count, so every row has the positions it has alone.
+Tokens are picked as `generate` picks them: argmax, or the same logits processors and
+sampling; with `ignore_eos` the stop tokens are never picked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-TRIM_AT = 16
-"""Leading columns no row uses are dropped once there are this many (dropping copies the cache)."""
+from .static_decode import SlotCache, capacity_for, static_attention_in
 
 
-@dataclass
-class Rows:
-    """The rows being decoded: cache, mask and the rest, one entry per row on dim 0."""
+class Ring:
+    """The batch's places: a SlotCache of `rows` x `capacity` columns, each row's mask,
+    position, next-token logits and tokens seen, and which prompt each place answers."""
 
-    cache: object  # transformers' DynamicCache: .layers[i].keys / .values [rows, kv_heads, columns, dim]
-    mask: torch.Tensor  # [rows, columns] 1 where the column holds one of the row's tokens
-    seen: torch.Tensor  # [rows, n] the row's tokens so far (repetition penalty), left-padded with its first
-    position: torch.Tensor  # [rows] position of the row's newest token
-    logits: torch.Tensor  # [rows, vocab] next-token logits
-    prompt: list[int]  # which prompt each row answers
+    def __init__(self, rows: int, capacity: int, device: torch.device):
+        self.rows, self.capacity, self.device = rows, capacity, device
+        self.cache = SlotCache(rows, capacity, device)
+        self.cache.width = capacity
+        self.mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)
+        self.logits: Optional[torch.Tensor] = None
+        self.seen: Optional[torch.Tensor] = None  # [rows, n], left-padded with each row's first token
+        self.owner = [-1] * rows  # prompt index of each place, -1: free
+        self.next = 0  # the column the next step writes
 
-    def select(self, keep: torch.Tensor) -> None:
-        self.cache.batch_select_indices(keep)
-        self.mask, self.seen, self.position, self.logits = (t[keep] for t in (self.mask, self.seen, self.position,
-                                                                            self.logits))
-        self.prompt = [self.prompt[i] for i in keep.tolist()]
+    def free(self) -> list[int]:
+        return [r for r, owner in enumerate(self.owner) if owner < 0]
 
-    def trim(self) -> None:
-        """Drop the leading columns no row uses any more."""
-        used = self.mask.any(0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first >= TRIM_AT:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-            self.mask = self.mask[:, first:]
+    def live(self) -> int:
+        return sum(owner >= 0 for owner in self.owner)
+
+    def join(self, places: list[int], owners: list[int], cache, logits: torch.Tensor, mask: torch.Tensor,
+             position: torch.Tensor, prompts: Optional[list[list[int]]]) -> None:
+        """Put prefilled rows (a DynamicCache `cache`, their mask, last positions, next-token
+        logits) into `places`, at the columns just before `next`."""
+        width = mask.shape[1]
+        columns = (self.next - width + torch.arange(width, device=self.device)) % self.capacity
+        rows = torch.tensor(places, device=self.device)
+        if not self.cache.keys:  # buffers take their shapes from the first prefill
+            for layer in cache.layers:
+                shape = (self.rows, layer.keys.shape[1], self.capacity, layer.keys.shape[3])
+                self.cache.keys.append(layer.keys.new_zeros(shape))
+                self.cache.values.append(layer.values.new_zeros(shape))
+            self.logits = logits.new_zeros(self.rows, logits.shape[-1])
+        where = (rows[:, None], slice(None), columns[None, :])
+        for keys, values, layer in zip(self.cache.keys, self.cache.values, cache.layers):
+            keys[where] = layer.keys.permute(0, 2, 1, 3)
+            values[where] = layer.values.permute(0, 2, 1, 3)
+        self.mask[rows] = False
+        self.mask[rows[:, None], columns[None, :]] = mask.bool()
+        self.position[rows] = position
+        self.logits[rows] = logits
+        if prompts is not None:  # repetition penalty: the tokens each row has seen
+            longest = max(self.seen.shape[1] if self.seen is not None else 0, max(map(len, prompts)))
+            self.seen = _left_fill(self.seen, longest) if self.seen is not None else \
+                torch.zeros(self.rows, longest, dtype=torch.long, device=self.device)
+            for place, prompt in zip(places, prompts):
+                ids = torch.tensor(prompt, device=self.device)
+                self.seen[place] = torch.cat([ids[:1].expand(longest - len(prompt)), ids])
+        for place, owner in zip(places, owners):
+            self.owner[place] = owner
+
+    def leave(self, place: int) -> None:
+        self.owner[place] = -1
+        self.mask[place] = False  # a free place reads only the column it writes: never NaN
+
+    def pack(self) -> None:
+        """Keep only the places in use (the prompts have run out)."""
+        keep = torch.tensor([r for r, owner in enumerate(self.owner) if owner >= 0], device=self.device)
+        self.cache.keys = [k.index_select(0, keep) for k in self.cache.keys]
+        self.cache.values = [v.index_select(0, keep) for v in self.cache.values]
+        self.mask, self.position, self.logits = (t.index_select(0, keep) for t in (self.mask, self.position,
+                                                                                   self.logits))
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, keep)
+        self.owner = [self.owner[r] for r in keep.tolist()]
+        self.rows = self.cache.rows = len(self.owner)
+
+    def step(self, engine, model, token: torch.Tensor) -> None:
+        """Feed each place its token at column `next`; the next-token logits replace `logits`."""
+        column = self.next
+        self.mask[:, column] = True
+        self.cache.columns = torch.tensor([column], device=self.device)
+        self.position += 1
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, token[:, None]], dim=1)
+        with static_attention_in(engine.base):
+            self.logits = engine._logits(model, 1, self.cache, input_ids=token[:, None],
+                                         attention_mask=self.mask[:, None, None, :],
+                                         position_ids=self.position[:, None])[:, -1]
+        self.next = (column + 1) % self.capacity
 
 
-def _left_pad(rows: Rows, columns: int, seen_columns: int) -> None:
-    """Widen `rows` on the left to `columns` cache columns and `seen_columns` seen tokens."""
-    extra = columns - rows.mask.shape[1]
-    if extra > 0:
-        for layer in rows.cache.layers:
-            pad = layer.keys.new_zeros(*layer.keys.shape[:2], extra, layer.keys.shape[3])
-            layer.keys, layer.values = torch.cat([pad, layer.keys], dim=2), torch.cat([pad, layer.values], dim=2)
-        rows.mask = torch.cat([rows.mask.new_zeros(len(rows.prompt), extra), rows.mask], dim=1)
-    extra = seen_columns - rows.seen.shape[1]
-    if extra > 0:  # a row's own first token: the set of tokens seen stays the row's own
-        rows.seen = torch.cat([rows.seen[:, :1].expand(-1, extra), rows.seen], dim=1)
-
-
-def join(running: Optional[Rows], new: Rows) -> Rows:
-    """One batch of the rows of both, aligned on their newest column."""
-    if running is None:
-        return new
-    columns = max(running.mask.shape[1], new.mask.shape[1])
-    seen_columns = max(running.seen.shape[1], new.seen.shape[1])
-    for rows in (running, new):
-        _left_pad(rows, columns, seen_columns)
-    for mine, theirs in zip(running.cache.layers, new.cache.layers):
-        mine.keys = torch.cat([mine.keys, theirs.keys])
-        mine.values = torch.cat([mine.values, theirs.values])
-    return Rows(running.cache, torch.cat([running.mask, new.mask]), torch.cat([running.seen, new.seen]),
-                torch.cat([running.position, new.position]), torch.cat([running.logits, new.logits]),
-                running.prompt + new.prompt)
+def _left_fill(seen: torch.Tensor, width: int) -> torch.Tensor:
+    extra = width - seen.shape[1]
+    return seen if extra <= 0 else torch.cat([seen[:, :1].expand(-1, extra), seen], dim=1)
 
 
 def decode(engine, model, adapter: str, prompts: list[list[int]], gen, batch_size: int, seed: Optional[int],
@@ -88,53 +122,47 @@ def decode(engine, model, adapter: str, prompts: list[list[int]], gen, batch_siz
     time, prompts joining in the given order. `finished(n)` is told as n answers end."""
     from transformers import DynamicCache
 
-    from .generate import left_pad
-
     device = engine.device
     if seed is not None:
         torch.manual_seed(seed)
     process = engine._logits_processors(gen)
-    stop = torch.tensor(engine.stop_ids, device=device)
+    stop = set(engine.stop_ids)
+    stop_ids = torch.tensor(engine.stop_ids, device=device)
+    n_virtual = engine.virtual[adapter].shape[0] if adapter in engine.virtual else 0
+    ring = Ring(min(batch_size, len(prompts)), capacity_for(n_virtual + max(map(len, prompts)), gen.max_new_tokens),
+                device)
     answers: list[list[int]] = [[] for _ in prompts]
     waiting = list(range(len(prompts)))
-    running: Optional[Rows] = None
-    while waiting or running is not None:
-        free = batch_size - (len(running.prompt) if running is not None else 0)
-        # join in groups (each join copies the cache): when a quarter of the places are free
-        if waiting and (running is None or free >= min(len(waiting), max(1, batch_size // 4))):
-            joining, waiting = waiting[:free], waiting[free:]
+    while True:
+        free = ring.free()
+        # prompts join in groups (each group is one prefill): once a quarter of the places are free
+        if waiting and free and len(free) >= min(len(waiting), max(1, ring.rows // 4)):
+            joining, waiting = waiting[:len(free)], waiting[len(free):]
             group = [prompts[i] for i in joining]
             cache = DynamicCache(config=engine.base.config)
             logits, mask, position = engine._prefill(model, adapter, group, cache)
-            ids, present = left_pad(group, 0)
-            first = torch.tensor([p[0] for p in group])
-            seen = torch.where(present.bool(), ids, first[:, None]).to(device)
-            running = join(running, Rows(cache, mask, seen, position, logits[:, -1], joining))
-        scores = process(running.seen, running.logits.float())
+            ring.join(free[:len(joining)], joining, cache, logits[:, -1], mask, position,
+                      group if len(process) else None)
+        elif not waiting and ring.live() <= ring.rows // 2 and ring.live():
+            ring.pack()  # the last answers: no more places than rows
+        scores = process(ring.seen, ring.logits.float()) if ring.seen is not None else ring.logits.float()
         if ignore_eos:
-            scores[:, stop] = -float("inf")
+            scores[:, stop_ids] = -float("inf")
         if gen.temperature > 0:
             token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
         else:
             token = scores.argmax(-1)
-        for row, t in zip(running.prompt, token.tolist()):
-            answers[row].append(t)
-        done = torch.tensor([len(answers[row]) >= gen.max_new_tokens for row in running.prompt], device=device)
-        if not ignore_eos:
-            done |= torch.isin(token, stop)
-        if bool(done.any()):
-            if finished:
-                finished(int(done.sum()))
-            keep = (~done).nonzero().squeeze(1)
-            token = token[keep]
-            running.select(keep)
-            if not len(running.prompt):
-                running = None
+        ended = 0
+        for place, t in enumerate(token.tolist()):
+            owner = ring.owner[place]
+            if owner < 0:
                 continue
-            running.trim()
-        running.mask = torch.cat([running.mask, running.mask.new_ones(len(token), 1)], dim=1)
-        running.seen = torch.cat([running.seen, token[:, None]], dim=1)
-        running.position = running.position + 1
-        running.logits = engine._logits(model, 1, running.cache, input_ids=token[:, None], attention_mask=running.mask,
-                                        position_ids=running.position[:, None])[:, -1]
-    return answers
+            answers[owner].append(t)
+            if len(answers[owner]) >= gen.max_new_tokens or (not ignore_eos and t in stop):
+                ring.leave(place)
+                ended += 1
+        if ended and finished:
+            finished(ended)
+        if not waiting and not ring.live():
+            return answers
+        ring.step(engine, model, token)
