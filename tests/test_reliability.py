@@ -253,11 +253,13 @@ def test_nan_gradients_with_a_finite_loss_are_skipped_and_counted(tiny_qwen, tmp
     assert all(torch.isfinite(t).all() for t in adapter_tensors(run / "adapter").values())
 
 
-def test_nan_loss_is_skipped(tiny_qwen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("late", [False, True], ids=["loss read at once", "loss read a step late (GPU)"])
+def test_nan_loss_is_skipped(tiny_qwen, tmp_path, monkeypatch, late):
+    monkeypatch.setattr("tunelab.train.read_late", lambda device: late)
     poison(monkeypatch, {1}, "loss")
     run = quick_train(tiny_qwen, data_file(tmp_path), tmp_path / "run", max_steps=4, save_every=0)
     assert [math.isnan(r["loss"]) for r in metrics(run)] == [False, True, False, False]
-    assert metrics(run)[-1]["skipped_steps"] == 1
+    assert [r["skipped_steps"] for r in metrics(run)] == [0, 1, 1, 1]
 
 
 def test_k_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(tiny_qwen, tmp_path, monkeypatch):

@@ -41,10 +41,14 @@ def reference(tiny_qwen, tmp_path_factory):
     return quick_train(tiny_qwen, data, root / "run", val_size=2, **SETTINGS), data
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["loss read at once", "loss read a step late (GPU)"])
 @pytest.mark.parametrize("crash_step, save_every", [(5, 2), (6, 3)],
                          ids=["mid-epoch (checkpoint 4, crash in step 6)", "epoch boundary (checkpoint 6)"])
-def test_resume_is_bit_identical(reference, tiny_qwen, tmp_path, monkeypatch, crash_step, save_every):
+def test_resume_is_bit_identical(reference, tiny_qwen, tmp_path, monkeypatch, crash_step, save_every, late):
+    """Also with the GPU's lagged loss read (train.read_late): the step queued before the
+    crash is still read and logged on the way out."""
     ref_run, data = reference
+    monkeypatch.setattr("tunelab.train.read_late", lambda device: late)
     settings = {**SETTINGS, "save_every": save_every}
     with monkeypatch.context() as patch:
         crash_at(patch, crash_step)

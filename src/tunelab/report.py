@@ -427,6 +427,8 @@ background:#f6f8fa}.ans{white-space:pre-wrap;max-width:420px}.ok{border-left:4px
 .note{background:#fff8c5;padding:6px 10px;border-left:4px solid #d4a72c}
 pre{background:#f6f8fa;padding:8px;overflow:auto}.plots{display:flex;flex-wrap:wrap;gap:12px}
 .plot{border:1px solid #d0d7de;background:#fff}
+.answers{table-layout:fixed;width:100%}.answers th:first-child{width:3.5em}
+.answers .ans{max-width:none;overflow-wrap:anywhere}
 """
 
 
@@ -434,10 +436,11 @@ def _h(text: Any) -> str:
     return html.escape(str(text))
 
 
-def _html_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+def _html_table(header: Sequence[str], rows: Iterable[Sequence[str]], css: str = "") -> str:
     """Header texts are escaped here; row cells must be ready-made `<td>` elements."""
     head = "".join(f"<th>{_h(h)}</th>" for h in header)
-    return f"<table><tr>{head}</tr>" + "".join(f"<tr>{''.join(r)}</tr>" for r in rows) + "</table>"
+    table = f'<table class="{css}">' if css else "<table>"
+    return f"{table}<tr>{head}</tr>" + "".join(f"<tr>{''.join(r)}</tr>" for r in rows) + "</table>"
 
 
 def render_html(results: Mapping[str, Any]) -> str:
@@ -494,7 +497,8 @@ def render_html(results: Mapping[str, Any]) -> str:
                 text, mark, css = _answer_cell(row, model)
                 cells.append(td(f"{mark} {text}" if mark and not css else text, f"ans {css}".strip()))
             rows.append(cells)
-        body += [_html_table(["id", "question", "reference"] + order, rows), "</details>"]
+        # equal columns: every model's answer gets the same width, however long the others are
+        body += [_html_table(["id", "question", "reference"] + order, rows, "answers"), "</details>"]
     if results.get("configs"):
         body.append("<h2>Configs</h2>")
         body += [f"<details><summary>{_h(model)}</summary><pre>{_h(_config_text(config))}</pre></details>"

@@ -179,8 +179,10 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                 "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "skipped_steps": state["skipped_steps"]}
 
-    # A step's loss is read back only after the next step is queued, so the GPU never waits
-    # for the host between steps; steps that evaluate, save, stop or end are read at once.
+    # On a GPU a step's loss is read back only after the next step is queued, so the GPU
+    # never waits for the host between steps; steps that evaluate, save, stop or end are read
+    # at once, and a step still unread when the run fails is read (and logged) on the way out.
+    lagged = read_late(device)
     pending = None
     try:
         while state["step"] < total_steps:
@@ -210,7 +212,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
             queued = (state["step"], values, scheduler.get_last_lr()[0], state["tokens"], state["elapsed"])
             settled = [settle(pending)] if pending else []
             pending = queued
-            if evaluate_now or save_now or stop["signal"] or state["step"] == total_steps:
+            if not lagged or evaluate_now or save_now or stop["signal"] or state["step"] == total_steps:
                 settled.append(settle(pending))
                 pending = None
             for record in settled:
@@ -240,6 +242,13 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
                                                 state["step"], data.max_length)) from None
     finally:
+        if pending is not None:  # the run failed after queueing this step: keep its record
+            try:
+                record = settle(pending)
+                if record["step"] % cfg.log_every == 0:
+                    log(metrics, writer, record)
+            except Exception:  # noqa: BLE001 - the device may be what failed; the first error wins
+                pass
         run_scoped.close()
         bar.close()
         metrics.close()
@@ -358,6 +367,12 @@ def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tupl
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.stack([total.float(), grad_norm.float()]), tokens
+
+
+def read_late(device: torch.device) -> bool:
+    """Whether a step's loss is read after the next step is queued: on a GPU, where reading
+    it at once would leave the card idle while the host prepares the next step."""
+    return device.type == "cuda"
 
 
 def apply_update(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> None:
