@@ -86,7 +86,8 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     with torch.no_grad():
-        for batch in token_batches(order, [len(r.input_ids) for r in rows], batch_size):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
             prompts = [rows[i].input_ids for i in batch]
             labels, _ = left_pad([rows[i].labels for i in batch], IGNORE)
             # Logits only from the position before each row's first supervised token on (the
@@ -103,21 +104,6 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
             for row, i in enumerate(batch):
                 out[i] = (nll[row].item(), int(valid[row].sum().item()))
     return out
-
-
-def token_batches(order: list[int], lengths: list[int], batch_size: int, tokens_per_row: int = 64) -> list[list[int]]:
-    """`order` (sorted by length) cut into batches of at most `batch_size` rows and at most
-    `batch_size * tokens_per_row` tokens once padded to their longest row: the long rows of a
-    held-out split come in smaller batches instead of padding a whole batch to their length."""
-    budget = batch_size * tokens_per_row
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and \
-                (len(batches[-1]) + 1) * max(lengths[i], max(lengths[j] for j in batches[-1])) <= budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def first_supervised(labels: list[int]) -> int:
