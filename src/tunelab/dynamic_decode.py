@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .static_decode import SlotCache, capacity_for, static_attention_in
+from .static_decode import SlotCache, capacity_for, pick, static_attention_in
 
 
 class Ring:
@@ -145,13 +145,7 @@ def decode(engine, model, adapter: str, prompts: list[list[int]], gen, batch_siz
                       group if len(process) else None)
         elif not waiting and ring.live() <= ring.rows // 2 and ring.live():
             ring.pack()  # the last answers: no more places than rows
-        scores = process(ring.seen, ring.logits.float()) if ring.seen is not None else ring.logits.float()
-        if ignore_eos:
-            scores[:, stop_ids] = -float("inf")
-        if gen.temperature > 0:
-            token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
+        token = pick(ring.logits, ring.seen, process, gen, stop_ids, ignore_eos)
         ended = 0
         for place, t in enumerate(token.tolist()):
             owner = ring.owner[place]

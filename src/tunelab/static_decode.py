@@ -169,13 +169,7 @@ class StaticDecoder:
         seen = left_pad(prompts, engine.tokenizer.pad_token_id)[0].to(device) if len(process) else None
         steps = 0
         for step in range(gen.max_new_tokens):
-            scores = process(seen, logits.float()) if seen is not None else logits.float()
-            if ignore_eos:
-                scores[:, stop] = -float("inf")
-            if gen.temperature > 0:
-                token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-            else:
-                token = scores.argmax(-1)
+            token = pick(logits, seen, process, gen, stop, ignore_eos)
             tokens[:, step] = token
             steps = step + 1
             if not ignore_eos:
@@ -279,6 +273,17 @@ class StaticDecoder:
             logits = self._forward(model, slots)
         logits.copy_(warm)  # capturing ran nothing: the warm-up's logits are this step's
         return graph, logits
+
+
+def pick(logits: torch.Tensor, seen, process, gen, stop: torch.Tensor, ignore_eos: bool) -> torch.Tensor:
+    """Each row's next token as `generate` picks it: the logits processors (repetition penalty
+    over `seen`, sampling warpers), then argmax or a sample; with `ignore_eos` never a stop token."""
+    scores = process(seen, logits.float()) if seen is not None else logits.float()
+    if ignore_eos:
+        scores[:, stop] = -float("inf")
+    if gen.temperature > 0:
+        return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)
 
 
 def capacity_for(width: int, max_new_tokens: int, multiple: int = 64) -> int:
