@@ -403,6 +403,13 @@ def test_static_buffers_decode_as_the_dynamic_cache(runs):
                 engine.static = True
                 got = engine.complete(batch, gen, batch_size=4, adapter=name, ignore_eos=ignore_eos)
                 assert got == expected, (name, ignore_eos)
+    # a repetition penalty < 1 favours seen tokens: a pad counted as seen would show
+    penalised = GenerationConfig(max_new_tokens=20, repetition_penalty=0.5)
+    for static in (False, True):
+        engine.static = static
+        got = engine.complete(bare, penalised, batch_size=len(bare))
+        assert static is False or got == expected_penalised
+        expected_penalised = got
     engine.static = False
     free = engine.complete(prompts, gen, batch_size=len(prompts), ignore_eos=True)
     # a stop token some rows reach early and others never: rows that finished keep decoding

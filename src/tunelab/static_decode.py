@@ -166,7 +166,10 @@ class StaticDecoder:
         tokens = torch.empty(len(prompts), gen.max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         slots, logits, column = self.prefill(model, adapter, prompts, capacity)
-        seen = left_pad(prompts, engine.tokenizer.pad_token_id)[0].to(device) if len(process) else None
+        seen = None
+        if len(process):  # repetition penalty: each row's tokens, left-padded with its own first token
+            ids, present = left_pad(prompts, 0)
+            seen = torch.where(present.bool(), ids, ids[torch.arange(len(prompts)), -present.sum(1)][:, None]).to(device)
         steps = 0
         for step in range(gen.max_new_tokens):
             token = pick(logits, seen, process, gen, stop, ignore_eos)
