@@ -106,7 +106,8 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                 if pending is not None:
                     loss = pending.tolist()[0]
                 pending = values
-            loss = pending.tolist()[0]
+            if pending is not None:
+                loss = pending.tolist()[0]
         clock.end()
         peak = peak_gib(device)
         if profile:
