@@ -266,11 +266,11 @@ def run(args) -> dict:
         "models": [m["name"] for m in report["models"]], "runs": [str(r) for r in args.runs] or args.shape,
         "batch_size": args.batch_size, "decode": args.decode, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
         "seconds": round(seconds, 1), "build_runs_s": round(build_s, 1),
-        "suite_seconds": {k: round(v, 1) for k, v in timers.suites.items()},
+        "suite_seconds": {k: round(v, 3) for k, v in timers.suites.items()},
         "generate_seconds": round(timers.generate_s, 1), "answers": timers.answers,
         "answer_tokens": timers.answer_tokens,
         "seconds_per_answer": round(timers.generate_s / max(1, timers.answers), 4),
-        "score_seconds": round(timers.score_s, 1), "scored_rows": timers.scored_rows,
+        "score_seconds": round(timers.score_s, 3), "scored_rows": timers.scored_rows,
         "in_domain_loss": losses_of(report),
         "scores": {name: {m: s["mean"] for m, s in suite["scores"].items()}
                    for name, suite in report["suites"].items()},

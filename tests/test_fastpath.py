@@ -17,7 +17,7 @@ from conftest import build_model, build_tokenizer
 from tunelab import fastpath
 from tunelab.config import ConfigError, TrainConfig
 from tunelab.data import ChatFormat, Rendered
-from tunelab.fastpath import (LossPlan, linear_cross_entropy, pack_rows, packed_inputs, padded_inputs,
+from tunelab.fastpath import (LossPlan, pack_rows, packed_inputs, padded_inputs,
                               plan_loss, token_loss_sum)
 from tunelab.methods import get
 from tunelab.methods.lora import LoraConfig
@@ -87,31 +87,6 @@ def test_padding_is_dropped_not_attended(rows):
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_cross_entropy_matches_plain_cross_entropy(monkeypatch, with_bias):
-    monkeypatch.setattr(fastpath, "LOGIT_ELEMENTS", 3 * 50)  # chunks of 3 rows
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(10, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
-    targets = torch.randint(0, 50, (10,), generator=g)
-    mine = linear_cross_entropy(hidden, weight, targets, bias) * 0.5
-    mine_grads = torch.autograd.grad(mine, [t for t in (hidden, weight, bias) if t is not None])
-    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum") * 0.5
-    plain_grads = torch.autograd.grad(plain, [t for t in (hidden, weight, bias) if t is not None])
-    torch.testing.assert_close(mine, plain)
-    for a, b in zip(mine_grads, plain_grads):
-        torch.testing.assert_close(a, b)
-
-
-def test_frozen_head_gets_no_gradient():
-    hidden = torch.randn(4, 8, requires_grad=True)
-    weight = torch.randn(20, 8)
-    loss = linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, 4]))
-    loss.backward()
-    assert hidden.grad is not None and weight.grad is None
-
-
 def test_pack_rows_keeps_every_row_within_budget():
     rows = [Rendered([0] * n, [0] * n) for n in (5, 9, 3, 12, 7, 1, 8)]
     bins = pack_rows(rows, max_tokens=12)
@@ -173,20 +148,6 @@ def test_auto_packs_only_where_flash_attention_runs():
     fast = fastpath.setup(lora(), "auto", True, CPU, nullcontext(), pad_id=0)
     assert not fast.packed and not fast.varlen
     assert isinstance(fast.loss, LossPlan) and fast.loss.trunk is not None
-
-
-def test_linear_cross_entropy_row_weights_drop_rows():
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(30, 8, generator=g, dtype=torch.float64)
-    targets = torch.randint(0, 30, (6,), generator=g)
-    keep = torch.tensor([1.0, 1, 0, 1, 0, 0])
-    mine = linear_cross_entropy(hidden, weight, targets, row_weights=keep)
-    (grad,) = torch.autograd.grad(mine, hidden)
-    plain = F.cross_entropy(hidden[:3] @ weight.t(), targets[:3], reduction="none")
-    plain = plain[torch.tensor([0, 1])].sum() + F.cross_entropy(hidden[3:4] @ weight.t(), targets[3:4], reduction="sum")
-    torch.testing.assert_close(mine, plain)
-    assert grad[keep == 0].abs().max() == 0
 
 
 def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):

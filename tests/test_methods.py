@@ -33,7 +33,7 @@ CASES = [
     ("lora", {"dora": True}, 1e-2, ("qwen2",)),
     ("lora", {"rslora": True}, 1e-2, ("qwen2",)),
     ("lora", {"init": "pissa"}, 1e-2, ("qwen2",)),
-    ("lora", {"init": "olora"}, 3e-2, ("qwen2",)),
+    ("lora", {"init": "olora"}, 2e-2, ("qwen2",)),
     ("qlora", {}, 1e-2, ("qwen2",)),
     ("ia3", {}, 3e-1, ("qwen2", "llama")),
     ("ptuning", {}, 1e-3, ("qwen2", "llama")),

@@ -68,8 +68,8 @@ def test_adapter_reloads_to_identical_logits(trained):
     model_a, tok, _ = load_run(run)
     model_b, _, _ = load_run(run)
     ids = torch.tensor([Engine(model_a, tok).format.prompt_ids(QUESTION)])
-    with torch.no_grad():
-        assert torch.equal(model_a(ids).logits, model_b(ids).logits)
+    with torch.no_grad():  # equal up to fp32 rounding: MKL's kernels may differ with buffer alignment
+        torch.testing.assert_close(model_a(ids).logits, model_b(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_chat_with_the_adapter_differs_from_the_base(trained):

@@ -14,8 +14,8 @@ Two levers, each exact (same per-token loss as the padded path, up to rounding):
 - The loss on supervised positions only. Qwen2's vocabulary has 151,936 ids: the logits
   of every position, upcast to fp32, dwarf the rest of a LoRA step. `token_loss_sum`
   runs the model's trunk, keeps the hidden states of positions that have a label, and
-  `linear_cross_entropy` projects them onto the vocabulary a chunk at a time, computing
-  each chunk's gradient at once so no full logits tensor is ever held.
+  `cross_entropy.linear_cross_entropy` projects them onto the vocabulary a chunk at a
+  time, computing each chunk's gradient at once so no full logits tensor is ever held.
   Models whose head is not a plain linear layer over the trunk (a softcap, a scale, a
   prompt-learning method that prepends virtual tokens) are detected by one numerical
   check at setup and keep the whole-logits loss, on supervised positions only.
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cross_entropy import linear_cross_entropy
 from .data.collate import pack_batch, pad_batch, shift_labels
 from .data.template import IGNORE, Rendered
 
@@ -42,8 +43,6 @@ come as keyword arguments)."""
 ATTENTION_PADDED = "tunelab_varlen_padded"
 """`varlen_attention` for padded batches: transformers hands it the 2D padding mask."""
 
-LOGIT_ELEMENTS = 2**28
-"""Logits held at once by `linear_cross_entropy` (1 GiB in fp32): rows per chunk = this / vocab."""
 
 
 # -- attention ------------------------------------------------------------------------------
@@ -233,64 +232,6 @@ def padded_inputs(rows: list[Rendered], pad_id: int) -> dict:
 
 
 # -- loss -----------------------------------------------------------------------------------
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T + bias, target_i), a chunk of rows at a time.
-
-    The backward of each chunk is computed in the forward, while its logits exist, so only
-    one chunk of logits is ever alive; backward scales the stored gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, row_weights=None):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        exact = torch.promote_types(hidden.dtype, torch.float32)  # half precision: fp32 softmax
-        grad_weight = torch.zeros_like(weight, dtype=exact) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=exact) if need_bias else None
-        total = torch.zeros((), dtype=exact, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight, bias).to(exact)
-            lse = torch.logsumexp(logits, dim=-1)
-            losses = lse - logits.gather(1, t[:, None]).squeeze(1)
-            w = None if row_weights is None else row_weights[start:start + chunk].to(exact)
-            total += (losses if w is None else losses * w).sum()
-            if grad_hidden is None and grad_weight is None and grad_bias is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(t.shape[0], device=t.device), t] -= 1
-            if w is not None:
-                grad.mul_(w[:, None])
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-            grad = grad.to(h.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = grad @ weight
-            if grad_weight is not None:
-                grad_weight += (grad.t() @ h).to(exact)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None)
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, never holding
-    more than `LOGIT_ELEMENTS` logits. hidden [N, H], weight [V, H], targets [N] (no -100);
-    `row_weights` [N] scales each row's loss (0 drops a row of fixed-size inputs)."""
-    chunk = max(1, LOGIT_ELEMENTS // weight.shape[0])
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, bias, targets, chunk, row_weights)
-
 
 @dataclass
 class LossPlan:
