@@ -51,6 +51,8 @@ CASES = {
                      "ref-lora-1.5b-gc"),
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
+    "lora-1.5b-alone": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora="alone"), "ref-lora-1.5b-gc"),
+    "lora-1.5b-torch-ce": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, ce_kernel=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False, kernels="torch"),
                           "ref-lora-1.5b-gc"),
     "lora-1.5b-torch-kernels": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, kernels="torch"),
@@ -92,12 +94,13 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
         from tunelab.config import TrainConfig
 
         fuse_lora = options.pop("fuse_lora", True)
+        ce_kernel = options.pop("ce_kernel", True)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
-                                  args.steps, args.warmup, cfg, fuse_lora=fuse_lora,
+                                  args.steps, args.warmup, cfg, fuse_lora=fuse_lora, ce_kernel=ce_kernel,
                                   profile=profile)
-        result["fuse_lora"] = fuse_lora
+        result["fuse_lora"], result["ce_kernel"] = fuse_lora, ce_kernel
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = cfg.compile

@@ -172,6 +172,29 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_graph_body_rebuilds_the_adapter_copies(rows, monkeypatch):
+    """A replay runs no Python, so the host-side check that refreshes the fused adapters'
+    compute copies never runs in one: the captured body must rebuild them itself."""
+    from tunelab.graphs import GraphedSteps
+    from tunelab.methods import lora_fused
+
+    net = lora().eval()
+    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    params = [p for p in net.parameters() if p.requires_grad]
+    steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
+    batch = packed_inputs(rows)
+    key, host = steps.host_inputs(batch)
+    before, _ = steps._body(dict(host, scale=torch.tensor(1.0)), key[2])
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05)  # as an optimizer step between two replays
+    want = per_token(net, batch, fast.loss).sum()
+    monkeypatch.setattr(lora_fused.AdapterCopies, "fresh", lambda self: None)  # what a replay skips
+    after, _ = steps._body(dict(host, scale=torch.tensor(1.0)), key[2])
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    assert abs(after.item() - before.item()) > 1e-3
+
+
 @pytest.mark.parametrize("method", ["ptuning", "prompt_tuning"])
 def test_packed_virtual_tokens_match_peft_padded_rows(rows, method):
     """P-Tuning / prompt tuning on packed rows (each row starting with its own virtual

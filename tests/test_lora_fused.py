@@ -86,3 +86,62 @@ def test_outside_plain_training_peft_forward_runs():
             torch.testing.assert_close(net(input_ids=ids).logits, base)
     lora_fused.unfuse(net)
     assert not any(hasattr(m, "_peft_forward") for m in net.modules())
+
+
+def test_projections_that_read_one_input_form_one_group():
+    net = lora_net(0.1)
+    lora_fused.fuse(net)
+    groups = lora_fused.groups_of(net)
+    names = [[next(n for n, m in net.named_modules() if m is layer).rsplit(".", 1)[-1] for layer in g.layers]
+             for g in groups]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] \
+        * net.config.num_hidden_layers
+
+
+def test_group_dropout_masks_are_independent_and_scaled():
+    rows = torch.randn(200, 50, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    dropped, mask = lora_fused.draw_dropout(rows, 0.25, 3)
+    assert dropped.shape == mask.shape == (3, 200, 50) and mask.dtype == torch.bool
+    torch.testing.assert_close(dropped, rows * mask / 0.75)
+    assert abs(mask.float().mean().item() - 0.75) < 0.02
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[1], mask[2])
+
+
+def test_adapter_copies_follow_the_optimizer():
+    """Training steps through the fused path move the weights as PEFT's path does: the
+    compute copies are rebuilt after every optimizer step (and only then)."""
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(2))
+    trained = []
+    for fused in (False, True):
+        net = lora_net(0.0)
+        if fused:
+            lora_fused.fuse(net)
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        for _ in range(3):
+            loss_and_grads(net, ids, seed=0)
+            optimizer.step()
+        trained.append([p.detach().clone() for p in params])
+    for a, b in zip(*trained):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    store = lora_fused.groups_of(net)[0].store
+    refreshes = []
+    real = store.refresh
+    store.refresh = lambda: (refreshes.append(1), real())
+    with torch.no_grad():
+        net(input_ids=ids)
+        net(input_ids=ids)
+    assert refreshes == [1]  # the weights changed once (the last step), so one rebuild
+
+
+def test_a_member_called_on_another_input_gets_its_own_answer():
+    net = lora_net(0.0).eval()
+    attention = net.base_model.model.model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 1, 5, net.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = attention.q_proj(x1), attention.k_proj(x2), attention.v_proj(x1)
+        lora_fused.fuse(net)
+        got = attention.q_proj(x1), attention.k_proj(x2), attention.v_proj(x1)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -62,9 +62,13 @@ if triton is not None:
                 tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < vocab)
 
 
+USE_TRITON = True
+"""Off: the torch path everywhere (a benchmark lever)."""
+
+
 def triton_usable(logits: torch.Tensor) -> bool:
     """The Triton kernel runs on these logits (CUDA, Triton installed)."""
-    return triton is not None and logits.is_cuda
+    return USE_TRITON and triton is not None and logits.is_cuda
 
 
 def rows_loss_triton(logits: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor | None,

@@ -6,20 +6,27 @@ twice as many in autograd's backward: the input upcast to the adapter's fp32, dr
 weights cast down again by autocast, two matmuls, a scale and an add. On a packed step of a
 few thousand tokens those kernels, not the matmuls, set the speed (docs/PERFORMANCE.md).
 
-`fuse(model)` gives every plain LoRA projection (one active adapter, no DoRA or other
-variant, a `torch.nn.Linear` base) a forward through `_LoraLinear`, which computes
+`fuse(model)` routes every plain LoRA projection (one active adapter, no DoRA or other
+variant, a `torch.nn.Linear` base) through `_LoraGroup`, which computes, for the G
+projections g that read the same input x (q/k/v of an attention block, gate/up of an MLP;
+found by watching one probe forward, so no architecture is named here),
 
-    y = x W^T + b + scale * (dropout(x) A^T) B^T
+    y_g = x W_g^T + b_g + s_g * (dropout_g(x) A_g^T) B_g^T
 
-with dropout's mask drawn once (`torch.native_dropout`, as `nn.Dropout` does), the adapter
-product added by the same matmul that computes it (`addmm`), and a hand-written backward:
-x's gradient in one `addmm`, A's and B's in one matmul each. The adapter weights stay where
-PEFT keeps them (fp32 on a half-precision base, so the optimizer updates fp32 weights); they
-are cast to the compute dtype once a forward, as autocast would. Saving, loading and merging
-are PEFT's, untouched: only `forward` changes, and only while the layer is in its plain
-state (with or without gradients: held-out losses use it too); anything else (adapters
-disabled or merged, several adapters, mixed-batch `adapter_names`) goes through PEFT's own
-forward.
+with every dropout mask of the group drawn by one kernel (each projection its own mask,
+as PEFT draws them), the G low-rank products as one batched matmul, the adapter product
+added by the matmul that computes it (`addmm_`), and a hand-written backward: the G
+projections' input gradients summed into one tensor by the matmuls themselves, A's
+gradients in one batched matmul, written in fp32 by the matmul where torch can.
+
+The adapter weights stay where PEFT keeps them (fp32 on a half-precision base, so the
+optimizer updates fp32 weights). Their compute-dtype copies, with the scale s_g folded into
+A, live in one buffer per model (`AdapterCopies`), refreshed by two kernels whenever the
+weights have changed (an optimizer step) instead of two casts per projection per forward.
+Saving, loading and merging are PEFT's, untouched: only `forward` changes, and only while
+the layer is in its plain state (with or without gradients: held-out losses use it too);
+anything else (adapters disabled or merged, several adapters, mixed-batch `adapter_names`)
+goes through PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -29,40 +36,164 @@ import types
 import torch
 
 
-class _LoraLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float):
-        dtype = weight.dtype
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        if p > 0:
-            dropped, mask = torch.native_dropout(rows, p, True)
-        else:
-            dropped, mask = rows, None
-        low = dropped @ a.t()
-        out = rows @ weight.t() if bias is None else torch.addmm(bias.to(dtype), rows, weight.t())
-        out.addmm_(low, b.t(), alpha=scale)
-        ctx.save_for_backward(weight, dropped, mask, low, a, b)
-        ctx.scale, ctx.p, ctx.x_dtype, ctx.x_shape, ctx.has_bias = scale, p, x.dtype, x.shape, bias is not None
-        ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], weight.shape[0])
+def draw_dropout(rows: torch.Tensor, p: float, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`copies` independent dropout draws of `rows` [T, in] in one kernel: (kept values
+    scaled by 1/(1-p), [copies, T, in]; boolean masks, same shape), as `nn.Dropout` draws them."""
+    return torch.native_dropout(rows.expand(copies, *rows.shape), p, True)
+
+
+def _mm_dtype_overload(op) -> bool:
+    return "dtype" in op.overloads()
+
+
+_OUT_DTYPE = _mm_dtype_overload(torch.ops.aten.mm) and _mm_dtype_overload(torch.ops.aten.bmm)
+
+
+def _fp32_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (op: torch.mm or torch.bmm) in fp32: written in fp32 by the matmul itself for
+    half-precision CUDA inputs where torch can, else computed and then cast."""
+    if _OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return op(a, b, out_dtype=torch.float32)
+    return op(a, b).float()
+
+
+class _LoraGroup(torch.autograd.Function):
+    """The G projections of one `LoraGroup` on one input; returns their G outputs."""
 
     @staticmethod
-    def backward(ctx, grad):
-        weight, dropped, mask, low, a, b = ctx.saved_tensors
-        scale, p = ctx.scale, ctx.p
-        grad = grad.reshape(-1, weight.shape[0]).to(weight.dtype)
-        grad_low = grad @ (b * scale)
-        grad_b = torch.mm(grad.t(), low).mul_(scale).to(ctx.adapter_dtypes[1])
-        grad_a = torch.mm(grad_low.t(), dropped).to(ctx.adapter_dtypes[0])
+    def forward(ctx, x, group, p: float, *adapters):  # adapters: A_1..A_G, B_1..B_G (for their grads)
+        a, b = group.copies()  # [G, r, in] (scale folded in), list of [N_g, r]
+        rows = x.reshape(-1, x.shape[-1]).to(a.dtype)
+        if p > 0:
+            dropped, mask = draw_dropout(rows, p, group.size)
+        else:
+            dropped, mask = rows.expand(group.size, *rows.shape), None
+        low = torch.bmm(dropped, a.transpose(1, 2))  # [G, T, r]
+        outputs = []
+        for g, base in enumerate(group.bases):
+            out = (rows @ base.weight.t() if base.bias is None
+                   else torch.addmm(base.bias.to(a.dtype), rows, base.weight.t()))
+            out.addmm_(low[g], b[g].t())
+            outputs.append(out.view(*x.shape[:-1], base.weight.shape[0]))
+        ctx.save_for_backward(dropped, mask, low, a, *b)  # the copies too: a refresh before backward is caught
+        ctx.group, ctx.p, ctx.x_dtype, ctx.x_shape = group, p, x.dtype, x.shape
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, p = ctx.group, ctx.p
+        dropped, mask, low, a, *b = ctx.saved_tensors
+        grads = [g.reshape(-1, g.shape[-1]).to(a.dtype) for g in grads]
+        grad_low = torch.empty_like(low)
+        for g in range(group.size):
+            torch.mm(grads[g], b[g], out=grad_low[g])
+        grad_b = [_fp32_product(torch.mm, grads[g].t(), low[g]) for g in range(group.size)]
+        grad_a = _fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(group.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            back = grad_low @ a
+            back = torch.bmm(grad_low, a)  # [G, T, in]
             if mask is not None:
                 back = torch.ops.aten.native_dropout_backward(back, mask, 1.0 / (1.0 - p))
-            grad_x = back.addmm_(grad, weight).to(ctx.x_dtype).view(ctx.x_shape)
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+            grad_x = back.sum(0) if group.size > 1 else back[0]
+            for g, base in enumerate(group.bases):
+                grad_x.addmm_(grads[g], base.weight)
+            grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+        adapters = group.adapters()
+        grad_params = [grad.to(param.dtype) for grad, param in zip([*grad_a, *grad_b], adapters)]
+        return (grad_x, None, None, *grad_params)
+
+
+class AdapterCopies:
+    """The compute-dtype copies of every fused adapter weight of one model, in one buffer.
+
+    `refresh` rebuilds them in two kernels (a concatenation and a scaled cast); `fresh`
+    does so only when some weight has changed since (its version counter or storage moved).
+    """
+
+    def __init__(self, groups: list, dtype: torch.dtype, device: torch.device):
+        self.groups, self.dtype = groups, dtype
+        self.params = [p for group in groups for p in group.adapters()]
+        sizes = [p.numel() for p in self.params]
+        self.staging = torch.empty(sum(sizes), dtype=self.params[0].dtype, device=device)
+        self.flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        scale = []
+        for group in groups:  # A scaled by s_g, B as it is
+            scale += [torch.full((p.numel(),), s) for p, s in zip(group.adapters()[:group.size], group.scales)]
+            scale += [torch.ones(p.numel()) for p in group.adapters()[group.size:]]
+        self.scale = torch.cat(scale).to(device=device, dtype=self.staging.dtype)
+        offset = 0  # each group's A copies as one [G, r, in] block, then its B copies
+        for group in groups:
+            n = group.size * group.rank * group.in_features
+            group.a_copy = self.flat[offset:offset + n].view(group.size, group.rank, group.in_features)
+            offset += n
+            group.b_copy = []
+            for out in group.out_features:
+                group.b_copy.append(self.flat[offset:offset + out * group.rank].view(out, group.rank))
+                offset += out * group.rank
+        self.seen = None
+
+    def key(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self.params)
+
+    def refresh(self) -> None:
+        torch.cat([p.detach().reshape(-1) for p in self.params], out=self.staging)
+        torch.mul(self.staging, self.scale, out=self.flat)
+        self.seen = self.key()
+
+    def fresh(self) -> None:
+        if self.seen != self.key():
+            self.refresh()
+
+
+class LoraGroup:
+    """LoRA projections that read the same input tensor, computed together by `_LoraGroup`.
+
+    The first member called in a forward computes every member's output; the others take
+    theirs. A member called with another input (a model whose forward changed) recomputes
+    the group: correct, only slower.
+    """
+
+    def __init__(self, layers: list, names: list[str]):
+        self.layers, self.names, self.size = layers, names, len(layers)
+        self.position = {id(layer): i for i, layer in enumerate(layers)}
+        self.bases = [layer.base_layer for layer in layers]
+        self.in_features = layers[0].base_layer.in_features
+        self.rank = layers[0].lora_A[names[0]].out_features
+        self.out_features = [base.out_features for base in self.bases]
+        self.scales = [float(layer.scaling[name]) for layer, name in zip(layers, names)]
+        scale = torch.tensor(self.scales, dtype=torch.float32)[:, None, None]
+        self.scale = (self.scales[0] if len(set(self.scales)) == 1
+                      else scale.to(layers[0].lora_A[names[0]].weight.device))
+        self.store: AdapterCopies | None = None
+        self.a_copy = None
+        self.b_copy = None
+        self.pending = None  # (input, its version, outputs, members served) of the forward under way
+
+    def adapters(self) -> list[torch.nn.Parameter]:
+        return ([layer.lora_A[n].weight for layer, n in zip(self.layers, self.names)]
+                + [layer.lora_B[n].weight for layer, n in zip(self.layers, self.names)])
+
+    def copies(self):
+        self.store.fresh()
+        return self.a_copy, self.b_copy
+
+    def plain(self) -> bool:
+        return all(_plain(layer) == name for layer, name in zip(self.layers, self.names))
+
+    @torch.compiler.disable  # (--train.compile) the group's bookkeeping stays in Python
+    def output(self, layer, x: torch.Tensor) -> torch.Tensor:
+        i = self.position[id(layer)]
+        pending = self.pending
+        if pending is None or pending[0] is not x or pending[1] != x._version or i in pending[3]:
+            dropout = layer.lora_dropout[self.names[i]]
+            p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+            with torch.autocast(x.device.type, enabled=False):
+                outputs = _LoraGroup.apply(x, self, float(p), *self.adapters())
+            pending = self.pending = (x, x._version, outputs, set())
+        pending[3].add(i)
+        if len(pending[3]) == self.size:
+            self.pending = None
+        return pending[2][i]
 
 
 def _plain(layer) -> str | None:
@@ -78,36 +209,111 @@ def _plain(layer) -> str | None:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = _plain(self) if not args and not kwargs else None
-    if name is None:
+    group = self._tunelab_group
+    if args or kwargs or not group.plain():
         return self._peft_forward(x, *args, **kwargs)
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    base = self.base_layer
-    with torch.autocast(x.device.type, enabled=False):
-        out = _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                float(self.scaling[name]), float(p))
-    return out
+    return group.output(self, x)
 
 
 def fusable(layer) -> bool:
-    """A PEFT LoRA `Linear` over a plain `torch.nn.Linear` whose dropout is plain dropout."""
+    """A PEFT LoRA `Linear` over a plain frozen `torch.nn.Linear` whose dropout is plain dropout."""
     from peft.tuners.lora.layer import Linear
 
     if type(layer) is not Linear or type(layer.base_layer) is not torch.nn.Linear:
         return False
+    base = layer.base_layer
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
     return all(isinstance(d, (torch.nn.Dropout, torch.nn.Identity)) for d in layer.lora_dropout.values())
 
 
-def fuse(model: torch.nn.Module) -> int:
-    """Route every fusable LoRA projection of `model` through `_LoraLinear`; returns how many."""
-    count = 0
-    for layer in model.modules():
-        if fusable(layer) and not hasattr(layer, "_peft_forward"):
+def _signature(layer, name: str) -> tuple:
+    """What projections must share to be computed as one group."""
+    dropout = layer.lora_dropout[name]
+    a = layer.lora_A[name].weight
+    return (layer.base_layer.in_features, a.shape[0], dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0,
+            layer.base_layer.weight.dtype, layer.base_layer.weight.device, a.dtype)
+
+
+@torch.no_grad()
+def shared_input_groups(model: torch.nn.Module, layers: list) -> list[list]:
+    """`layers` partitioned into groups that a probe forward calls one after another on the
+    very same input tensor; a layer the probe does not reach is a group of its own."""
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: calls.append((m, args[0] if args else None)))
+             for layer in layers]
+    was_training = model.training
+    try:
+        embeddings = model.get_input_embeddings()
+        device = embeddings.weight.device
+        ids = torch.arange(1, 9, device=device)[None] % embeddings.num_embeddings
+        model.eval()
+        model(input_ids=ids, use_cache=False)
+    except Exception:  # noqa: BLE001 - a model the probe cannot run: every projection alone
+        calls = []
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    groups, placed, current, current_input = [], {}, [], None
+    for layer, x in calls:
+        if id(layer) in placed:
+            continue
+        name = _plain(layer)
+        joins = (current and x is not None and x is current_input and name is not None
+                 and _signature(layer, name) == _signature(current[0], _plain(current[0])))
+        if not joins:
+            current, current_input = [], x
+            groups.append(current)
+        current.append(layer)
+        placed[id(layer)] = True
+    groups = [g for g in groups if g]
+    groups += [[layer] for layer in layers if id(layer) not in placed]
+    return groups
+
+
+def fuse(model: torch.nn.Module, group: bool = True) -> int:
+    """Route every fusable LoRA projection of `model` through `_LoraGroup`; returns how many.
+    `group=False` computes every projection alone (a benchmark lever)."""
+    layers = [m for m in model.modules() if fusable(m) and not hasattr(m, "_peft_forward")
+              and _plain(m) is not None]
+    if not layers:
+        return 0
+    members_of = shared_input_groups(model, layers) if group else [[layer] for layer in layers]
+    groups = [LoraGroup(members, [_plain(m) for m in members]) for members in members_of]
+    by_store: dict[tuple, list] = {}
+    for group in groups:
+        weight = group.bases[0].weight
+        by_store.setdefault((weight.dtype, weight.device), []).append(group)
+    stores = [AdapterCopies(members, dtype, device) for (dtype, device), members in by_store.items()]
+    for store in stores:
+        for group in store.groups:
+            group.store = store
+    for group in groups:
+        for layer in group.layers:
+            layer._tunelab_group = group
             layer._peft_forward = layer.forward
             layer.forward = types.MethodType(_fused_forward, layer)
-            count += 1
-    return count
+    return len(layers)
+
+
+def refresh(model: torch.nn.Module) -> None:
+    """Rebuild the compute copies of `model`'s fused adapters now (inside a CUDA graph
+    capture this puts the rebuild into the graph, so every replay sees the latest weights)."""
+    stores = {id(group.store): group.store for group in groups_of(model)}
+    for store in stores.values():
+        store.refresh()
+
+
+def groups_of(model: torch.nn.Module) -> list[LoraGroup]:
+    """The groups `fuse` formed, in the order the probe met them."""
+    seen, groups = set(), []
+    for module in model.modules():
+        group = getattr(module, "_tunelab_group", None)
+        if group is not None and id(group) not in seen:
+            seen.add(id(group))
+            groups.append(group)
+    return groups
 
 
 def unfuse(model: torch.nn.Module) -> None:
@@ -116,3 +322,4 @@ def unfuse(model: torch.nn.Module) -> None:
         if hasattr(layer, "_peft_forward"):
             layer.forward = layer._peft_forward
             del layer._peft_forward
+            del layer._tunelab_group
