@@ -4,8 +4,8 @@
 
 - `cross_entropy`: a chunk of logits -> (loss, gradient): the Triton kernel at several
   block sizes against the torch path, same inputs, with the largest difference;
-- `dropout`: the G masks of a LoRA group drawn in one kernel (as `lora_fused.draw_dropout`)
-  against G separate draws and a contiguous copy first;
+- `dropout`: fused LoRA's dropout kernels (`methods/lora_kernels.py`: the G masks of a
+  group in one kernel, and the masked low-rank input gradient) against the torch ops;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
 Times are medians of CUDA-event timings after warmup, in microseconds.
@@ -60,19 +60,30 @@ def cross_entropy_cases(rows: int, vocab: int) -> dict:
 
 
 def dropout_cases(tokens: int) -> dict:
-    from tunelab.methods.lora_fused import draw_dropout
+    from tunelab.methods import lora_kernels
 
     out = {}
     for copies, width in ((3, 1536), (2, 1536), (1, 1536), (1, 8960)):
         rows = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-        out[f"{copies}x{width}"] = {
-            "one_draw_us": median_us(lambda: draw_dropout(rows, 0.1, copies)),
-            "separate_draws_us": median_us(lambda: [torch.native_dropout(rows, 0.1, True) for _ in range(copies)]),
-            "copy_then_draw_us": median_us(lambda: torch.native_dropout(
-                rows.expand(copies, *rows.shape).contiguous(), 0.1, True)),
-            "bernoulli_mul_us": median_us(lambda: rows * torch.empty(
-                (copies, *rows.shape), device="cuda", dtype=torch.bfloat16).bernoulli_(0.9).mul_(1 / 0.9)),
-        }
+        low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(copies, 8, width, device="cuda", dtype=torch.bfloat16)
+        case = {}
+        for kernel in (True, False):
+            lora_kernels.USE_TRITON = kernel
+            kept, mask = lora_kernels.dropout_copies(rows, 0.1, copies)
+            name = "triton" if kernel else "torch"
+            case[f"{name}_draw_us"] = median_us(lambda: lora_kernels.dropout_copies(rows, 0.1, copies))
+            case[f"{name}_backward_us"] = median_us(lambda: lora_kernels.masked_low_rank_sum(low, a, mask, 0.1))
+            case[f"{name}_keep_rate"] = mask.float().mean().item()
+            if kernel:
+                case["triton_max_kept_error"] = (kept.float() - rows.float() * mask / 0.9).abs().max().item()
+                lora_kernels.USE_TRITON = False
+                want = lora_kernels.masked_low_rank_sum(low, a, mask, 0.1).float()
+                lora_kernels.USE_TRITON = True
+                got = lora_kernels.masked_low_rank_sum(low, a, mask, 0.1).float()
+                case["triton_backward_rel_error"] = ((got - want).norm() / want.norm()).item()
+        lora_kernels.USE_TRITON = True
+        out[f"{copies}x{width}"] = case
     return out
 
 

@@ -52,6 +52,8 @@ CASES = {
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
     "lora-1.5b-alone": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora="alone"), "ref-lora-1.5b-gc"),
+    "lora-1.5b-torch-dropout": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, lora_triton=False),
+                                "ref-lora-1.5b-gc"),
     "lora-1.5b-torch-ce": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, ce_kernel=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False, kernels="torch"),
                           "ref-lora-1.5b-gc"),
@@ -95,12 +97,14 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
 
         fuse_lora = options.pop("fuse_lora", True)
         ce_kernel = options.pop("ce_kernel", True)
+        lora_triton = options.pop("lora_triton", True)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
                                   args.steps, args.warmup, cfg, fuse_lora=fuse_lora, ce_kernel=ce_kernel,
+                                  lora_triton=lora_triton,
                                   profile=profile)
-        result["fuse_lora"], result["ce_kernel"] = fuse_lora, ce_kernel
+        result.update(fuse_lora=fuse_lora, ce_kernel=ce_kernel, lora_triton=lora_triton)
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = cfg.compile

@@ -58,12 +58,13 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
         warmup: int, train_cfg, fuse_lora: bool | str = True, ce_kernel: bool = True,
-        profile: str | None = None) -> dict:
+        lora_triton: bool = True, profile: str | None = None) -> dict:
     """`fuse_lora`: True (tunelab's fused LoRA, projections that share an input computed as
     one group), "alone" (fused, each projection alone), False (PEFT's forward); `ce_kernel`:
-    the Triton cross-entropy kernel (False: the torch path)."""
+    the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
+    Triton dropout kernels (False: torch ops)."""
     from tunelab import cross_entropy, fastpath, kernels
-    from tunelab.methods import lora_fused
+    from tunelab.methods import lora_fused, lora_kernels
     from tunelab.train import apply_update, optimizer_step, queue_step, step_rows
 
     cfg = train_cfg
@@ -86,7 +87,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         if fuse_lora == "alone":
             lora_fused.unfuse(net)
             lora_fused.fuse(net, group=False)
-        cross_entropy.USE_TRITON = ce_kernel
+        cross_entropy.USE_TRITON, lora_kernels.USE_TRITON = ce_kernel, lora_triton
         if cfg.compile:  # as `tunelab train --train.compile true` does
             fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
@@ -123,7 +124,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                                                                cfg, fast, device, autocast, params),
                           measured[:3], optimizer)
         fused_kernels.__exit__(None, None, None)
-        cross_entropy.USE_TRITON = True
+        cross_entropy.USE_TRITON = lora_kernels.USE_TRITON = True
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,

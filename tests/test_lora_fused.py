@@ -101,7 +101,7 @@ def test_projections_that_read_one_input_form_one_group():
 def test_group_dropout_masks_are_independent_and_scaled():
     rows = torch.randn(200, 50, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    dropped, mask = lora_fused.draw_dropout(rows, 0.25, 3)
+    dropped, mask = lora_fused.dropout_copies(rows, 0.25, 3)
     assert dropped.shape == mask.shape == (3, 200, 50) and mask.dtype == torch.bool
     torch.testing.assert_close(dropped, rows * mask / 0.75)
     assert abs(mask.float().mean().item() - 0.75) < 0.02

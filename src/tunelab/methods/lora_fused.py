@@ -14,10 +14,11 @@ found by watching one probe forward, so no architecture is named here),
     y_g = x W_g^T + b_g + s_g * (dropout_g(x) A_g^T) B_g^T
 
 with every dropout mask of the group drawn by one kernel (each projection its own mask,
-as PEFT draws them), the G low-rank products as one batched matmul, the adapter product
-added by the matmul that computes it (`addmm_`), and a hand-written backward: the G
-projections' input gradients summed into one tensor by the matmuls themselves, A's
-gradients in one batched matmul, written in fp32 by the matmul where torch can.
+as PEFT draws them; `lora_kernels.py`), the G low-rank products as one batched matmul, the
+adapter product added by the matmul that computes it (`addmm_`), and a hand-written
+backward: the adapters' part of the input gradient of all G projections in one kernel,
+the base part added by the matmuls themselves, A's gradients in one batched matmul,
+written in fp32 by the matmul where torch can.
 
 The adapter weights stay where PEFT keeps them (fp32 on a half-precision base, so the
 optimizer updates fp32 weights). Their compute-dtype copies, with the scale s_g folded into
@@ -35,11 +36,7 @@ import types
 
 import torch
 
-
-def draw_dropout(rows: torch.Tensor, p: float, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`copies` independent dropout draws of `rows` [T, in] in one kernel: (kept values
-    scaled by 1/(1-p), [copies, T, in]; boolean masks, same shape), as `nn.Dropout` draws them."""
-    return torch.native_dropout(rows.expand(copies, *rows.shape), p, True)
+from .lora_kernels import dropout_copies, masked_low_rank_sum
 
 
 def _mm_dtype_overload(op) -> bool:
@@ -65,7 +62,7 @@ class _LoraGroup(torch.autograd.Function):
         a, b = group.copies()  # [G, r, in] (scale folded in), list of [N_g, r]
         rows = x.reshape(-1, x.shape[-1]).to(a.dtype)
         if p > 0:
-            dropped, mask = draw_dropout(rows, p, group.size)
+            dropped, mask = dropout_copies(rows, p, group.size)
         else:
             dropped, mask = rows.expand(group.size, *rows.shape), None
         low = torch.bmm(dropped, a.transpose(1, 2))  # [G, T, r]
@@ -91,10 +88,7 @@ class _LoraGroup(torch.autograd.Function):
         grad_a = _fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(group.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            back = torch.bmm(grad_low, a)  # [G, T, in]
-            if mask is not None:
-                back = torch.ops.aten.native_dropout_backward(back, mask, 1.0 / (1.0 - p))
-            grad_x = back.sum(0) if group.size > 1 else back[0]
+            grad_x = masked_low_rank_sum(grad_low, a, mask, p)  # the adapters' part, [T, in]
             for g, base in enumerate(group.bases):
                 grad_x.addmm_(grads[g], base.weight)
             grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
