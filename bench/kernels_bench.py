@@ -8,7 +8,7 @@
   group in one kernel, and the masked low-rank input gradient) against the torch ops;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
-Times are medians of CUDA-event timings after warmup, in microseconds.
+Times are medians of CUDA-graph replays timed with CUDA events, in microseconds.
 """
 
 from __future__ import annotations
@@ -23,17 +23,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def median_us(fn, repeats: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
+def median_us(fn, repeats: int = 20, per_timing: int = 10) -> float:
+    """Median time of `fn` replayed from a CUDA graph (no launch overhead: as inside a
+    training step's graph), in microseconds."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
+    graph.replay()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(per_timing):
+            graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / per_timing)
     return sorted(times)[len(times) // 2]
 
 
@@ -47,7 +58,7 @@ def cross_entropy_cases(rows: int, vocab: int) -> dict:
     want_loss, want_grad = rows_loss_torch(logits.clone(), targets, weights, True)
     work = logits.clone()
     out = {"rows": rows, "vocab": vocab,
-           "torch_us": median_us(lambda: rows_loss_torch(work.copy_(logits), targets, weights, True), 20)}
+           "torch_us": median_us(lambda: rows_loss_torch(work.copy_(logits), targets, weights, True))}
     for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
         got = logits.clone()
         loss = rows_loss_triton(got, targets, weights, True, block=block, num_warps=warps)

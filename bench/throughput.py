@@ -51,6 +51,8 @@ CASES = {
                      "ref-lora-1.5b-gc"),
     "lora-1.5b-compile": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False, compile=True),
                           "ref-lora-1.5b-gc"),
+    "lora-1.5b-unfolded": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora="unfolded"),
+                           "ref-lora-1.5b-gc"),
     "lora-1.5b-alone": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora="alone"), "ref-lora-1.5b-gc"),
     "lora-1.5b-torch-dropout": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, lora_triton=False),
                                 "ref-lora-1.5b-gc"),

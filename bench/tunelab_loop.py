@@ -60,7 +60,8 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         warmup: int, train_cfg, fuse_lora: bool | str = True, ce_kernel: bool = True,
         lora_triton: bool = True, profile: str | None = None) -> dict:
     """`fuse_lora`: True (tunelab's fused LoRA, projections that share an input computed as
-    one group), "alone" (fused, each projection alone), False (PEFT's forward); `ce_kernel`:
+    one group, B folded into wide groups' base matmul), "unfolded" (no folding), "alone"
+    (each projection alone), False (PEFT's forward); `ce_kernel`:
     the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
     Triton dropout kernels (False: torch ops)."""
     from tunelab import cross_entropy, fastpath, kernels
@@ -84,9 +85,9 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
         fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
                               cuda_graphs=cfg.cuda_graphs, fuse_lora=bool(fuse_lora))
-        if fuse_lora == "alone":
+        if fuse_lora in ("alone", "unfolded"):
             lora_fused.unfuse(net)
-            lora_fused.fuse(net, group=False)
+            lora_fused.fuse(net, group=fuse_lora != "alone", fold=False)
         cross_entropy.USE_TRITON, lora_kernels.USE_TRITON = ce_kernel, lora_triton
         if cfg.compile:  # as `tunelab train --train.compile true` does
             fastpath.compile_layers(fast.loss.trunk)

@@ -96,6 +96,21 @@ def test_projections_that_read_one_input_form_one_group():
              for g in groups]
     assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] \
         * net.config.num_hidden_layers
+    # gate/up (outputs 4x wider than the input here) fold B into the base matmul
+    assert [g.extended is not None for g in groups] == [False, False, True, False] * net.config.num_hidden_layers
+
+
+def test_folding_keeps_the_weights_and_unfuse_gives_them_back():
+    net = lora_net(0.0)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    lora_fused.fuse(net)
+    mlp = net.base_model.model.model.layers[0].mlp
+    group = mlp.gate_proj._tunelab_group
+    assert group.extended is not None and not mlp.gate_proj.base_layer.weight.is_contiguous()
+    assert mlp.up_proj.base_layer.weight.data_ptr() == group.extended[1].data_ptr()  # a view, no copy
+    lora_fused.unfuse(net)
+    for name, p in net.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
 
 
 def test_group_dropout_masks_are_independent_and_scaled():

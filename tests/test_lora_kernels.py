@@ -64,3 +64,68 @@ def test_cpu_takes_the_torch_ops():
     low, a = torch.randn(2, 4, 3), torch.randn(2, 3, 6)
     torch.testing.assert_close(lora_kernels.masked_low_rank_sum(low, a, mask, 0.5),
                                (torch.bmm(low, a) * mask / 0.5).sum(0))
+
+
+END_TO_END = textwrap.dedent("""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from tunelab.methods import get, lora_fused, lora_kernels as k
+    from tunelab.methods.lora import LoraConfig
+
+    k.usable = lambda x: True  # the fused path's dropout through the interpreted kernels
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = get("lora").apply(Qwen2ForCausalLM(config), LoraConfig(dropout=0.3))
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        nets.append(net.train())
+    peft_net, fused_net = nets
+    drawn = []  # the masks the fused path's kernel draws, one [T, in] per projection, in call order
+    real = k.dropout_copies
+    def recording(rows, p, copies):
+        kept, mask = real(rows, p, copies)
+        drawn.extend(mask.unbind(0))
+        return kept, mask
+    lora_fused.dropout_copies = recording
+    lora_fused.fuse(fused_net)
+
+    class Scripted(torch.nn.Module):  # PEFT's dropout, replaying those masks in the same order
+        p = 0.3
+        def forward(self, x):
+            return x * drawn.pop(0).view_as(x) / (1 - self.p)
+    for module in peft_net.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = Scripted()
+
+    ids = torch.randint(3, 120, (1, 20), generator=torch.Generator().manual_seed(2))
+    def loss_and_grads(net):
+        logits = net(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    got_loss, got = loss_and_grads(fused_net)
+    assert len(drawn) == 7 * config.num_hidden_layers
+    want_loss, want = loss_and_grads(peft_net)
+    assert not drawn  # PEFT used every mask
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    print("fused path with kernels ok")
+""")
+
+
+def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks():
+    """The whole fused path (groups, folded B, both kernels) against PEFT's forward given the
+    masks the kernel drew: same loss and the same gradient for every adapter weight."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", END_TO_END], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused path with kernels ok" in result.stdout

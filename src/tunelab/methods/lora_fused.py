@@ -66,11 +66,15 @@ class _LoraGroup(torch.autograd.Function):
         else:
             dropped, mask = rows.expand(group.size, *rows.shape), None
         low = torch.bmm(dropped, a.transpose(1, 2))  # [G, T, r]
+        if group.extended is not None:  # B folded into the base matmul: [x | low_1 .. low_G] @ [W_g | B_g]^T
+            rows_ext = torch.cat([rows, *low.unbind(0)], dim=1)
         outputs = []
         for g, base in enumerate(group.bases):
-            out = (rows @ base.weight.t() if base.bias is None
-                   else torch.addmm(base.bias.to(a.dtype), rows, base.weight.t()))
-            out.addmm_(low[g], b[g].t())
+            inputs, weight = (rows, base.weight) if group.extended is None else (rows_ext, group.extended[g])
+            out = (inputs @ weight.t() if base.bias is None
+                   else torch.addmm(base.bias.to(a.dtype), inputs, weight.t()))
+            if group.extended is None:
+                out.addmm_(low[g], b[g].t())
             outputs.append(out.view(*x.shape[:-1], base.weight.shape[0]))
         ctx.save_for_backward(dropped, mask, low, a, *b)  # the copies too: a refresh before backward is caught
         ctx.group, ctx.p, ctx.x_dtype, ctx.x_shape = group, p, x.dtype, x.shape
@@ -81,16 +85,26 @@ class _LoraGroup(torch.autograd.Function):
         group, p = ctx.group, ctx.p
         dropped, mask, low, a, *b = ctx.saved_tensors
         grads = [g.reshape(-1, g.shape[-1]).to(a.dtype) for g in grads]
-        grad_low = torch.empty_like(low)
-        for g in range(group.size):
-            torch.mm(grads[g], b[g], out=grad_low[g])
+        if group.extended is not None:  # one matmul a member gives the base gradient and grad_low
+            grad_ext = grads[0] @ group.extended[0]
+            for g in range(1, group.size):
+                grad_ext.addmm_(grads[g], group.extended[g])
+            width = group.in_features
+            grad_low = grad_ext[:, width:].view(-1, group.size, group.rank).transpose(0, 1).contiguous()
+        else:
+            grad_low = torch.empty_like(low)
+            for g in range(group.size):
+                torch.mm(grads[g], b[g], out=grad_low[g])
         grad_b = [_fp32_product(torch.mm, grads[g].t(), low[g]) for g in range(group.size)]
         grad_a = _fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(group.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = masked_low_rank_sum(grad_low, a, mask, p)  # the adapters' part, [T, in]
-            for g, base in enumerate(group.bases):
-                grad_x.addmm_(grads[g], base.weight)
+            if group.extended is not None:
+                grad_x.add_(grad_ext[:, :width])
+            else:
+                for g, base in enumerate(group.bases):
+                    grad_x.addmm_(grads[g], base.weight)
             grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
         adapters = group.adapters()
         grad_params = [grad.to(param.dtype) for grad, param in zip([*grad_a, *grad_b], adapters)]
@@ -121,9 +135,12 @@ class AdapterCopies:
             group.a_copy = self.flat[offset:offset + n].view(group.size, group.rank, group.in_features)
             offset += n
             group.b_copy = []
+            start = offset
             for out in group.out_features:
                 group.b_copy.append(self.flat[offset:offset + out * group.rank].view(out, group.rank))
                 offset += out * group.rank
+            if group.extended is not None:
+                group.b_flat = self.flat[start:offset].view(group.size, group.out_features[0], group.rank)
         self.seen = None
 
     def key(self) -> tuple:
@@ -132,6 +149,9 @@ class AdapterCopies:
     def refresh(self) -> None:
         torch.cat([p.detach().reshape(-1) for p in self.params], out=self.staging)
         torch.mul(self.staging, self.scale, out=self.flat)
+        for group in self.groups:
+            if group.extended is not None:  # B's copies live in the columns of the base weights
+                group.b_blocks.copy_(group.b_flat)
         self.seen = self.key()
 
     def fresh(self) -> None:
@@ -161,7 +181,37 @@ class LoraGroup:
         self.store: AdapterCopies | None = None
         self.a_copy = None
         self.b_copy = None
+        self.extended = None  # folded groups: [G, N, in + G r], each member's [W_g | 0 .. B_g .. 0]
+        self.b_blocks = None  # the B columns of `extended`, [G, N, r]
+        self.b_flat = None  # where `AdapterCopies` builds them, [G, N, r]
         self.pending = None  # (input, its version, outputs, members served) of the forward under way
+
+    def foldable(self) -> bool:
+        """Worth folding B into the base matmul: members of equal width whose outputs are
+        much wider than their input (gate/up), so skipping the adapter's pass over the
+        outputs saves more than building [x | low] costs."""
+        return (self.size > 1 and len(set(self.out_features)) == 1
+                and sum(self.out_features) >= 4 * self.in_features
+                and all(base.weight.is_contiguous() for base in self.bases))
+
+    def fold(self) -> None:
+        """Store the members' base weights as the left columns of `extended` (their
+        `weight` becomes a view: no extra memory) and reserve B's columns beside them."""
+        n, width, rank, size = self.out_features[0], self.in_features, self.rank, self.size
+        weight = self.bases[0].weight
+        extended = torch.zeros(size, n, width + size * rank, dtype=weight.dtype, device=weight.device)
+        for g, base in enumerate(self.bases):
+            extended[g, :, :width] = base.weight.data
+            base.weight.data = extended[g, :, :width]
+        self.extended = extended
+        row = width + size * rank  # member g's B block: rows of `extended[g]`, columns width + g r ..
+        self.b_blocks = extended.as_strided((size, n, rank), (n * row + rank, row, 1),
+                                            extended.storage_offset() + width)
+
+    def unfold(self) -> None:
+        for base in self.bases:
+            base.weight.data = base.weight.data.contiguous()
+        self.extended = self.b_blocks = None
 
     def adapters(self) -> list[torch.nn.Parameter]:
         return ([layer.lora_A[n].weight for layer, n in zip(self.layers, self.names)]
@@ -266,15 +316,19 @@ def shared_input_groups(model: torch.nn.Module, layers: list) -> list[list]:
     return groups
 
 
-def fuse(model: torch.nn.Module, group: bool = True) -> int:
+def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True) -> int:
     """Route every fusable LoRA projection of `model` through `_LoraGroup`; returns how many.
-    `group=False` computes every projection alone (a benchmark lever)."""
+    `group=False` computes every projection alone, `fold=False` never folds B into the base
+    matmul (benchmark levers)."""
     layers = [m for m in model.modules() if fusable(m) and not hasattr(m, "_peft_forward")
               and _plain(m) is not None]
     if not layers:
         return 0
     members_of = shared_input_groups(model, layers) if group else [[layer] for layer in layers]
     groups = [LoraGroup(members, [_plain(m) for m in members]) for members in members_of]
+    for g in groups:
+        if fold and g.foldable():
+            g.fold()
     by_store: dict[tuple, list] = {}
     for group in groups:
         weight = group.bases[0].weight
@@ -311,7 +365,10 @@ def groups_of(model: torch.nn.Module) -> list[LoraGroup]:
 
 
 def unfuse(model: torch.nn.Module) -> None:
-    """Give every layer `fuse` changed its PEFT forward back."""
+    """Give every layer `fuse` changed its PEFT forward back (and its own weight storage)."""
+    for group in groups_of(model):
+        if group.extended is not None:
+            group.unfold()
     for layer in model.modules():
         if hasattr(layer, "_peft_forward"):
             layer.forward = layer._peft_forward

@@ -19,6 +19,8 @@ Triton's interpreter against the torch ops they replace.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -31,6 +33,7 @@ USE_TRITON = True
 """Off: torch ops everywhere (a benchmark lever)."""
 
 _BLOCK = 2048  # elements of x per program of `dropout_copies` (4 Philox outputs per counter)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the tests' CPU runs
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -72,19 +75,25 @@ if triton is not None:
 
     @triton.jit
     def _masked_low_rank_sum(low_ptr, a_ptr, mask_ptr, out_ptr, rows, width, scale,
-                             COPIES: tl.constexpr, RANK: tl.constexpr, HAS_MASK: tl.constexpr,
-                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                             COPIES: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, HAS_MASK: tl.constexpr,
+                             EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """out = scale * sum_g mask_g * (low_g @ a_g), one [BLOCK_ROWS, BLOCK_COLS] tile a
+        program; the rank-r product on the tensor cores with r padded to K >= 16."""
         r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        row_in, col_in = r < rows, c < width
+        k = tl.arange(0, K)
+        row_in, col_in, k_in = r < rows, c < width, k < RANK
         both = row_in[:, None] & col_in[None, :]
         total = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
         for g in tl.static_range(COPIES):
-            product = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
-            for k in tl.static_range(RANK):
-                column = tl.load(low_ptr + (g * rows + r) * RANK + k, mask=row_in, other=0.0).to(tl.float32)
-                row = tl.load(a_ptr + (g * RANK + k) * width + c, mask=col_in, other=0.0).to(tl.float32)
-                product += column[:, None] * row[None, :]
+            low = tl.load(low_ptr + (g * rows + r[:, None]) * RANK + k[None, :],
+                          mask=row_in[:, None] & k_in[None, :], other=0.0)
+            a = tl.load(a_ptr + (g * RANK + k[:, None]) * width + c[None, :],
+                        mask=k_in[:, None] & col_in[None, :], other=0.0)
+            if EXACT:  # fp32 inputs (and under Triton's interpreter, whose bf16 dot is wrong)
+                product = tl.dot(low.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+            else:
+                product = tl.dot(low, a)
             if HAS_MASK:
                 keep = tl.load(mask_ptr + (g * rows + r[:, None]) * width + c[None, :], mask=both, other=0)
                 product = tl.where(keep != 0, product, 0.0)
@@ -119,9 +128,11 @@ def masked_low_rank_sum(grad_low: torch.Tensor, a: torch.Tensor, mask: torch.Ten
             back = torch.ops.aten.native_dropout_backward(back, mask, 1.0 / (1.0 - p))
         return back.sum(0) if copies > 1 else back[0]
     out = torch.empty((rows, width), dtype=grad_low.dtype, device=grad_low.device)
-    grid = (triton.cdiv(rows, 32), triton.cdiv(width, 128))
+    grid = (triton.cdiv(rows, 64), triton.cdiv(width, 128))
     _masked_low_rank_sum[grid](grad_low.contiguous(), a.contiguous(),
                                mask.view(torch.uint8) if mask is not None else grad_low, out, rows, width,
                                1.0 / (1.0 - p) if mask is not None else 1.0, COPIES=copies, RANK=rank,
-                               HAS_MASK=mask is not None, BLOCK_ROWS=32, BLOCK_COLS=128, num_warps=4)
+                               K=max(16, triton.next_power_of_2(rank)), HAS_MASK=mask is not None,
+                               EXACT=grad_low.dtype == torch.float32 or _INTERPRETED, BLOCK_ROWS=64,
+                               BLOCK_COLS=128, num_warps=4)
     return out
