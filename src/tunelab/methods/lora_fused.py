@@ -99,10 +99,10 @@ class _LoraGroup(torch.autograd.Function):
         grad_a = _fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(group.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = masked_low_rank_sum(grad_low, a, mask, p)  # the adapters' part, [T, in]
-            if group.extended is not None:
-                grad_x.add_(grad_ext[:, :width])
+            if group.extended is not None:  # the adapters' part + the base part, [T, in]
+                grad_x = masked_low_rank_sum(grad_low, a, mask, p, add=grad_ext[:, :width])
             else:
+                grad_x = masked_low_rank_sum(grad_low, a, mask, p)  # the adapters' part, [T, in]
                 for g, base in enumerate(group.bases):
                     grad_x.addmm_(grads[g], base.weight)
             grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
