@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_model, build_tokenizer
-from tunelab import fastpath
+from tunelab import fastpath, graphs
 from tunelab.config import ConfigError, TrainConfig
 from tunelab.data import ChatFormat, Rendered
 from tunelab.fastpath import (LossPlan, pack_rows, packed_inputs, padded_inputs,
@@ -162,7 +162,7 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
     batch = packed_inputs(rows)
     key, host = steps.host_inputs(batch)
     tokens = sum(len(r.input_ids) for r in rows)
-    assert key[0] % 256 == 0 and key[0] > tokens and host["cu_seqlens"].numel() % 16 == 0
+    assert key[0] % graphs.TOKEN_BUCKET == 0 and key[0] > tokens and host["cu_seqlens"].numel() % 16 == 0
     assert host["cu_seqlens"][len(rows) + 1] == key[0]  # the padding is a row of its own
     loss, grads = steps._body(dict(host, scale=torch.tensor(0.5)), key[2])
     eager = token_loss_sum(net, batch, fast.loss, CPU, nullcontext()) * 0.5

@@ -6,7 +6,7 @@ launching kernels, not running them. `GraphedSteps` captures the forward and bac
 one packed micro-batch as a CUDA graph and replays it: one launch instead of thousands.
 
 A graph needs fixed shapes, so each micro-batch is padded up to buckets (tokens to a
-multiple of 256, supervised positions to 512, row boundaries to 16 entries, the longest
+multiple of 128, supervised positions to 512, row boundaries to 16 entries, the longest
 row to 128). The padding is one extra row of pad tokens that attends only to itself and has
 no loss; real tokens compute exactly what the eager packed path computes. One graph is
 captured per bucket the first time it occurs (two eager warmup passes + the capture); all
@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import torch
 
 IGNORE = -100
-TOKEN_BUCKET, SUPERVISED_BUCKET, BOUNDARY_BUCKET, LENGTH_BUCKET = 256, 512, 16, 128
+TOKEN_BUCKET, SUPERVISED_BUCKET, BOUNDARY_BUCKET, LENGTH_BUCKET = 128, 512, 16, 128
 
 
 def _round_up(n: int, to: int) -> int:

@@ -9,7 +9,8 @@ about nine passes of [T, in] memory per member. Here:
 - `dropout_copies`: one kernel reads x once and writes the G kept copies and G masks
   (Philox counters from a seed drawn by torch's generator on the device, so CUDA graphs
   replay it with fresh masks and a resumed run draws what an uninterrupted one would;
-  16 random bits an element, so one Philox call decides eight elements);
+  16 random bits an element, so one Philox call decides eight elements; Philox-4x32 with
+  7 rounds, the fewest its authors found to pass the BigCrush tests (curand uses 10));
 - `masked_low_rank_sum`: one kernel computes scale * sum_g mask_g * (grad_low_g @ A_g)
   straight into [T, in], the rank-r products in registers: the masks are read once and
   nothing of size [G, T, in] is written.
@@ -71,7 +72,7 @@ if triton is not None:
         o = pid * BLOCK + lanes
         seed = tl.load(seed_ptr)
         for g in tl.static_range(COPIES):
-            w0, w1, w2, w3 = tl.randint4x(seed, g * counters_per_copy + pid * EIGHTH + lanes)
+            w0, w1, w2, w3 = tl.randint4x(seed, g * counters_per_copy + pid * EIGHTH + lanes, n_rounds=7)
             at = g * numel
             _store_pair(x_ptr, kept_ptr, mask_ptr, w0, o, o + EIGHTH, numel, at, threshold, scale)
             _store_pair(x_ptr, kept_ptr, mask_ptr, w1, o + 2 * EIGHTH, o + 3 * EIGHTH, numel, at, threshold, scale)
