@@ -7,6 +7,9 @@ tokenizer trained in-process, so the loading code is tested too.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,15 @@ MEMORIZE = [
 @pytest.fixture
 def memorize_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "memorize.jsonl", MEMORIZE)
+
+
+def run_interpreted(script: str, done: str, timeout: int = 600) -> None:
+    """Run `script` in a fresh Python under Triton's interpreter (Triton kernels on CPU
+    tensors; the interpreter is chosen when kernels are defined, hence the subprocess) and
+    check it printed `done`."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert done in result.stdout

@@ -5,15 +5,13 @@ on the CPU, in a subprocess because the interpreter is chosen when kernels are d
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_interpreted
 from tunelab import cross_entropy
 from tunelab.cross_entropy import linear_cross_entropy
 
@@ -82,12 +80,7 @@ TRITON_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernel_matches_torch_path_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton kernel ok" in result.stdout
+    run_interpreted(TRITON_CHECK, "triton kernel ok")
 
 
 def test_cpu_tensors_take_the_torch_path():

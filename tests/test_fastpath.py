@@ -150,9 +150,8 @@ def test_auto_packs_only_where_flash_attention_runs():
     assert isinstance(fast.loss, LossPlan) and fast.loss.trunk is not None
 
 
-def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
-    """What a CUDA graph replays (bucketed, padded inputs), run eagerly: the same loss and
-    gradients as the unpadded packed micro-batch. Capture itself needs a GPU (bench/)."""
+def graphed_lora(rows):
+    """A LoRA net on the fast path, its `GraphedSteps` and the bucketed inputs of `rows`."""
     from tunelab.graphs import GraphedSteps
 
     net = lora().eval()
@@ -161,6 +160,13 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
     steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
     batch = packed_inputs(rows)
     key, host = steps.host_inputs(batch)
+    return net, fast, params, steps, batch, key, host
+
+
+def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
+    """What a CUDA graph replays (bucketed, padded inputs), run eagerly: the same loss and
+    gradients as the unpadded packed micro-batch. Capture itself needs a GPU (bench/)."""
+    net, fast, params, steps, batch, key, host = graphed_lora(rows)
     tokens = sum(len(r.input_ids) for r in rows)
     assert key[0] % graphs.TOKEN_BUCKET == 0 and key[0] > tokens and host["cu_seqlens"].numel() % 16 == 0
     assert host["cu_seqlens"][len(rows) + 1] == key[0]  # the padding is a row of its own
@@ -175,15 +181,9 @@ def test_graph_inputs_compute_the_packed_loss_and_gradients(rows):
 def test_graph_body_rebuilds_the_adapter_copies(rows, monkeypatch):
     """A replay runs no Python, so the host-side check that refreshes the fused adapters'
     compute copies never runs in one: the captured body must rebuild them itself."""
-    from tunelab.graphs import GraphedSteps
     from tunelab.methods import lora_fused
 
-    net = lora().eval()
-    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
-    params = [p for p in net.parameters() if p.requires_grad]
-    steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
-    batch = packed_inputs(rows)
-    key, host = steps.host_inputs(batch)
+    net, fast, params, steps, batch, key, host = graphed_lora(rows)
     before, _ = steps._body(dict(host, scale=torch.tensor(1.0)), key[2])
     with torch.no_grad():
         for p in params:

@@ -4,14 +4,11 @@ defined). On CUDA the same kernels run compiled (bench/kernels_bench.py times th
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
 
+from conftest import run_interpreted
 from tunelab.methods import lora_kernels
 
 CHECK = textwrap.dedent("""
@@ -55,11 +52,7 @@ CHECK = textwrap.dedent("""
 
 
 def test_triton_kernels_match_torch_ops_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "lora kernels ok" in result.stdout
+    run_interpreted(CHECK, "lora kernels ok")
 
 
 def test_cpu_takes_the_torch_ops():
@@ -129,9 +122,4 @@ END_TO_END = textwrap.dedent("""
 def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks():
     """The whole fused path (groups, folded B, both kernels) against PEFT's forward given the
     masks the kernel drew: same loss and the same gradient for every adapter weight."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", END_TO_END], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "fused path with kernels ok" in result.stdout
+    run_interpreted(END_TO_END, "fused path with kernels ok")
