@@ -20,6 +20,12 @@ backward: the adapters' part of the input gradient of all G projections in one k
 the base part added by the matmuls themselves, A's gradients in one batched matmul,
 written in fp32 by the matmul where torch can.
 
+A group whose outputs are much wider than its input (gate/up: 2 x 8,960 for 1,536 on the
+1.5B shape) folds B into the base matmul instead: y_g = [x | low_1 .. low_G] @ [W_g | 0 ..
+B_g .. 0]^T, so no pass of the adapter reads and rewrites the wide outputs, and in backward
+the same matmul that gives x's gradient gives low's. The base weights then live in the left
+columns of one buffer (`LoraGroup.fold`: views, no extra memory) until `unfuse`.
+
 The adapter weights stay where PEFT keeps them (fp32 on a half-precision base, so the
 optimizer updates fp32 weights). Their compute-dtype copies, with the scale s_g folded into
 A, live in one buffer per model (`AdapterCopies`), refreshed by two kernels whenever the
