@@ -44,7 +44,6 @@ ATTENTION_PADDED = "tunelab_varlen_padded"
 """`varlen_attention` for padded batches: transformers hands it the 2D padding mask."""
 
 
-
 # -- attention ------------------------------------------------------------------------------
 
 def _varlen_kernel():
