@@ -37,7 +37,7 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         wall = time.perf_counter()
         for i in indices:
             step(i)
@@ -51,6 +51,9 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
                f"a step, GPU busy {busy:.3f} s ({100 * busy / wall:.0f}% of wall), mean kernel "
                f"{1e6 * busy / max(len(kernels), 1):.1f} us\n")
     table = prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=70)
+    # operators with their input shapes (eager steps; a graph replay's kernels name no operator)
+    table += "\n" + prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_device_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=80)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(summary + table)
     print(summary, flush=True)
@@ -58,12 +61,12 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
         warmup: int, train_cfg, fuse_lora: bool | str = True, ce_kernel: bool = True,
-        lora_triton: bool = True, profile: str | None = None) -> dict:
+        lora_triton: bool = True, lora_fused_dropout: bool = False, profile: str | None = None) -> dict:
     """`fuse_lora`: True (tunelab's fused LoRA, projections that share an input computed as
     one group, B folded into wide groups' base matmul), "unfolded" (no folding), "alone"
     (each projection alone), False (PEFT's forward); `ce_kernel`:
     the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
-    Triton dropout kernels (False: torch ops)."""
+    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair."""
     from tunelab import cross_entropy, fastpath, kernels
     from tunelab.methods import lora_fused, lora_kernels
     from tunelab.train import apply_update, optimizer_step, queue_step, step_rows
@@ -89,6 +92,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
             lora_fused.unfuse(net)
             lora_fused.fuse(net, group=fuse_lora != "alone", fold=False)
         cross_entropy.USE_TRITON, lora_kernels.USE_TRITON = ce_kernel, lora_triton
+        lora_kernels.FUSED = lora_fused_dropout
         if cfg.compile:  # as `tunelab train --train.compile true` does
             fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
@@ -126,6 +130,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                           measured[:3], optimizer)
         fused_kernels.__exit__(None, None, None)
         cross_entropy.USE_TRITON = lora_kernels.USE_TRITON = True
+        lora_kernels.FUSED = False
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,
