@@ -4,8 +4,8 @@
 
 - `cross_entropy`: a chunk of logits -> (loss, gradient): the Triton kernel at several
   block sizes against the torch path, same inputs, with the largest difference;
-- `dropout`: fused LoRA's dropout kernels (`methods/lora_kernels.py`: the G masks of a
-  group in one kernel, and the masked low-rank input gradient) against the torch ops;
+- `dropout`: fused LoRA's dropout kernels (`methods/lora_kernels.py`: a group's G masks and
+  low-rank products in one kernel, its input and A gradients in another) against torch ops;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
 Times are medians of CUDA-graph replays timed with CUDA events, in microseconds.
@@ -71,29 +71,38 @@ def cross_entropy_cases(rows: int, vocab: int) -> dict:
 
 
 def dropout_cases(tokens: int) -> dict:
-    from tunelab.methods import lora_kernels
+    """Forward (masks + low-rank products) and backward (input gradient + A's gradients) of
+    fused LoRA's dropout for each group shape of Qwen2-1.5B: the default Triton pair
+    (`copies`), the `FUSED` pair (`fused`) and torch ops (`torch`); errors against torch ops
+    given the same masks."""
+    from tunelab.methods import lora_kernels as k
 
     out = {}
     for copies, width in ((3, 1536), (2, 1536), (1, 1536), (1, 8960)):
         rows = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-        low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
-        a = torch.randn(copies, 8, width, device="cuda", dtype=torch.bfloat16)
+        grad_low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
+        a = (torch.randn(copies, 8, width, device="cuda") / width ** 0.5).to(torch.bfloat16)
+        add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
         case = {}
-        for kernel in (True, False):
-            lora_kernels.USE_TRITON = kernel
-            kept, mask = lora_kernels.dropout_copies(rows, 0.1, copies)
-            name = "triton" if kernel else "torch"
-            case[f"{name}_draw_us"] = median_us(lambda: lora_kernels.dropout_copies(rows, 0.1, copies))
-            case[f"{name}_backward_us"] = median_us(lambda: lora_kernels.masked_low_rank_sum(low, a, mask, 0.1))
-            case[f"{name}_keep_rate"] = mask.float().mean().item()
-            if kernel:
-                case["triton_max_kept_error"] = (kept.float() - rows.float() * mask / 0.9).abs().max().item()
-                lora_kernels.USE_TRITON = False
-                want = lora_kernels.masked_low_rank_sum(low, a, mask, 0.1).float()
-                lora_kernels.USE_TRITON = True
-                got = lora_kernels.masked_low_rank_sum(low, a, mask, 0.1).float()
-                case["triton_backward_rel_error"] = ((got - want).norm() / want.norm()).item()
-        lora_kernels.USE_TRITON = True
+        for name, use_triton, fused in (("copies", True, False), ("fused", True, True), ("torch", False, False)):
+            k.USE_TRITON, k.FUSED = use_triton, fused
+            low, drawn = k.dropout_low(rows, a, 0.1)
+            case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1))
+            case[f"{name}_backward_us"] = median_us(
+                lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add))
+            if name == "torch":
+                continue
+            masks = k.unpack(drawn[0], width) if fused else drawn[1]
+            case[f"{name}_keep_rate"] = masks.float().mean().item()
+            want_low = torch.bmm(rows.float() * masks / 0.9, a.float().transpose(1, 2))
+            case[f"{name}_low_rel_error"] = ((low.float() - want_low).norm() / want_low.norm()).item()
+            got_x, got_a = k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add)
+            k.USE_TRITON, k.FUSED = False, False
+            dropped = (rows.float() * masks / 0.9).to(rows.dtype)
+            want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add)
+            case[f"{name}_grad_x_rel_error"] = ((got_x.float() - want_x.float()).norm() / want_x.float().norm()).item()
+            case[f"{name}_grad_a_rel_error"] = ((got_a - want_a).norm() / want_a.norm()).item()
+        k.USE_TRITON, k.FUSED = True, False
         out[f"{copies}x{width}"] = case
     return out
 

@@ -56,6 +56,18 @@ CASES = {
     "lora-1.5b-alone": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora="alone"), "ref-lora-1.5b-gc"),
     "lora-1.5b-torch-dropout": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, lora_triton=False),
                                 "ref-lora-1.5b-gc"),
+    # candidates not yet timed on a GPU: the fused dropout pair (no kept copies; less memory, so
+    # the low-memory modes get larger micro-batches in the same budget)
+    "lora-1.5b-fused-dropout": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, lora_fused_dropout=True),
+                                "ref-lora-1.5b-gc"),
+    "lora-1.5b-lowmem-fused-dropout": ("tunelab", "qwen2-1.5b", "lora",
+                                       dict(TUNELAB_LORA, micro_batch_tokens=512, lora_fused_dropout=True),
+                                       "ref-lora-1.5b-gc"),
+    "lora-1.5b-lowmem1024-fused-dropout": ("tunelab", "qwen2-1.5b", "lora",
+                                           dict(TUNELAB_LORA, micro_batch_tokens=1024, lora_fused_dropout=True),
+                                           "ref-lora-1.5b-gc"),
+    "lora-7b-lowmem-fused-dropout": ("tunelab", "qwen2-7b", "lora",
+                                     dict(TUNELAB_LORA, micro_batch_tokens=768, lora_fused_dropout=True), None),
     "lora-1.5b-torch-ce": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, ce_kernel=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False, kernels="torch"),
                           "ref-lora-1.5b-gc"),
@@ -100,13 +112,14 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
         fuse_lora = options.pop("fuse_lora", True)
         ce_kernel = options.pop("ce_kernel", True)
         lora_triton = options.pop("lora_triton", True)
+        fused_dropout = options.pop("lora_fused_dropout", False)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
                                   args.steps, args.warmup, cfg, fuse_lora=fuse_lora, ce_kernel=ce_kernel,
-                                  lora_triton=lora_triton,
-                                  profile=profile)
-        result.update(fuse_lora=fuse_lora, ce_kernel=ce_kernel, lora_triton=lora_triton)
+                                  lora_triton=lora_triton, lora_fused_dropout=fused_dropout, profile=profile)
+        result.update(fuse_lora=fuse_lora, ce_kernel=ce_kernel, lora_triton=lora_triton,
+                      lora_fused_dropout=fused_dropout)
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = cfg.compile

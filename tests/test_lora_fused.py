@@ -115,10 +115,12 @@ def test_folding_keeps_the_weights_and_unfuse_gives_them_back():
 
 def test_group_dropout_masks_are_independent_and_scaled():
     rows = torch.randn(200, 50, generator=torch.Generator().manual_seed(0))
+    a = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    dropped, mask = lora_fused.dropout_copies(rows, 0.25, 3)
-    assert dropped.shape == mask.shape == (3, 200, 50) and mask.dtype == torch.bool
+    low, (dropped, mask) = lora_fused.dropout_low(rows, a, 0.25)
+    assert low.shape == (3, 200, 4) and mask.shape == (3, 200, 50) and mask.dtype == torch.bool
     torch.testing.assert_close(dropped, rows * mask / 0.75)
+    torch.testing.assert_close(low, torch.bmm(dropped, a.transpose(1, 2)))
     assert abs(mask.float().mean().item() - 0.75) < 0.02
     assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[1], mask[2])
 

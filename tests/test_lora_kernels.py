@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 import torch
 
 from conftest import run_interpreted
 from tunelab.methods import lora_kernels
 
-CHECK = textwrap.dedent("""
+COPIES_CHECK = textwrap.dedent("""
     import torch
     from tunelab.methods import lora_kernels as k
 
@@ -51,18 +52,96 @@ CHECK = textwrap.dedent("""
 """)
 
 
+FUSED_CHECK = textwrap.dedent("""
+    import torch
+    from tunelab.methods import lora_kernels as k
+
+    k.usable = lambda x: True  # CPU tensors through the interpreted kernels
+    k.FUSED = True
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        for copies, rows, width, rank in ((3, 37, 300, 8), (1, 5, 64, 4), (2, 70, 1100, 8), (1, 33, 260, 20)):
+            x = torch.randn(rows, width).to(dtype)
+            a = (torch.randn(copies, rank, width) / width ** 0.5).to(dtype)
+            low, (bits,) = k.dropout_low(x, a, 0.25)
+            assert bits.dtype == torch.uint8 and low.shape == (copies, rows, rank) and low.dtype == dtype
+            masks = k.unpack(bits, width)
+            assert masks.shape == (copies, rows, width)
+            kept = x.float() * masks / 0.75
+            torch.testing.assert_close(low.float(), torch.bmm(kept, a.float().transpose(1, 2)), rtol=tol, atol=tol)
+            if rows * width >= 4096:
+                assert abs(masks.float().mean().item() - 0.75) < 0.03, masks.float().mean()
+                assert abs(k.unpack(k.dropout_low(x, a, 0.1)[1][0], width).float().mean().item() - 0.9) < 0.03
+            if copies > 1:
+                assert not torch.equal(masks[0], masks[1])  # each copy its own mask
+            assert not torch.equal(bits, k.dropout_low(x, a, 0.25)[1][0])  # a fresh seed every call
+
+            grad_low = torch.randn(copies, rows, rank).to(dtype)
+            want_x = (torch.bmm(grad_low.float(), a.float()) * masks / 0.75).sum(0)
+            want_a = torch.bmm(grad_low.float().transpose(1, 2), kept)
+            base = torch.randn(rows, width + 16).to(dtype)[:, :width]  # a strided [T, in] view
+            per_copy = torch.linspace(0.5, 2.0, copies)[:, None, None]
+            for scale, add in ((0.5, None), (per_copy, base)):
+                got_x, got_a = k.dropout_low_backward(grad_low, a, (bits,), x, 0.25, scale, add=add)
+                assert got_x.dtype == dtype and got_a.dtype == torch.float32
+                torch.testing.assert_close(got_a, want_a * scale, rtol=tol, atol=tol)
+                want = want_x if add is None else want_x + add.float()
+                torch.testing.assert_close(got_x.float(), want, rtol=tol, atol=tol)
+            got_x, got_a = k.dropout_low_backward(grad_low, a, (bits,), x, 0.25, 0.5, add=base, need_x=False)
+            assert got_x is None
+            torch.testing.assert_close(got_a, want_a * 0.5, rtol=tol, atol=tol)
+    print("fused lora kernels ok")
+""")
+
+
 def test_triton_kernels_match_torch_ops_in_the_interpreter():
-    run_interpreted(CHECK, "lora kernels ok")
+    run_interpreted(COPIES_CHECK, "lora kernels ok")
 
 
-def test_cpu_takes_the_torch_ops():
-    x = torch.randn(4, 6)
+def test_fused_triton_kernels_match_torch_ops_in_the_interpreter():
+    run_interpreted(FUSED_CHECK, "fused lora kernels ok")
+
+
+def reference_grads(x, a, masks, keep_scale, grad_low):
+    """Autograd's gradients of low = (masks * x * keep_scale) @ a^T."""
+    x, a = x.clone().requires_grad_(), a.clone().requires_grad_()
+    low = torch.bmm(x * masks * keep_scale, a.transpose(1, 2))
+    low.backward(grad_low)
+    return low.detach(), x.grad, a.grad
+
+
+def test_cpu_takes_the_torch_ops_and_they_match_autograd():
+    x = torch.randn(40, 24)
+    a = torch.randn(3, 4, 24)
     assert not lora_kernels.usable(x)
-    kept, mask = lora_kernels.dropout_copies(x, 0.5, 2)
-    torch.testing.assert_close(kept, x * mask / 0.5)
-    low, a = torch.randn(2, 4, 3), torch.randn(2, 3, 6)
-    torch.testing.assert_close(lora_kernels.masked_low_rank_sum(low, a, mask, 0.5),
-                               (torch.bmm(low, a) * mask / 0.5).sum(0))
+    grad_low = torch.randn(3, 40, 4)
+    for p in (0.5, 0.0):
+        low, drawn = lora_kernels.dropout_low(x, a, p)
+        if p:
+            dropped, masks = drawn
+            assert masks.dtype == torch.bool and masks.shape == (3, 40, 24) and not torch.equal(masks[0], masks[1])
+            torch.testing.assert_close(dropped, x * masks / (1 - p))
+        else:
+            assert drawn == ()
+            masks = torch.ones(3, 40, 24)
+        want_low, want_x, want_a = reference_grads(x, a, masks, 1 / (1 - p), grad_low)
+        torch.testing.assert_close(low, want_low)
+        add = torch.randn(40, 24)
+        got_x, got_a = lora_kernels.dropout_low_backward(grad_low, a, drawn, x, p, 2.0, add=add)
+        torch.testing.assert_close(got_x, want_x + add, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_a, 2.0 * want_a, rtol=1e-5, atol=1e-5)
+        assert lora_kernels.dropout_low_backward(grad_low, a, drawn, x, p, 2.0, need_x=False)[0] is None
+
+
+def test_unpack_reads_bit_j_of_a_byte_as_column_j_sub_blocks_on():
+    sub, width = lora_kernels.SUB, lora_kernels.CHUNK + 5  # two chunks, the second mostly past the end
+    bits = torch.zeros(1, 1, 2 * sub, dtype=torch.uint8)
+    bits[0, 0, 3] = 0b00000101  # chunk 0, lane 3: bits 0 and 2
+    bits[0, 0, sub + 4] = 0b1  # chunk 1, lane 4
+    masks = lora_kernels.unpack(bits, width)
+    assert masks.shape == (1, 1, width)
+    assert masks[0, 0].nonzero().flatten().tolist() == [3, 2 * sub + 3, lora_kernels.CHUNK + 4]
 
 
 END_TO_END = textwrap.dedent("""
@@ -72,6 +151,7 @@ END_TO_END = textwrap.dedent("""
     from tunelab.methods.lora import LoraConfig
 
     k.usable = lambda x: True  # the fused path's dropout through the interpreted kernels
+    k.FUSED = FUSED_FLAG
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
@@ -86,12 +166,13 @@ END_TO_END = textwrap.dedent("""
         nets.append(net.train())
     peft_net, fused_net = nets
     drawn = []  # the masks the fused path's kernel draws, one [T, in] per projection, in call order
-    real = k.dropout_copies
-    def recording(rows, p, copies):
-        kept, mask = real(rows, p, copies)
-        drawn.extend(mask.unbind(0))
-        return kept, mask
-    lora_fused.dropout_copies = recording
+    real = k.dropout_low
+    def recording(rows, a, p):
+        low, saved = real(rows, a, p)
+        masks = k.unpack(saved[0], rows.shape[1]) if k.FUSED else saved[1]
+        drawn.extend(masks.unbind(0))
+        return low, saved
+    lora_fused.dropout_low = recording
     lora_fused.fuse(fused_net)
 
     class Scripted(torch.nn.Module):  # PEFT's dropout, replaying those masks in the same order
@@ -119,7 +200,9 @@ END_TO_END = textwrap.dedent("""
 """)
 
 
-def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks():
-    """The whole fused path (groups, folded B, both kernels) against PEFT's forward given the
-    masks the kernel drew: same loss and the same gradient for every adapter weight."""
-    run_interpreted(END_TO_END, "fused path with kernels ok")
+@pytest.mark.parametrize("fused", [False, True], ids=["copies", "fused-kernels"])
+def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks(fused):
+    """The whole fused path (groups, folded B, the dropout kernels: the default pair or the
+    `FUSED` one) against PEFT's forward given the masks the kernels drew: same loss and the
+    same gradient for every adapter weight."""
+    run_interpreted(END_TO_END.replace("FUSED_FLAG", str(fused)), "fused path with kernels ok")

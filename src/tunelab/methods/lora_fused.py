@@ -42,22 +42,7 @@ import types
 
 import torch
 
-from .lora_kernels import dropout_copies, masked_low_rank_sum
-
-
-def _mm_dtype_overload(op) -> bool:
-    return "dtype" in op.overloads()
-
-
-_OUT_DTYPE = _mm_dtype_overload(torch.ops.aten.mm) and _mm_dtype_overload(torch.ops.aten.bmm)
-
-
-def _fp32_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b (op: torch.mm or torch.bmm) in fp32: written in fp32 by the matmul itself for
-    half-precision CUDA inputs where torch can, else computed and then cast."""
-    if _OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return op(a, b, out_dtype=torch.float32)
-    return op(a, b).float()
+from .lora_kernels import dropout_low, dropout_low_backward, fp32_product
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -67,11 +52,7 @@ class _LoraGroup(torch.autograd.Function):
     def forward(ctx, x, group, p: float, *adapters):  # adapters: A_1..A_G, B_1..B_G (for their grads)
         a, b = group.copies()  # [G, r, in] (scale folded in), list of [N_g, r]
         rows = x.reshape(-1, x.shape[-1]).to(a.dtype)
-        if p > 0:
-            dropped, mask = dropout_copies(rows, p, group.size)
-        else:
-            dropped, mask = rows.expand(group.size, *rows.shape), None
-        low = torch.bmm(dropped, a.transpose(1, 2))  # [G, T, r]
+        low, drawn = dropout_low(rows, a, p)  # [G, T, r]; the masks as the backward needs them
         if group.extended is not None:  # B folded into the base matmul: [x | low_1 .. low_G] @ [W_g | B_g]^T
             rows_ext = torch.cat([rows, *low.unbind(0)], dim=1)
         outputs = []
@@ -82,14 +63,16 @@ class _LoraGroup(torch.autograd.Function):
             if group.extended is None:
                 out.addmm_(low[g], b[g].t())
             outputs.append(out.view(*x.shape[:-1], base.weight.shape[0]))
-        ctx.save_for_backward(dropped, mask, low, a, *b)  # the copies too: a refresh before backward is caught
-        ctx.group, ctx.p, ctx.x_dtype, ctx.x_shape = group, p, x.dtype, x.shape
+        # the adapter copies too: a refresh before backward is caught; x only where the draw did not copy it
+        ctx.save_for_backward(None if len(drawn) == 2 else rows, low, a, *drawn, *b)
+        ctx.group, ctx.p, ctx.x_dtype, ctx.x_shape, ctx.drawn = group, p, x.dtype, x.shape, len(drawn)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         group, p = ctx.group, ctx.p
-        dropped, mask, low, a, *b = ctx.saved_tensors
+        rows, low, a, *saved = ctx.saved_tensors
+        drawn, b = tuple(saved[:ctx.drawn]), saved[ctx.drawn:]
         grads = [g.reshape(-1, g.shape[-1]).to(a.dtype) for g in grads]
         if group.extended is not None:  # one matmul a member gives the base gradient and grad_low
             grad_ext = grads[0] @ group.extended[0]
@@ -98,17 +81,15 @@ class _LoraGroup(torch.autograd.Function):
             width = group.in_features
             grad_low = grad_ext[:, width:].view(-1, group.size, group.rank).transpose(0, 1).contiguous()
         else:
-            grad_low = torch.empty_like(low)
+            grad_low = torch.empty_like(low, memory_format=torch.contiguous_format)
             for g in range(group.size):
                 torch.mm(grads[g], b[g], out=grad_low[g])
-        grad_b = [_fp32_product(torch.mm, grads[g].t(), low[g]) for g in range(group.size)]
-        grad_a = _fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(group.scale)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if group.extended is not None:  # the adapters' part + the base part, [T, in]
-                grad_x = masked_low_rank_sum(grad_low, a, mask, p, add=grad_ext[:, :width])
-            else:
-                grad_x = masked_low_rank_sum(grad_low, a, mask, p)  # the adapters' part, [T, in]
+        grad_b = [fp32_product(torch.mm, grads[g].t(), low[g]) for g in range(group.size)]
+        need_x = ctx.needs_input_grad[0]
+        add = grad_ext[:, :width] if group.extended is not None else None  # the base part, [T, in]
+        grad_x, grad_a = dropout_low_backward(grad_low, a, drawn, rows, p, group.scale, add=add, need_x=need_x)
+        if need_x:
+            if group.extended is None:
                 for g, base in enumerate(group.bases):
                     grad_x.addmm_(grads[g], base.weight)
             grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)

@@ -1,22 +1,41 @@
-"""The dropout of fused LoRA (`lora_fused.py`) as two Triton kernels on CUDA; torch ops elsewhere.
+"""The dropout of fused LoRA (`lora_fused.py`) as Triton kernels on CUDA; torch ops elsewhere.
 
-A group of G projections reading one input x [T, in] needs G independent dropout masks of
-x, and in backward the sum over g of mask_g * (grad_low_g @ A_g) / (1 - p). In torch ops
-that is one dropout kernel that cannot vectorise over a broadcast input, then for backward
-a batched matmul writing G [T, in] products, a dropout-backward pass over them and a sum:
-about nine passes of [T, in] memory per member. Here:
+A group of G projections reading one input x [T, in] needs, with LoRA's dropout p and G
+independent masks m_g,
+
+    low_g = (m_g * x) A_g^T / (1 - p)                         (forward, [T, r] each)
+    grad_x = sum_g m_g * (grad_low_g A_g) / (1 - p)           (backward, [T, in])
+    grad_A_g = grad_low_g^T (m_g * x) / (1 - p)               (backward, [r, in])
+
+In torch ops that is one dropout kernel that cannot vectorise over a broadcast input, a
+batched matmul, and for backward another batched matmul writing G [T, in] products, a
+dropout-backward pass over them and a sum: about nine passes of [T, in] memory a member.
+The default path (measured, docs/PERFORMANCE.md):
 
 - `dropout_copies`: one kernel reads x once and writes the G kept copies and G masks
   (Philox counters from a seed drawn by torch's generator on the device, so CUDA graphs
   replay it with fresh masks and a resumed run draws what an uninterrupted one would;
   16 random bits an element, so one Philox call decides eight elements; Philox-4x32 with
   7 rounds, the fewest its authors found to pass the BigCrush tests (curand uses 10));
+  the low-rank products and A's gradients are batched matmuls over the copies;
 - `masked_low_rank_sum`: one kernel computes scale * sum_g mask_g * (grad_low_g @ A_g)
   straight into [T, in], the rank-r products in registers: the masks are read once and
   nothing of size [G, T, in] is written.
 
-Both take the masks as bytes; `tests/test_lora_kernels.py` runs them on the CPU through
-Triton's interpreter against the torch ops they replace.
+The kept copies and byte masks (3 G bytes an element of x, held for the backward) are most
+of a LoRA step's activation memory. `FUSED` switches to a pair that keeps neither:
+
+- `_dropout_low`: reads x, draws the same kind of masks, multiplies the kept x by A_g on
+  the tensor cores and keeps the masks as bits (G/8 bytes an element of x);
+- `_dropout_low_backward`: reads x, the bits and grad_low, writes grad_x (the base part
+  added if given) and A's gradients in fp32 as one partial sum per block of rows (a
+  deterministic sum, no atomics).
+
+The Triton kernels drop with probability p rounded to a multiple of 1/65536 (0.1 ->
+0.1000061) and scale by the inverse of what they keep, so the expectation is exact.
+`dropout_low` / `dropout_low_backward` choose the path; `tests/test_lora_kernels.py` runs
+every kernel on the CPU through Triton's interpreter against the torch ops it replaces;
+`bench/kernels_bench.py` times them on a GPU.
 """
 
 from __future__ import annotations
@@ -34,12 +53,22 @@ except ImportError:
 USE_TRITON = True
 """Off: torch ops everywhere (a benchmark lever)."""
 
+FUSED = False
+"""On: the fused pair (`_dropout_low`, `_dropout_low_backward`: no kept copies, masks as bits),
+tested on the CPU through Triton's interpreter but not yet timed on a GPU, so off by default;
+off: `_dropout_copies` and `_masked_low_rank_sum` with batched matmuls (the measured path)."""
+
 _BLOCK = 8192  # elements of x per program of `dropout_copies` (8 per Philox counter)
+SUB = 32  # columns of x decided by one 16-bit lane of a Philox counter's output; 8 SUB = one chunk
+CHUNK = 8 * SUB  # columns of x a counter row covers: its 8 x 16 bits, one byte of mask bits a column lane
+# the fused pair's programs: 32 rows x one chunk forward, 64 rows x one chunk backward, 8 warps
+# each (ptxas for sm_90: 154 and 240 registers, no spills; 4 warps spill in backward)
+_FORWARD_ROWS, _FORWARD_CHUNKS, _BACKWARD_ROWS, _FUSED_WARPS = 32, 1, 64, 8
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the tests' CPU runs
 
 
 def usable(x: torch.Tensor) -> bool:
-    """The Triton kernels run on `x` (CUDA, Triton installed, int32 offsets suffice)."""
+    """The Triton kernels run on `x` (CUDA, Triton installed)."""
     return USE_TRITON and triton is not None and x.is_cuda
 
 
@@ -110,14 +139,117 @@ if triton is not None:
             total += tl.load(add_ptr + r[:, None] * add_stride + c[None, :], mask=both, other=0.0).to(tl.float32)
         tl.store(out_ptr + r[:, None] * width + c[None, :], total.to(out_ptr.dtype.element_ty), mask=both)
 
+    @triton.jit
+    def _dropout_low(x_ptr, a_ptr, bits_ptr, out_ptr, seed_ptr, rows, width, n_bytes, chunks, threshold, scale,
+                     COPIES: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr,
+                     EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, SUB: tl.constexpr):
+        """For each copy g and rows r of this program: mask bits of chunks [SPLIT s, SPLIT (s+1)),
+        and the partial product (m_g * x[r]) A_g^T * scale over those chunks' columns into
+        out[s, g, r]. Column j SUB + lane of a chunk is decided by the j-th 16 bits of the
+        Philox counter (g, row, chunk, lane) and stored as bit j of mask byte (chunk, lane)."""
+        r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        split = tl.program_id(1)
+        lane = tl.arange(0, SUB)
+        k = tl.arange(0, K)
+        row_in, k_in = r < rows, k < RANK
+        seed = tl.load(seed_ptr)
+        for g in tl.static_range(COPIES):
+            acc = tl.zeros((BLOCK_ROWS, K), dtype=tl.float32)
+            for step in range(SPLIT):
+                c = split * SPLIT + step
+                byte = c * SUB + lane
+                counter = (g * rows + r[:, None]) * n_bytes + byte[None, :]
+                w0, w1, w2, w3 = tl.randint4x(seed, counter, n_rounds=7)
+                packed = tl.zeros((BLOCK_ROWS, SUB), dtype=tl.int32)
+                for j in tl.static_range(8):
+                    if j // 2 == 0:
+                        word = w0
+                    elif j // 2 == 1:
+                        word = w1
+                    elif j // 2 == 2:
+                        word = w2
+                    else:
+                        word = w3
+                    half = (word >> (16 * (j % 2))) & 0xFFFF
+                    keep = half.to(tl.int32) >= threshold
+                    cols = c * 8 * SUB + j * SUB + lane
+                    col_in = cols < width
+                    x = tl.load(x_ptr + r[:, None] * width + cols[None, :], mask=row_in[:, None] & col_in[None, :],
+                                other=0.0)
+                    x = tl.where(keep, x, 0.0)
+                    a_t = tl.load(a_ptr + (g * RANK + k[None, :]) * width + cols[:, None],
+                                  mask=col_in[:, None] & k_in[None, :], other=0.0)  # [SUB, K]
+                    if EXACT:  # fp32 inputs (and under Triton's interpreter, whose bf16 dot is wrong)
+                        acc += tl.dot(x.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, a_t)
+                    packed = packed | (keep.to(tl.int32) << j)
+                tl.store(bits_ptr + (g * rows + r[:, None]) * n_bytes + byte[None, :], packed.to(tl.uint8),
+                         mask=row_in[:, None] & (byte < n_bytes)[None, :])
+            tl.store(out_ptr + ((split * COPIES + g) * rows + r[:, None]) * RANK + k[None, :],
+                     (acc * scale).to(out_ptr.dtype.element_ty), mask=row_in[:, None] & k_in[None, :])
+
+    @triton.jit
+    def _dropout_low_backward(low_ptr, a_ptr, bits_ptr, x_ptr, add_ptr, add_stride, out_ptr, part_ptr, coef_ptr,
+                              rows, width, n_bytes, scale, coef,
+                              COPIES: tl.constexpr, RANK: tl.constexpr, K: tl.constexpr, NEED_X: tl.constexpr,
+                              HAS_ADD: tl.constexpr, PER_COPY: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                              SUB: tl.constexpr):
+        """One chunk of columns of BLOCK_ROWS rows: out = scale * sum_g m_g * (low_g A_g) (+ add),
+        and part[block, g] = coef_g * low_g^T (m_g * x) for these columns."""
+        block = tl.program_id(0)
+        r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        c = tl.program_id(1)
+        lane = tl.arange(0, SUB)
+        k = tl.arange(0, K)
+        row_in, k_in = r < rows, k < RANK
+        byte = c * SUB + lane
+        for j in range(8):  # a loop, not unrolled: fewer registers
+            cols = c * 8 * SUB + j * SUB + lane
+            col_in = cols < width
+            both = row_in[:, None] & col_in[None, :]
+            x = tl.load(x_ptr + r[:, None] * width + cols[None, :], mask=both, other=0.0)
+            total = tl.zeros((BLOCK_ROWS, SUB), dtype=tl.float32)
+            for g in tl.static_range(COPIES):
+                packed = tl.load(bits_ptr + (g * rows + r[:, None]) * n_bytes + byte[None, :],
+                                 mask=row_in[:, None], other=0).to(tl.int32)
+                keep = ((packed >> j) & 1) != 0
+                low = tl.load(low_ptr + (g * rows + r[:, None]) * RANK + k[None, :],
+                              mask=row_in[:, None] & k_in[None, :], other=0.0)  # [BLOCK_ROWS, K]
+                a = tl.load(a_ptr + (g * RANK + k[:, None]) * width + cols[None, :],
+                            mask=k_in[:, None] & col_in[None, :], other=0.0)  # [K, SUB]
+                kept = tl.where(keep, x, 0.0)
+                if EXACT:
+                    grad_a = tl.dot(tl.trans(low.to(tl.float32)), kept.to(tl.float32), input_precision="ieee")
+                else:
+                    grad_a = tl.dot(tl.trans(low), kept.to(low.dtype))
+                if NEED_X:
+                    if EXACT:
+                        product = tl.dot(low.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+                    else:
+                        product = tl.dot(low, a)
+                    total += tl.where(keep, product, 0.0)
+                if PER_COPY:
+                    grad_a = grad_a * tl.load(coef_ptr + g)
+                else:
+                    grad_a = grad_a * coef
+                tl.store(part_ptr + ((block * COPIES + g) * RANK + k[:, None]) * width + cols[None, :], grad_a,
+                         mask=k_in[:, None] & col_in[None, :])
+            if NEED_X:
+                total = total * scale
+                if HAS_ADD:
+                    total += tl.load(add_ptr + r[:, None] * add_stride + cols[None, :], mask=both,
+                                     other=0.0).to(tl.float32)
+                tl.store(out_ptr + r[:, None] * width + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=both)
+
 
 def _threshold(p: float) -> int:
-    """The kernel drops an element when its 16 random bits fall below this."""
+    """The kernels drop an element when its 16 random bits fall below this."""
     return round(p * 65536)
 
 
 def _kept_scale(p: float) -> float:
-    """What the kernel scales kept values by: 1 / (1 - p) for p as drawn."""
+    """What the kernels scale kept values by: 1 / (1 - p) for p as drawn."""
     return 65536 / (65536 - _threshold(p))
 
 
@@ -166,3 +298,96 @@ def masked_low_rank_sum(grad_low: torch.Tensor, a: torch.Tensor, mask: torch.Ten
                                EXACT=grad_low.dtype == torch.float32 or _INTERPRETED, BLOCK_ROWS=64,
                                BLOCK_COLS=128, num_warps=4)
     return out
+
+
+def unpack(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """The boolean masks [G, T, width] that the fused kernel's bits [G, T, bytes] stand for:
+    column c * CHUNK + j * SUB + lane is bit j of byte c * SUB + lane."""
+    copies, rows, n_bytes = bits.shape
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    flags = (bits.view(copies, rows, n_bytes // SUB, 1, SUB) >> shifts[:, None]) & 1  # [G, T, chunk, j, lane]
+    return flags.reshape(copies, rows, -1)[..., :width].bool()
+
+
+def dropout_low(rows: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor, tuple]:
+    """low [G, T, r] = dropout_g(rows) @ a_g^T for rows [T, in] and a [G, r, in], and what
+    `dropout_low_backward` needs of the draw: () when p is 0; (bits,) from the fused kernel
+    (`FUSED` on CUDA); else (kept copies [G, T, in], boolean masks [G, T, in])."""
+    copies, rank, width = a.shape
+    if p == 0:
+        return (rows @ a.reshape(copies * rank, width).t()).view(-1, copies, rank).transpose(0, 1), ()
+    if not (FUSED and usable(rows)):
+        dropped, mask = dropout_copies(rows, p, copies)
+        return torch.bmm(dropped, a.transpose(1, 2)), (dropped, mask)
+    rows, a = rows.contiguous(), a.contiguous()
+    tokens = rows.shape[0]
+    chunks = triton.cdiv(width, CHUNK)
+    n_bytes = chunks * SUB
+    assert copies * tokens * n_bytes < 2**31, "too many elements for the kernel's int32 counters"
+    splits = triton.cdiv(chunks, _FORWARD_CHUNKS)
+    bits = torch.empty((copies, tokens, n_bytes), dtype=torch.uint8, device=rows.device)
+    out = torch.empty((splits, copies, tokens, rank), dtype=rows.dtype if splits == 1 else torch.float32,
+                      device=rows.device)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=rows.device)  # torch's generator: graph-safe
+    grid = (triton.cdiv(tokens, _FORWARD_ROWS), splits)
+    _dropout_low[grid](rows, a, bits, out, seed, tokens, width, n_bytes, chunks, _threshold(p), _kept_scale(p),
+                       COPIES=copies, RANK=rank, K=max(16, triton.next_power_of_2(rank)), SPLIT=_FORWARD_CHUNKS,
+                       EXACT=rows.dtype == torch.float32 or _INTERPRETED, BLOCK_ROWS=_FORWARD_ROWS, SUB=SUB,
+                       num_warps=_FUSED_WARPS)
+    low = out[0] if splits == 1 else out.sum(0).to(rows.dtype)
+    return low, (bits,)
+
+
+def dropout_low_backward(grad_low: torch.Tensor, a: torch.Tensor, drawn: tuple, rows: torch.Tensor, p: float,
+                         scale: float | torch.Tensor, add: torch.Tensor | None = None, need_x: bool = True):
+    """(grad_x, grad_a) of `dropout_low` for grad_low [G, T, r] and its `drawn`: grad_x
+    [T, in] in grad_low's dtype (+ add, a [T, in] with unit column stride; None unless
+    need_x), and grad_a = scale * grad_low^T dropout(rows) [G, r, in] in fp32 (scale: a
+    float or [G, 1, 1])."""
+    copies, rank, width = a.shape
+    tokens = grad_low.shape[1]
+    if not drawn:  # no dropout: two plain matmuls
+        flat_low = grad_low.transpose(0, 1).reshape(tokens, copies * rank)  # [T, G r]
+        grad_a = fp32_product(torch.mm, flat_low.t(), rows).view(copies, rank, width).mul_(scale)
+        grad_x = None
+        if need_x:
+            weight = a.reshape(copies * rank, width)
+            grad_x = flat_low @ weight if add is None else torch.addmm(add, flat_low, weight)
+        return grad_x, grad_a
+    if len(drawn) == 2:  # kept copies and masks
+        dropped, mask = drawn
+        grad_a = fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(scale)
+        return (masked_low_rank_sum(grad_low, a, mask, p, add=add) if need_x else None), grad_a
+    (bits,) = drawn
+    n_bytes = bits.shape[-1]
+    if add is not None and need_x:
+        assert add.shape == (tokens, width) and add.stride(1) == 1, "add must be [T, in] with unit column stride"
+    blocks = triton.cdiv(tokens, _BACKWARD_ROWS)
+    out = torch.empty((tokens, width) if need_x else (1,), dtype=grad_low.dtype, device=grad_low.device)
+    part = torch.empty((blocks, copies, rank, width), dtype=torch.float32, device=grad_low.device)
+    kept = _kept_scale(p)
+    per_copy = isinstance(scale, torch.Tensor)
+    coef = (scale.reshape(-1).float() * kept).contiguous() if per_copy else part
+    _dropout_low_backward[(blocks, n_bytes // SUB)](
+        grad_low.contiguous(), a.contiguous(), bits, rows.contiguous(), add if add is not None else out,
+        add.stride(0) if add is not None else 0, out, part, coef, tokens, width, n_bytes, kept,
+        0.0 if per_copy else float(scale) * kept,
+        COPIES=copies, RANK=rank, K=max(16, triton.next_power_of_2(rank)), NEED_X=need_x,
+        HAS_ADD=add is not None and need_x, PER_COPY=per_copy, EXACT=grad_low.dtype == torch.float32 or _INTERPRETED,
+        BLOCK_ROWS=_BACKWARD_ROWS, SUB=SUB, num_warps=_FUSED_WARPS)
+    return (out if need_x else None), part.sum(0)
+
+
+def _mm_dtype_overload(op) -> bool:
+    return "dtype" in op.overloads()
+
+
+_OUT_DTYPE = _mm_dtype_overload(torch.ops.aten.mm) and _mm_dtype_overload(torch.ops.aten.bmm)
+
+
+def fp32_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (op: torch.mm or torch.bmm) in fp32: written in fp32 by the matmul itself for
+    half-precision CUDA inputs where torch can, else computed and then cast."""
+    if _OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return op(a, b, out_dtype=torch.float32)
+    return op(a, b).float()
