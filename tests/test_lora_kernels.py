@@ -206,3 +206,58 @@ def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks(fused):
     `FUSED` one) against PEFT's forward given the masks the kernels drew: same loss and the
     same gradient for every adapter weight."""
     run_interpreted(END_TO_END.replace("FUSED_FLAG", str(fused)), "fused path with kernels ok")
+
+
+SAVED = textwrap.dedent("""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from tunelab.methods import get, lora_fused, lora_kernels as k
+    from tunelab.methods.lora import LoraConfig
+
+    k.usable = lambda x: True
+    config = Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=384, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(0))
+    tokens, rank = ids.numel(), 8
+    totals = {}
+    for fused in (False, True):
+        k.FUSED = fused
+        torch.manual_seed(0)
+        net = get("lora").apply(Qwen2ForCausalLM(config), LoraConfig(r=rank, dropout=0.1)).train()
+        lora_fused.fuse(net)
+        flat = lora_fused.groups_of(net)[0].store.flat
+        loss = net(input_ids=ids, use_cache=False).logits.float().mean()
+        nodes, seen, stack = [], set(), [loss.grad_fn]
+        while stack:  # every _LoraGroup node of the graph, before backward frees what it saved
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if type(node).__name__ == "_LoraGroupBackward":
+                nodes.append(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        assert len(nodes) == 4  # q/k/v, o, gate/up, down
+        total = 0
+        for node in nodes:
+            group = node.group
+            size, width = group.size, group.in_features
+            saved = [t for t in node.saved_tensors if t is not None
+                     and t.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()]  # not the adapter copies
+            got = sum(t.numel() * t.element_size() for t in saved)
+            low = size * tokens * rank * 4
+            if fused:  # the input, the mask bits
+                want = tokens * width * 4 + size * tokens * -(-width // k.CHUNK) * k.SUB + low
+            else:  # the kept copies, the byte masks
+                want = size * tokens * width * (4 + 1) + low
+            assert got == want, (fused, group.names, got, want)
+            total += got
+        totals[fused] = total
+    assert totals[True] < totals[False], totals  # (at the 1.5B shape in bf16: about half, docs/PERFORMANCE.md)
+    print("saved", totals)
+""")
+
+
+def test_the_fused_pair_keeps_mask_bits_not_copies():
+    """What each fused LoRA group keeps for the backward, byte for byte: the kept copies and
+    byte masks with the default pair, the input and the mask bits with `FUSED`."""
+    run_interpreted(SAVED, "saved")
