@@ -8,6 +8,9 @@
   low-rank products in one kernel, its input and A gradients in another) against torch ops;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
+`--sweep SECONDS` instead times each LoRA dropout kernel under the launch settings of
+`SWEEP` (tile sizes, warps), to choose lora_kernels' constants.
+
 Times are medians of CUDA-graph replays timed with CUDA events, in microseconds.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -107,6 +111,81 @@ def dropout_cases(tokens: int) -> dict:
     return out
 
 
+# launch settings of lora_kernels to try: module constants -> values
+SWEEP = {
+    "dropout_copies": (("_BLOCK", "_COPIES_WARPS"),
+                       [(4096, 4), (4096, 8), (8192, 4), (8192, 8), (8192, 16), (16384, 8), (16384, 16)]),
+    "masked_low_rank_sum": (("_SUM_ROWS", "_SUM_COLS", "_SUM_WARPS"),
+                            [(32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 8),
+                             (128, 64, 4), (32, 256, 4)]),
+    "fused_forward": (("_FORWARD_ROWS", "_FORWARD_CHUNKS", "_FORWARD_WARPS"),
+                      [(16, 1, 4), (32, 1, 4), (32, 1, 8), (64, 1, 4), (64, 1, 8), (32, 2, 8), (64, 2, 8),
+                       (128, 1, 8)]),
+    "fused_backward": (("_BACKWARD_ROWS", "_BACKWARD_WARPS"), [(32, 4), (32, 8), (64, 8), (128, 8), (64, 16),
+                                                                (128, 16)]),
+}
+
+
+def sweep_cases(tokens: int, seconds: float) -> dict:
+    """Each LoRA dropout kernel (with what its path adds: the split sums of the fused pair)
+    timed under each launch setting of `SWEEP`, for every group shape of Qwen2-1.5B; the
+    totals over the four shapes (one of each a layer) and the fastest setting. Stops trying
+    new settings after `seconds`."""
+    from tunelab.methods import lora_kernels as k
+
+    shapes = ((3, 1536), (2, 1536), (1, 1536), (1, 8960))
+    inputs = {}
+    for copies, width in shapes:
+        rows = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+        a = (torch.randn(copies, 8, width, device="cuda") / width ** 0.5).to(torch.bfloat16)
+        grad_low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
+        add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+        k.FUSED = True
+        bits = k.dropout_low(rows, a, 0.1)[1]
+        k.FUSED = False
+        mask = k.dropout_copies(rows, 0.1, copies)[1]
+        inputs[(copies, width)] = rows, a, grad_low, add, bits, mask
+
+    def timed(kernel: str, copies: int, width: int) -> float:
+        rows, a, grad_low, add, bits, mask = inputs[(copies, width)]
+        if kernel == "dropout_copies":
+            return median_us(lambda: k.dropout_copies(rows, 0.1, copies))
+        if kernel == "masked_low_rank_sum":
+            return median_us(lambda: k.masked_low_rank_sum(grad_low, a, mask, 0.1, add=add))
+        k.FUSED = True
+        try:
+            if kernel == "fused_forward":
+                return median_us(lambda: k.dropout_low(rows, a, 0.1))
+            return median_us(lambda: k.dropout_low_backward(grad_low, a, bits, rows, 0.1, 2.0, add=add))
+        finally:
+            k.FUSED = False
+
+    start, out = time.perf_counter(), {}
+    for kernel, (names, settings) in SWEEP.items():
+        default = tuple(getattr(k, n) for n in names)
+        results = {}
+        for setting in [default] + [s for s in settings if s != default]:
+            if time.perf_counter() - start > seconds:
+                break
+            for n, v in zip(names, setting):
+                setattr(k, n, v)
+            try:
+                per_shape = {f"{c}x{w}": timed(kernel, c, w) for c, w in shapes}
+            except Exception as err:  # a setting that does not compile or launch
+                per_shape = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            finally:
+                for n, v in zip(names, default):
+                    setattr(k, n, v)
+            if "error" not in per_shape:
+                per_shape["total_us"] = sum(per_shape.values())
+            results["-".join(map(str, setting))] = per_shape
+        ok = {name: r["total_us"] for name, r in results.items() if "total_us" in r}
+        out[kernel] = {"settings": names, "default": "-".join(map(str, default)),
+                       "best": min(ok, key=ok.get) if ok else None, "results": results}
+        print(kernel, "default", out[kernel]["default"], ok, flush=True)
+    return out
+
+
 def refresh_case() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import build_model
@@ -128,10 +207,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json")
     parser.add_argument("--tokens", type=int, default=2816, help="packed tokens of a step (graph bucket)")
+    parser.add_argument("--sweep", type=float, metavar="SECONDS",
+                        help="only time the LoRA dropout kernels' launch settings (SWEEP), for at most this long")
     args = parser.parse_args(argv)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cross_entropy": cross_entropy_cases(1024, 151936),
-              "dropout": dropout_cases(args.tokens), "refresh": refresh_case()}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.sweep:
+        report["sweep"] = sweep_cases(args.tokens, args.sweep)
+    else:
+        report.update({"cross_entropy": cross_entropy_cases(1024, 151936), "dropout": dropout_cases(args.tokens),
+                       "refresh": refresh_case()})
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

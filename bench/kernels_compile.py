@@ -45,17 +45,17 @@ def configurations(quick: bool = False) -> list[tuple[str, object, dict, dict, i
         rank = 8
         kdim = max(16, rank)
         out.append((f"lora dropout_copies G={copies}", k._dropout_copies, LORA_COPIES,
-                    {"COPIES": copies, "BLOCK": k._BLOCK}, 8))
+                    {"COPIES": copies, "BLOCK": k._BLOCK}, k._COPIES_WARPS))
         out.append((f"lora masked_low_rank_sum G={copies}", k._masked_low_rank_sum, LORA_MASKED,
                     {"COPIES": copies, "RANK": rank, "K": kdim, "HAS_MASK": True, "HAS_ADD": copies == 2,
-                     "EXACT": False, "BLOCK_ROWS": 64, "BLOCK_COLS": 128}, 4))
+                     "EXACT": False, "BLOCK_ROWS": k._SUM_ROWS, "BLOCK_COLS": k._SUM_COLS}, k._SUM_WARPS))
         out.append((f"lora fused forward G={copies}", k._dropout_low, LORA_FORWARD,
                     {"COPIES": copies, "RANK": rank, "K": kdim, "SPLIT": k._FORWARD_CHUNKS, "EXACT": False,
-                     "BLOCK_ROWS": k._FORWARD_ROWS, "SUB": k.SUB}, k._FUSED_WARPS))
+                     "BLOCK_ROWS": k._FORWARD_ROWS, "SUB": k.SUB}, k._FORWARD_WARPS))
         out.append((f"lora fused backward G={copies}", k._dropout_low_backward, LORA_BACKWARD,
                     {"COPIES": copies, "RANK": rank, "K": kdim, "NEED_X": True, "HAS_ADD": copies == 2,
                      "PER_COPY": False, "EXACT": False, "BLOCK_ROWS": k._BACKWARD_ROWS, "SUB": k.SUB},
-                    k._FUSED_WARPS))
+                    k._BACKWARD_WARPS))
     out.append(("cross entropy", ce._cross_entropy_rows, CROSS_ENTROPY,
                 {"HAS_WEIGHTS": True, "WRITE_GRAD": True, "BLOCK": 4096}, 8))  # rows_loss_triton's defaults
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from contextlib import nullcontext
 
@@ -31,25 +32,37 @@ def apply_method(name: str, base):
     raise ValueError(f"unknown method {name!r}")
 
 
-def profile_steps(path: str, step, indices, optimizer) -> None:
-    """Kernel-level profile of a few optimizer steps: the top kernels by GPU time, how many
-    kernels a step launches, and GPU busy time against wall time, written to `path`."""
+def profile_steps(path: str, steps, count: int) -> None:
+    """Kernel-level profile of a few optimizer steps run as the timed loop runs them
+    (`steps()`, `count` of them, the loss read one step late): the top kernels by GPU time, how many kernels
+    a step launches, GPU busy time against the span of the kernels, and the idle gaps
+    between kernels (the largest, with the kernels on either side), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         wall = time.perf_counter()
-        for i in indices:
-            step(i)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        steps()
         torch.cuda.synchronize()
         wall = time.perf_counter() - wall
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
     busy = sum(e.device_time for e in kernels) / 1e6
-    summary = (f"{len(indices)} steps, wall {wall:.3f} s (profiled), {len(kernels) / len(indices):,.0f} kernels "
-               f"a step, GPU busy {busy:.3f} s ({100 * busy / wall:.0f}% of wall), mean kernel "
-               f"{1e6 * busy / max(len(kernels), 1):.1f} us\n")
+    span = (kernels[-1].time_range.end - kernels[0].time_range.start) / 1e6 if kernels else 0.0
+    gaps, end, before = [], None, None
+    for e in kernels:
+        if end is not None and e.time_range.start > end:
+            gaps.append((e.time_range.start - end, before, e.name))
+        if end is None or e.time_range.end > end:
+            end, before = e.time_range.end, e.name
+    idle = sum(g for g, _, _ in gaps) / 1e6
+    small = sum(g for g, _, _ in gaps if g < 5) / 1e6
+    summary = (f"{count} steps, wall {wall:.3f} s (profiled), {len(kernels) / count:,.0f} kernels a step, "
+               f"GPU busy {busy:.3f} s ({100 * busy / wall:.0f}% of wall), kernel span {span:.3f} s, "
+               f"idle between kernels {idle:.4f} s ({1e3 * idle / count:.2f} ms a step; gaps under 5 us "
+               f"{1e3 * small / count:.2f} ms a step), mean kernel {1e6 * busy / max(len(kernels), 1):.1f} us\n")
+    summary += "largest gaps (us, kernel before -> kernel after):\n" + "".join(
+        f"  {g:9.1f}  {a[:60]} -> {b[:60]}\n" for g, a, b in sorted(gaps, reverse=True)[:25])
     table = prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=70)
     # operators with their input shapes (eager steps; a graph replay's kernels name no operator)
     table += "\n" + prof.key_averages(group_by_input_shape=True).table(
@@ -57,6 +70,27 @@ def profile_steps(path: str, step, indices, optimizer) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(summary + table)
     print(summary, flush=True)
+
+
+def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, params, optimizer):
+    """(tokens, last loss) of these optimizer steps, as train() runs them: a step's loss is
+    read after the next step is queued."""
+    from tunelab.train import Readback, apply_update, queue_step, step_rows
+
+    tokens, pending, loss = 0, None, float("nan")
+    for step in indices:
+        values, n_tokens = queue_step(net, step_rows(rows, cfg, step, steps_per_epoch), cfg, fast, device,
+                                      autocast, params)
+        readback = Readback(values)
+        apply_update(optimizer, values)
+        optimizer.zero_grad(set_to_none=True)
+        tokens += n_tokens
+        if pending is not None:
+            loss = pending.tolist()[0]
+        pending = readback
+    if pending is not None:
+        loss = pending.tolist()[0]
+    return tokens, loss
 
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
@@ -69,7 +103,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
     Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair."""
     from tunelab import cross_entropy, fastpath, kernels
     from tunelab.methods import lora_fused, lora_kernels
-    from tunelab.train import apply_update, optimizer_step, queue_step, step_rows
+    from tunelab.train import step_rows
 
     cfg = train_cfg
     clock = Clock(device)
@@ -102,32 +136,20 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         # captured there, once per padded size, as they would be early in a run), then time
         # a second pass over the same steps: the steady state of a long run.
         measured = list(range(warmup, warmup + steps))
-        first_pass, tokens = Clock(device), 0
-        for phase, indices in (("warmup", range(warmup)), ("first", measured), ("timed", measured)):
-            if phase == "first":
-                first_pass.begin()
-            if phase == "timed":
-                first_pass.end()
-                clock.begin()
-                tokens = 0
-            pending = None
-            for step in indices:  # as train() does: a step's loss is read after the next is queued
-                step_of = step_rows(rows, cfg, step, steps_per_epoch)
-                values, n_tokens = queue_step(net, step_of, cfg, fast, device, autocast, params)
-                apply_update(optimizer, values)
-                optimizer.zero_grad(set_to_none=True)
-                tokens += n_tokens
-                if pending is not None:
-                    loss = pending.tolist()[0]
-                pending = values
-            if pending is not None:
-                loss = pending.tolist()[0]
+
+        loop = partial(run_steps, rows=rows, cfg=cfg, steps_per_epoch=steps_per_epoch, net=net, fast=fast,
+                       device=device, autocast=autocast, params=params, optimizer=optimizer)
+        first_pass = Clock(device)
+        loop(range(warmup))
+        first_pass.begin()
+        loop(measured)
+        first_pass.end()
+        clock.begin()
+        tokens, loss = loop(measured)
         clock.end()
         peak = peak_gib(device)
         if profile:
-            profile_steps(profile, lambda step: optimizer_step(net, step_rows(rows, cfg, step, steps_per_epoch),
-                                                               cfg, fast, device, autocast, params),
-                          measured[:3], optimizer)
+            profile_steps(profile, partial(loop, measured[:5]), 5)
         fused_kernels.__exit__(None, None, None)
         cross_entropy.USE_TRITON = lora_kernels.USE_TRITON = True
         lora_kernels.FUSED = False
@@ -141,5 +163,5 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                   "cuda_graphs": fast.graphs is not None and not fast.graphs.failed,
                   "graphs_captured": len(fast.graphs.graphs) if fast.graphs else 0,
                   "graph_failure": fast.graphs.failed if fast.graphs else None, "last_loss": loss}
-        del net, base, optimizer, params, fast
+        del net, base, optimizer, params, fast, loop
     return result

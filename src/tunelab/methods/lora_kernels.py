@@ -58,12 +58,15 @@ FUSED = False
 tested on the CPU through Triton's interpreter but not yet timed on a GPU, so off by default;
 off: `_dropout_copies` and `_masked_low_rank_sum` with batched matmuls (the measured path)."""
 
-_BLOCK = 8192  # elements of x per program of `dropout_copies` (8 per Philox counter)
+# launch settings (`bench/kernels_bench.py --sweep` times the alternatives):
+_BLOCK, _COPIES_WARPS = 8192, 8  # elements of x per program of `dropout_copies` (8 per Philox counter)
+_SUM_ROWS, _SUM_COLS, _SUM_WARPS = 32, 128, 4  # the tile of `masked_low_rank_sum` (swept on an H200)
 SUB = 32  # columns of x decided by one 16-bit lane of a Philox counter's output; 8 SUB = one chunk
 CHUNK = 8 * SUB  # columns of x a counter row covers: its 8 x 16 bits, one byte of mask bits a column lane
-# the fused pair's programs: 32 rows x one chunk forward, 64 rows x one chunk backward, 8 warps
-# each (ptxas for sm_90: 154 and 240 registers, no spills; 4 warps spill in backward)
-_FORWARD_ROWS, _FORWARD_CHUNKS, _BACKWARD_ROWS, _FUSED_WARPS = 32, 1, 64, 8
+# the fused pair's programs: 64 rows x two chunks forward, 64 rows x one chunk backward, 8 warps
+# each (the fastest of `kernels_bench.py --sweep` on an H200; 4 warps spill in backward)
+_FORWARD_ROWS, _FORWARD_CHUNKS, _FORWARD_WARPS = 64, 2, 8
+_BACKWARD_ROWS, _BACKWARD_WARPS = 64, 8
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the tests' CPU runs
 
 
@@ -266,7 +269,7 @@ def dropout_copies(rows: torch.Tensor, p: float, copies: int) -> tuple[torch.Ten
     seed = torch.randint(0, 2**31 - 1, (1,), device=rows.device)  # torch's generator: graph-safe
     programs = triton.cdiv(rows.numel(), _BLOCK)
     _dropout_copies[(programs,)](rows, kept, mask.view(torch.uint8), seed, rows.numel(), programs * _BLOCK // 8,
-                                 _threshold(p), _kept_scale(p), COPIES=copies, BLOCK=_BLOCK, num_warps=8)
+                                 _threshold(p), _kept_scale(p), COPIES=copies, BLOCK=_BLOCK, num_warps=_COPIES_WARPS)
     return kept, mask
 
 
@@ -285,7 +288,7 @@ def masked_low_rank_sum(grad_low: torch.Tensor, a: torch.Tensor, mask: torch.Ten
         back = back.sum(0) if copies > 1 else back[0]
         return back if add is None else back.add_(add)
     out = torch.empty((rows, width), dtype=grad_low.dtype, device=grad_low.device)
-    grid = (triton.cdiv(rows, 64), triton.cdiv(width, 128))
+    grid = (triton.cdiv(rows, _SUM_ROWS), triton.cdiv(width, _SUM_COLS))
     if add is not None:
         assert add.shape == (rows, width) and add.stride(1) == 1, "add must be [T, in] with unit column stride"
     _masked_low_rank_sum[grid](grad_low.contiguous(), a.contiguous(),
@@ -295,8 +298,8 @@ def masked_low_rank_sum(grad_low: torch.Tensor, a: torch.Tensor, mask: torch.Ten
                                _kept_scale(p) if mask is not None else 1.0, COPIES=copies, RANK=rank,
                                K=max(16, triton.next_power_of_2(rank)), HAS_MASK=mask is not None,
                                HAS_ADD=add is not None,
-                               EXACT=grad_low.dtype == torch.float32 or _INTERPRETED, BLOCK_ROWS=64,
-                               BLOCK_COLS=128, num_warps=4)
+                               EXACT=grad_low.dtype == torch.float32 or _INTERPRETED, BLOCK_ROWS=_SUM_ROWS,
+                               BLOCK_COLS=_SUM_COLS, num_warps=_SUM_WARPS)
     return out
 
 
@@ -333,7 +336,7 @@ def dropout_low(rows: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Te
     _dropout_low[grid](rows, a, bits, out, seed, tokens, width, n_bytes, chunks, _threshold(p), _kept_scale(p),
                        COPIES=copies, RANK=rank, K=max(16, triton.next_power_of_2(rank)), SPLIT=_FORWARD_CHUNKS,
                        EXACT=rows.dtype == torch.float32 or _INTERPRETED, BLOCK_ROWS=_FORWARD_ROWS, SUB=SUB,
-                       num_warps=_FUSED_WARPS)
+                       num_warps=_FORWARD_WARPS)
     low = out[0] if splits == 1 else out.sum(0).to(rows.dtype)
     return low, (bits,)
 
@@ -374,7 +377,7 @@ def dropout_low_backward(grad_low: torch.Tensor, a: torch.Tensor, drawn: tuple, 
         0.0 if per_copy else float(scale) * kept,
         COPIES=copies, RANK=rank, K=max(16, triton.next_power_of_2(rank)), NEED_X=need_x,
         HAS_ADD=add is not None and need_x, PER_COPY=per_copy, EXACT=grad_low.dtype == torch.float32 or _INTERPRETED,
-        BLOCK_ROWS=_BACKWARD_ROWS, SUB=SUB, num_warps=_FUSED_WARPS)
+        BLOCK_ROWS=_BACKWARD_ROWS, SUB=SUB, num_warps=_BACKWARD_WARPS)
     return (out if need_x else None), part.sum(0)
 
 
