@@ -140,3 +140,19 @@ def test_readback_holds_a_copy_taken_when_queued():
     readback = Readback(values)
     values.fill_(float("nan"))
     assert readback.tolist() == [2.5, 0.75]
+
+
+def test_lora_dropout_kernel_choice_holds_for_the_run_only(tiny_qwen, tmp_path, monkeypatch):
+    """`--train.lora_dropout_kernel bits` switches fused LoRA's dropout to the mask-bits pair
+    for the run's forwards, and the module is as it was afterwards; a bad value names the field."""
+    from conftest import MEMORIZE, write_jsonl
+    from tunelab.methods import lora_fused, lora_kernels
+
+    seen, real = [], lora_fused.dropout_low
+    monkeypatch.setattr(lora_fused, "dropout_low", lambda *a: (seen.append(lora_kernels.FUSED), real(*a))[1])
+    data = write_jsonl(tmp_path / "data.jsonl", MEMORIZE)
+    quick_train(tiny_qwen, data, tmp_path / "run", max_steps=2, save_every=0, lora_dropout_kernel="bits")
+    assert seen[-1] and seen.count(True) >= 4  # every training forward (not the setup's probe)
+    assert lora_kernels.FUSED is False
+    with pytest.raises(ValueError, match="train.lora_dropout_kernel"):
+        TrainConfig(lora_dropout_kernel="fused")

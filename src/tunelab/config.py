@@ -111,6 +111,11 @@ class TrainConfig:
     """RMSNorm, RoPE and SwiGLU kernels on CUDA: `liger` (fused Triton kernels from
     liger-kernel, the `tunelab[liger]` extra: +28% tokens/s for LoRA on a 1.5B shape),
     `torch` (transformers' own), `auto` (liger where it is installed and covers the model)."""
+    lora_dropout_kernel: Literal["copies", "bits"] = "copies"
+    """Fused LoRA's dropout on CUDA: `copies` keeps each projection's dropped input for the
+    backward (fastest); `bits` keeps only the masks, as bits, and one kernel recomputes from
+    the input: on the 1.5B shape 3 GiB less at the default micro-batch for 4% less speed, and
+    the faster choice at a low memory budget (docs/PERFORMANCE.md)."""
     compile: bool = False
     """torch.compile each decoder layer (shapes dynamic) before training: on the H100 +20%
     tokens/s for LoRA on a 1.5B model inside CUDA graphs, after ~2 minutes of compilation
@@ -149,6 +154,8 @@ class TrainConfig:
         check(self.max_bad_steps >= 1, "train.max_bad_steps", ">= 1", self.max_bad_steps)
         check(self.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", self.packing)
         check(self.kernels in ("auto", "liger", "torch"), "train.kernels", "auto, liger or torch", self.kernels)
+        check(self.lora_dropout_kernel in ("copies", "bits"), "train.lora_dropout_kernel", "copies or bits",
+              self.lora_dropout_kernel)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import ChatFormat, Rendered, prepare
 from . import fastpath, kernels
 from .fastpath import FastPath
-from .methods import MethodConfig, count_parameters, selected
+from .methods import MethodConfig, count_parameters, lora_kernels, selected
 from .models import fingerprint, load_model, load_tokenizer, resolve_device
 from .runs import (RunDir, assert_finite, check_adapter, check_resume, file_fingerprint,
                    load_trainer_state, rng_state, save_checkpoint, set_rng_state, truncate_metrics,
@@ -164,6 +164,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     run_scoped = ExitStack()  # undone when the loop ends, however it ends
     run_scoped.enter_context(kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
                                            cfg.kernels, device))
+    run_scoped.enter_context(lora_kernels.dropout_kernel(cfg.lora_dropout_kernel))
     def settle(queued: tuple) -> dict:
         """Read back a queued step's loss and gradient norm (waits for that step only)."""
         number, readback, lr, tokens, elapsed = queued

@@ -18,9 +18,10 @@ as PEFT draws them; `lora_kernels.py`), the G low-rank products as one batched m
 adapter product added by the matmul that computes it (`addmm_`), and a hand-written
 backward: the adapters' part of the input gradient of all G projections in one kernel,
 the base part added by the matmuls themselves, A's gradients in one batched matmul,
-written in fp32 by the matmul where torch can. (`lora_kernels.FUSED`, off until a GPU has
-timed it, draws the masks and computes the low-rank products in one kernel and keeps only
-mask bits for a backward kernel that gives both gradients.)
+written in fp32 by the matmul where torch can. (`lora_kernels.FUSED`, on with
+`--train.lora_dropout_kernel bits`, draws the masks and computes the low-rank products in
+one kernel and keeps only mask bits for a backward kernel that gives both gradients: less
+memory, a little slower.)
 
 A group whose outputs are much wider than its input (gate/up: 2 x 8,960 for 1,536 on the
 1.5B shape) folds B into the base matmul instead: y_g = [x | low_1 .. low_G] @ [W_g | 0 ..

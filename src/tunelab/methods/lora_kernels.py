@@ -41,6 +41,7 @@ every kernel on the CPU through Triton's interpreter against the torch ops it re
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -54,9 +55,9 @@ USE_TRITON = True
 """Off: torch ops everywhere (a benchmark lever)."""
 
 FUSED = False
-"""On: the fused pair (`_dropout_low`, `_dropout_low_backward`: no kept copies, masks as bits),
-tested on the CPU through Triton's interpreter but not yet timed on a GPU, so off by default;
-off: `_dropout_copies` and `_masked_low_rank_sum` with batched matmuls (the measured path)."""
+"""On: the fused pair (`_dropout_low`, `_dropout_low_backward`: no kept copies, masks as bits;
+less memory, 4% slower on an H200); off: `_dropout_copies` and `_masked_low_rank_sum` with
+batched matmuls. `--train.lora_dropout_kernel bits` turns it on for a run (`dropout_kernel`)."""
 
 # launch settings (`bench/kernels_bench.py --sweep` times the alternatives):
 _BLOCK, _COPIES_WARPS = 8192, 8  # elements of x per program of `dropout_copies` (8 per Philox counter)
@@ -244,6 +245,17 @@ if triton is not None:
                     total += tl.load(add_ptr + r[:, None] * add_stride + cols[None, :], mask=both,
                                      other=0.0).to(tl.float32)
                 tl.store(out_ptr + r[:, None] * width + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=both)
+
+
+@contextmanager
+def dropout_kernel(kind: str):
+    """`FUSED` on for `bits`, off for `copies`, inside the block; as it was after."""
+    global FUSED
+    before, FUSED = FUSED, kind == "bits"
+    try:
+        yield
+    finally:
+        FUSED = before
 
 
 def _threshold(p: float) -> int:
