@@ -6,7 +6,9 @@
    found micro-batch from the start.
 2. Exact resume on CUDA in bf16 (with the CUDA RNG state): crash, resume, compare.
 
-    PYTHONPATH=src python tests/gpu_reliability_check.py OUTDIR [deterministic] [resume-only [no-graphs]]
+    PYTHONPATH=src python tests/gpu_reliability_check.py OUTDIR [deterministic] [resume-only [no-graphs] [bits]]
+
+(`bits`: the resume check with `--train.lora_dropout_kernel bits`.)
 
 A random Qwen2-architecture model (hidden 1536, 8 layers, ~0.4B parameters) and 512 long
 rows are built in-process; no hub is needed. Results go to OUTDIR/gpu_reliability.json.
@@ -68,7 +70,8 @@ def main(out: Path) -> None:
             torch.cuda.empty_cache()
 
     if "resume-only" in sys.argv:
-        return resume_check(run, report, out, cuda_graphs="no-graphs" not in sys.argv)
+        return resume_check(run, report, out, cuda_graphs="no-graphs" not in sys.argv,
+                            dropout_kernel="bits" if "bits" in sys.argv else "copies")
     # 1a. without --train.auto_micro_batch: the clear error
     try:
         run("oom")
@@ -97,11 +100,11 @@ def main(out: Path) -> None:
     resume_check(run, report, out)
 
 
-def resume_check(run, report: dict, out: Path, cuda_graphs: bool = True) -> None:
+def resume_check(run, report: dict, out: Path, cuda_graphs: bool = True, dropout_kernel: str = "copies") -> None:
     """Exact resume on CUDA, bf16: crash at the start of step 4, resume from step-2's checkpoint."""
     small = dict(batch_size=16, micro_batch_size=8, max_steps=6, save_every=2, packing="auto",
-                 cuda_graphs=cuda_graphs)
-    report["cuda_graphs"] = cuda_graphs
+                 cuda_graphs=cuda_graphs, lora_dropout_kernel=dropout_kernel)
+    report["cuda_graphs"], report["lora_dropout_kernel"] = cuda_graphs, dropout_kernel
     reference = run("resume_reference", **small)
     original = train_module.step_rows
 
