@@ -140,9 +140,8 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
         a = (torch.randn(copies, 8, width, device="cuda") / width ** 0.5).to(torch.bfloat16)
         grad_low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
         add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-        k.FUSED = True
-        bits = k.dropout_low(rows, a, 0.1)[1]
-        k.FUSED = False
+        with k.dropout_kernel("bits"):
+            bits = k.dropout_low(rows, a, 0.1)[1]
         mask = k.dropout_copies(rows, 0.1, copies)[1]
         inputs[(copies, width)] = rows, a, grad_low, add, bits, mask
 
@@ -152,13 +151,10 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
             return median_us(lambda: k.dropout_copies(rows, 0.1, copies))
         if kernel == "masked_low_rank_sum":
             return median_us(lambda: k.masked_low_rank_sum(grad_low, a, mask, 0.1, add=add))
-        k.FUSED = True
-        try:
+        with k.dropout_kernel("bits"):
             if kernel == "fused_forward":
                 return median_us(lambda: k.dropout_low(rows, a, 0.1))
             return median_us(lambda: k.dropout_low_backward(grad_low, a, bits, rows, 0.1, 2.0, add=add))
-        finally:
-            k.FUSED = False
 
     start, out = time.perf_counter(), {}
     for kernel, (names, settings) in SWEEP.items():
