@@ -6,6 +6,7 @@
   block sizes against the torch path, same inputs, with the largest difference;
 - `dropout`: fused LoRA's dropout kernels (`methods/lora_kernels.py`: a group's G masks and
   low-rank products in one kernel, its input and A gradients in another) against torch ops;
+- `norm` (`--norm`): RMSNorm with a frozen weight, liger's kernels against `rms_norm.py`'s;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
 `--sweep SECONDS` instead times each LoRA dropout kernel under the launch settings of
@@ -182,6 +183,63 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
     return out
 
 
+NORM_SETTINGS = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]  # rms_norm's (_ROWS, _WARPS) to try
+
+
+def kernel_us(fn, repeats: int = 20) -> dict:
+    """Mean GPU time of each kernel `fn` launches, from the profiler (for work that cannot be
+    captured in a CUDA graph: liger's norm backward touches the legacy stream), in us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            totals[e.name[:60]] = totals.get(e.name[:60], 0.0) + e.device_time / repeats
+    return totals
+
+
+def norm_cases(tokens: int) -> dict:
+    """RMSNorm forward + backward (frozen weight) of the 1.5B and 7B hidden sizes: the kernels
+    of liger against `tunelab.rms_norm` under each launch setting of `NORM_SETTINGS`, with
+    the largest differences from liger's output and input gradient."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    from tunelab import rms_norm
+
+    out, default = {}, (rms_norm._ROWS, rms_norm._WARPS)
+    for width in (1536, 3584):
+        liger = LigerRMSNorm(width, eps=1e-6).to("cuda", torch.bfloat16).requires_grad_(False)
+        liger.weight.add_(torch.randn(width, device="cuda", dtype=torch.bfloat16) * 0.1)
+        x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        dy = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+
+        def pair(forward):
+            y = forward(x)
+            (grad,) = torch.autograd.grad(y, x, dy.clone())  # liger writes dx into dy's buffer
+            return y, grad
+
+        want_y, want_dx = pair(liger)
+        case = {"liger": kernel_us(lambda: pair(liger))}
+        for setting in NORM_SETTINGS:
+            rms_norm._ROWS, rms_norm._WARPS = setting
+            ours = lambda t: rms_norm.rms_norm(t, liger.weight, 1e-6)  # noqa: E731
+            y, dx = pair(ours)
+            case["-".join(map(str, setting))] = {
+                "kernels_us": kernel_us(lambda: pair(ours)),
+                "max_y_diff": (y.float() - want_y.float()).abs().max().item(),
+                "max_dx_diff": (dx.float() - want_dx.float()).abs().max().item()}
+        rms_norm._ROWS, rms_norm._WARPS = default
+        out[f"{tokens}x{width}"] = case
+    return out
+
+
 def refresh_case() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import build_model
@@ -203,11 +261,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json")
     parser.add_argument("--tokens", type=int, default=2816, help="packed tokens of a step (graph bucket)")
+    parser.add_argument("--norm", action="store_true", help="only time the RMSNorm kernels (norm_cases)")
     parser.add_argument("--sweep", type=float, metavar="SECONDS",
                         help="only time the LoRA dropout kernels' launch settings (SWEEP), for at most this long")
     args = parser.parse_args(argv)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    if args.sweep:
+    if args.norm:
+        report["norm"] = norm_cases(args.tokens)
+    elif args.sweep:
         report["sweep"] = sweep_cases(args.tokens, args.sweep)
     else:
         report.update({"cross_entropy": cross_entropy_cases(1024, 151936), "dropout": dropout_cases(args.tokens),

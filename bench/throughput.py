@@ -72,6 +72,7 @@ CASES = {
                                            "ref-lora-1.5b-gc"),
     "lora-7b-lowmem-fused-dropout": ("tunelab", "qwen2-7b", "lora",
                                      dict(TUNELAB_LORA, micro_batch_tokens=768, lora_fused_dropout=True), None),
+    "lora-1.5b-liger-norm": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fast_norm=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-torch-ce": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, ce_kernel=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False, kernels="torch"),
                           "ref-lora-1.5b-gc"),
@@ -117,13 +118,15 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
         ce_kernel = options.pop("ce_kernel", True)
         lora_triton = options.pop("lora_triton", True)
         fused_dropout = options.pop("lora_fused_dropout", False)
+        fast_norm = options.pop("fast_norm", True)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
                                   args.steps, args.warmup, cfg, fuse_lora=fuse_lora, ce_kernel=ce_kernel,
-                                  lora_triton=lora_triton, lora_fused_dropout=fused_dropout, profile=profile)
+                                  lora_triton=lora_triton, lora_fused_dropout=fused_dropout, fast_norm=fast_norm,
+                                  profile=profile)
         result.update(fuse_lora=fuse_lora, ce_kernel=ce_kernel, lora_triton=lora_triton,
-                      lora_fused_dropout=fused_dropout)
+                      lora_fused_dropout=fused_dropout, fast_norm=fast_norm)
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = cfg.compile

@@ -63,10 +63,19 @@ def profile_steps(path: str, steps, count: int) -> None:
                f"{1e3 * small / count:.2f} ms a step), mean kernel {1e6 * busy / max(len(kernels), 1):.1f} us\n")
     summary += "largest gaps (us, kernel before -> kernel after):\n" + "".join(
         f"  {g:9.1f}  {a[:60]} -> {b[:60]}\n" for g, a, b in sorted(gaps, reverse=True)[:25])
-    table = prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=80, max_name_column_width=70)
     # operators with their input shapes (eager steps; a graph replay's kernels name no operator)
     table += "\n" + prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_device_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=80)
+        sort_by="self_device_time_total", row_limit=160, max_name_column_width=40, max_shapes_column_width=80)
+    launched: dict = {}  # (operator, its input shapes, kernel) -> GPU us (eager steps only)
+    for e in prof.events():
+        for kernel in getattr(e, "kernels", []):
+            key = (e.name, str(e.input_shapes)[:90], kernel.name[:50])
+            launched[key] = launched.get(key, 0.0) + kernel.duration
+    if launched:
+        table += "\nkernels by the operator that launched them (us a step, operator, input shapes, kernel):\n" + "".join(
+            f"  {us / count:9.1f}  {op[:40]}  {shapes}  {name}\n"
+            for (op, shapes, name), us in sorted(launched.items(), key=lambda kv: -kv[1])[:120])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(summary + table)
     print(summary, flush=True)
@@ -95,13 +104,15 @@ def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, 
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
         warmup: int, train_cfg, fuse_lora: bool | str = True, ce_kernel: bool = True,
-        lora_triton: bool = True, lora_fused_dropout: bool = False, profile: str | None = None) -> dict:
+        lora_triton: bool = True, lora_fused_dropout: bool = False, fast_norm: bool = True,
+        profile: str | None = None) -> dict:
     """`fuse_lora`: True (tunelab's fused LoRA, projections that share an input computed as
     one group, B folded into wide groups' base matmul), "unfolded" (no folding), "alone"
     (each projection alone), False (PEFT's forward); `ce_kernel`:
     the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
-    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair."""
-    from tunelab import cross_entropy, fastpath, kernels
+    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair;
+    `fast_norm`: tunelab's RMSNorm kernels for frozen norms (False: liger's)."""
+    from tunelab import cross_entropy, fastpath, kernels, rms_norm
     from tunelab.methods import lora_fused, lora_kernels
     from tunelab.train import step_rows
 
@@ -127,6 +138,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
             lora_fused.fuse(net, group=fuse_lora != "alone", fold=False)
         cross_entropy.USE_TRITON, lora_kernels.USE_TRITON = ce_kernel, lora_triton
         lora_kernels.FUSED = lora_fused_dropout
+        rms_norm.USE_TRITON = fast_norm
         if cfg.compile:  # as `tunelab train --train.compile true` does
             fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
@@ -153,6 +165,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         fused_kernels.__exit__(None, None, None)
         cross_entropy.USE_TRITON = lora_kernels.USE_TRITON = True
         lora_kernels.FUSED = False
+        rms_norm.USE_TRITON = True
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,

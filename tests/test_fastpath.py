@@ -264,3 +264,29 @@ def test_compile_layers_keeps_the_loss_and_gradients(rows):
 def test_compile_needs_a_layer_list():
     with pytest.raises(ConfigError, match="--train.compile"):
         fastpath.compile_layers(torch.nn.Linear(2, 2))
+
+
+def test_graph_gradients_become_param_grads_without_a_copy_only_for_one_micro_batch(rows, monkeypatch):
+    """A step of one micro-batch takes the graph's gradient outputs as `param.grad` (no copy);
+    a step of several copies the first and adds the rest, since each replay of the same
+    graph overwrites its outputs. The replay itself is faked here (it needs a GPU)."""
+    net, fast, params, steps, batch, key, host = graphed_lora(rows)
+    static = {name: t.clone() for name, t in host.items()}
+    static["scale"] = torch.tensor(1.0)
+    outputs = [torch.full_like(p, 1.0) for p in params]
+
+    class Replay:
+        def replay(self):
+            for g in outputs:
+                g.add_(1.0)  # as if the graph computed new gradients into the same buffers
+
+    steps.graphs[key] = (Replay(), static, torch.tensor(0.0), outputs)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    steps.run(batch, 1.0, alone=True)
+    assert all(p.grad is g for p, g in zip(params, outputs))
+    for p in params:
+        p.grad = None
+    steps.run(batch, 1.0)  # the first of two micro-batches: 3.0 each, copied
+    assert all(p.grad is not g for p, g in zip(params, outputs))
+    steps.run(batch, 1.0)  # the second overwrites the outputs (4.0) and adds them
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in params)

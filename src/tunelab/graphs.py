@@ -10,9 +10,9 @@ multiple of 128, supervised positions to 512, row boundaries to 16 entries, the 
 row to 128). The padding is one extra row of pad tokens that attends only to itself and has
 no loss; real tokens compute exactly what the eager packed path computes. One graph is
 captured per bucket the first time it occurs (two eager warmup passes + the capture); all
-graphs share one memory pool. Gradients come out of the graph as static tensors and are
-copied (or added) into `param.grad`, so the optimizer, clipping and `zero_grad` work as
-usual. If a capture fails, the run says why and continues eagerly.
+graphs share one memory pool. Gradients come out of the graph as static tensors: a step of one
+micro-batch uses them as `param.grad` directly, later micro-batches add theirs to a copy,
+so the optimizer, clipping and `zero_grad` work as usual. If a capture fails, the run says why and continues eagerly.
 """
 
 from __future__ import annotations
@@ -111,9 +111,11 @@ class GraphedSteps:
         return graph, loss, grads
 
     # -- one micro-batch ----------------------------------------------------------------
-    def run(self, batch: dict, scale: float) -> torch.Tensor | None:
+    def run(self, batch: dict, scale: float, alone: bool = False) -> torch.Tensor | None:
         """Loss * scale of a packed micro-batch, its gradients added to `param.grad`;
-        None when graphs are off for this run (the caller runs the step eagerly)."""
+        None when graphs are off for this run (the caller runs the step eagerly). `alone`:
+        the step's only micro-batch, so `param.grad` may be the graph's own gradient output
+        (no copy; the next replay, after this step's update, overwrites it)."""
         if self.failed:
             return None
         key, host = self.host_inputs(batch)
@@ -139,7 +141,10 @@ class GraphedSteps:
         self.replays += 1
         pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
         fresh = [p for p, _ in pairs if p.grad is None]
-        if len(fresh) == len(pairs):  # the usual case: the first micro-batch of a step
+        if alone and len(fresh) == len(pairs):  # the usual case: a step of one micro-batch
+            for p, g in pairs:
+                p.grad = g
+        elif len(fresh) == len(pairs):  # the first micro-batch of a step
             for (p, _), copy in zip(pairs, torch._foreach_mul([g for _, g in pairs], 1.0)):
                 p.grad = copy
         else:  # later micro-batches of the step add up

@@ -12,6 +12,8 @@ modeling module (RoPE is a module-level function there, and the norm and MLP cla
 swapped for any model built later). `liger(...)` keeps the instance patches for the run and
 puts the modeling module's globals back when the run ends, so a model loaded afterwards in
 the same process (evaluation, merging, on any device) is plain transformers again.
+Norms whose weight is frozen (every PEFT method) run `rms_norm.py`'s kernels instead of
+liger's: the same arithmetic, no weight gradient, a block of rows a program.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import rms_norm
 from .config import ConfigError
 
 EXTRA = "pip install 'tunelab[liger]'"
@@ -83,4 +86,5 @@ def liger(model: torch.nn.Module, choice: str, device: torch.device):
     accepted = inspect.signature(apply).parameters
     with module_globals_restored(sys.modules[type(model).__module__]):
         apply(model=model, **{k: v for k, v in options.items() if k in accepted})
-        yield True
+        with rms_norm.fast_norms(model):  # liger's norm backward, without the weight gradient, faster
+            yield True

@@ -360,8 +360,10 @@ def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tupl
     supervised = sum(r.num_supervised for r in rows)
     tokens = sum(len(r.input_ids) for r in rows)
     total = torch.zeros((), device=device)
-    for batch in micro_batches(rows, cfg, fast):
-        loss = fast.graphs.run(batch, 1 / supervised) if fast.graphs else None  # CUDA graph replay
+    batches = micro_batches(rows, cfg, fast)
+    for batch in batches:
+        loss = (fast.graphs.run(batch, 1 / supervised, alone=len(batches) == 1)  # CUDA graph replay
+                if fast.graphs else None)
         if loss is None:
             loss = token_loss_sum(net, batch, fast, device, autocast) / supervised
             loss.backward()
