@@ -20,6 +20,7 @@ try:
 except ImportError as err:
     print("no varlen_attn:", err)
 PY
+python bench/gqa_check.py --json "$out/gqa.json" > "$out/gqa.log" 2>&1 || tail -5 "$out/gqa.log"
 python bench/learning_parity.py tokens --tokenizer .carry/qwen2 --data .carry/huanhuan.json \
     --shape qwen2-1.5b --json "$out/tokens.json" > "$out/tokens.log" 2>&1
 python - "$out/tokens.json" <<'PY'

@@ -72,6 +72,9 @@ CASES = {
                                            "ref-lora-1.5b-gc"),
     "lora-7b-lowmem-fused-dropout": ("tunelab", "qwen2-7b", "lora",
                                      dict(TUNELAB_LORA, micro_batch_tokens=768, lora_fused_dropout=True), None),
+    "lora-1.5b-fold-all": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fold_ratio=1), "ref-lora-1.5b-gc"),
+    "lora-1.5b-gc-freeze": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, gc_freeze=True), "ref-lora-1.5b-gc"),
+    "lora-1.5b-repeat-kv": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, flash_gqa=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-liger-norm": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fast_norm=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-torch-ce": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, ce_kernel=False), "ref-lora-1.5b-gc"),
     "lora-1.5b-unfused": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, fuse_lora=False, kernels="torch"),
@@ -119,14 +122,19 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
         lora_triton = options.pop("lora_triton", True)
         fused_dropout = options.pop("lora_fused_dropout", False)
         fast_norm = options.pop("fast_norm", True)
+        flash_gqa = options.pop("flash_gqa", True)
+        gc_freeze = options.pop("gc_freeze", False)
+        fold_ratio = options.pop("fold_ratio", 4)
         cfg = replace(TrainConfig(), **options)
         profile = f"{args.profile}/{name}.txt" if args.profile and device.type == "cuda" else None
         result = tunelab_loop.run(shape, method, data["rows"], data["tokenizer"], device, dtype,
                                   args.steps, args.warmup, cfg, fuse_lora=fuse_lora, ce_kernel=ce_kernel,
                                   lora_triton=lora_triton, lora_fused_dropout=fused_dropout, fast_norm=fast_norm,
+                                  flash_gqa=flash_gqa, gc_freeze=gc_freeze, fold_ratio=fold_ratio,
                                   profile=profile)
         result.update(fuse_lora=fuse_lora, ce_kernel=ce_kernel, lora_triton=lora_triton,
-                      lora_fused_dropout=fused_dropout, fast_norm=fast_norm)
+                      lora_fused_dropout=fused_dropout, fast_norm=fast_norm,
+                      flash_gqa=flash_gqa, fold_ratio=fold_ratio)
         result["settings"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch_size", "micro_batch_tokens",
                                                           "packing", "gradient_checkpointing")}
         result["compile"] = cfg.compile
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = results[name]
             print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, "
                   f"MFU {100 * r['mfu']:.1f}% ({r['wall_s']:.0f} s) "
-                  f"{ {k: r[k] for k in ('liger', 'cuda_graphs', 'graphs_captured', 'graph_failure', 'forwards_per_step', 'first_pass_seconds') if k in r} }",
+                  f"{ {k: r[k] for k in ('liger', 'cuda_graphs', 'graphs_captured', 'graph_failure', 'forwards_per_step', 'first_pass_seconds', 'host_ms_per_step', 'wait_ms_per_step') if k in r} }",
                   flush=True)
         except Exception as err:  # one failing case must not lose the others' numbers
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)

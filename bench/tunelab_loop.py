@@ -4,6 +4,7 @@ autocast, fastpath.setup)."""
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from functools import partial
@@ -82,11 +83,11 @@ def profile_steps(path: str, steps, count: int) -> None:
 
 
 def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, params, optimizer):
-    """(tokens, last loss) of these optimizer steps, as train() runs them: a step's loss is
-    read after the next step is queued."""
+    """(tokens, last loss, seconds the host waited for the GPU) of these optimizer steps, as
+    train() runs them: a step's loss is read after the next step is queued."""
     from tunelab.train import Readback, apply_update, queue_step, step_rows
 
-    tokens, pending, loss = 0, None, float("nan")
+    tokens, pending, loss, waited = 0, None, float("nan"), 0.0
     for step in indices:
         values, n_tokens = queue_step(net, step_rows(rows, cfg, step, steps_per_epoch), cfg, fast, device,
                                       autocast, params)
@@ -95,23 +96,29 @@ def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, 
         optimizer.zero_grad(set_to_none=True)
         tokens += n_tokens
         if pending is not None:
+            started = time.perf_counter()
             loss = pending.tolist()[0]
+            waited += time.perf_counter() - started
         pending = readback
     if pending is not None:
         loss = pending.tolist()[0]
-    return tokens, loss
+    return tokens, loss, waited
 
 
 def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: torch.dtype, steps: int,
         warmup: int, train_cfg, fuse_lora: bool | str = True, ce_kernel: bool = True,
         lora_triton: bool = True, lora_fused_dropout: bool = False, fast_norm: bool = True,
-        profile: str | None = None) -> dict:
+        flash_gqa: bool = True, gc_freeze: bool = False, fold_ratio: float = 4, profile: str | None = None) -> dict:
     """`fuse_lora`: True (tunelab's fused LoRA, projections that share an input computed as
     one group, B folded into wide groups' base matmul), "unfolded" (no folding), "alone"
     (each projection alone), False (PEFT's forward); `ce_kernel`:
     the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
     Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair;
-    `fast_norm`: tunelab's RMSNorm kernels for frozen norms (False: liger's)."""
+    `fast_norm`: tunelab's RMSNorm kernels for frozen norms (False: liger's); `flash_gqa`:
+    grouped-query attention in FlashAttention's kernels (False: keys and values repeated);
+    `fold_ratio`: `lora_fused.FOLD_RATIO` for this run; `gc_freeze`: Python's garbage collector told to skip every object made before training.
+    The result has the host's busy time a step of the timed pass (`host_ms_per_step`) and
+    its wait for the GPU (`wait_ms_per_step`): a host that never waits sets the speed."""
     from tunelab import cross_entropy, fastpath, kernels, rms_norm
     from tunelab.methods import lora_fused, lora_kernels
     from tunelab.train import step_rows
@@ -131,14 +138,16 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                                       fused=device.type == "cuda")
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
+        lora_fused.FOLD_RATIO = fold_ratio
         fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
                               cuda_graphs=cfg.cuda_graphs, fuse_lora=bool(fuse_lora))
+        lora_fused.FOLD_RATIO = 4
         if fuse_lora in ("alone", "unfolded"):
             lora_fused.unfuse(net)
             lora_fused.fuse(net, group=fuse_lora != "alone", fold=False)
         cross_entropy.USE_TRITON, lora_kernels.USE_TRITON = ce_kernel, lora_triton
         lora_kernels.FUSED = lora_fused_dropout
-        rms_norm.USE_TRITON = fast_norm
+        rms_norm.USE_TRITON, fastpath.FLASH_GQA = fast_norm, flash_gqa
         if cfg.compile:  # as `tunelab train --train.compile true` does
             fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
@@ -156,20 +165,26 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         first_pass.begin()
         loop(measured)
         first_pass.end()
+        if gc_freeze:
+            gc.collect()
+            gc.freeze()
         clock.begin()
-        tokens, loss = loop(measured)
+        tokens, loss, waited = loop(measured)
         clock.end()
+        if gc_freeze:
+            gc.unfreeze()
         peak = peak_gib(device)
         if profile:
             profile_steps(profile, partial(loop, measured[:5]), 5)
         fused_kernels.__exit__(None, None, None)
         cross_entropy.USE_TRITON = lora_kernels.USE_TRITON = True
         lora_kernels.FUSED = False
-        rms_norm.USE_TRITON = True
+        rms_norm.USE_TRITON = fastpath.FLASH_GQA = True
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,
                   "first_pass_seconds": first_pass.seconds,
+                  "host_ms_per_step": 1e3 * (clock.seconds - waited) / steps, "wait_ms_per_step": 1e3 * waited / steps,
                   "padding": 0.0 if fast.packed else float("nan"), "peak_gib": peak, "params": n_params,
                   "rows_per_step": cfg.batch_size, "forwards_per_step": forwards / steps,
                   "packed": fast.packed, "liger": liger_on, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,

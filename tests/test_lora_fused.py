@@ -98,6 +98,23 @@ def test_projections_that_read_one_input_form_one_group():
         * net.config.num_hidden_layers
     # gate/up (outputs 4x wider than the input here) fold B into the base matmul
     assert [g.extended is not None for g in groups] == [False, False, True, False] * net.config.num_hidden_layers
+    assert len(groups[2].b_blocks) == 1  # one strided view of both members' B columns
+
+
+def test_folding_members_of_unequal_width_matches_peft(monkeypatch):
+    """`FOLD_RATIO` 1 folds q/k/v (outputs of unequal width: a B block a member) and o too."""
+    monkeypatch.setattr(lora_fused, "FOLD_RATIO", 1)
+    net = lora_net(0.3)
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(2))
+    want_loss, want = loss_and_grads(net, ids, seed=5)
+    lora_fused.fuse(net)
+    groups = lora_fused.groups_of(net)
+    assert [g.extended is not None for g in groups] == [True, True, True, False] * net.config.num_hidden_layers
+    assert len(set(groups[0].out_features)) > 1 and len(groups[0].b_blocks) == 3
+    got_loss, got = loss_and_grads(net, ids, seed=5)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want:  # atol: fp32 rounding of another summation order
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_folding_keeps_the_weights_and_unfuse_gives_them_back():

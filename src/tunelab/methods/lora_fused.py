@@ -23,11 +23,11 @@ written in fp32 by the matmul where torch can. (`lora_kernels.FUSED`, on with
 one kernel and keeps only mask bits for a backward kernel that gives both gradients: less
 memory, a little slower.)
 
-A group whose outputs are much wider than its input (gate/up: 2 x 8,960 for 1,536 on the
-1.5B shape) folds B into the base matmul instead: y_g = [x | low_1 .. low_G] @ [W_g | 0 ..
-B_g .. 0]^T, so no pass of the adapter reads and rewrites the wide outputs, and in backward
-the same matmul that gives x's gradient gives low's. The base weights then live in the left
-columns of one buffer (`LoraGroup.fold`: views, no extra memory) until `unfuse`.
+A group whose outputs are much wider than its input (`FOLD_RATIO`; gate/up: 2 x 8,960 for
+1,536 on the 1.5B shape) folds B into the base matmul instead: y_g = [x | low_1 .. low_G] @ [W_g | 0 .. B_g .. 0]^T, so no pass of the
+adapter reads and rewrites the outputs, and in backward the same matmul that gives x's
+gradient gives low's. The base weights then live in the left columns of one buffer
+(`LoraGroup.fold`: views, no extra memory) until `unfuse`.
 
 The adapter weights stay where PEFT keeps them (fp32 on a half-precision base, so the
 optimizer updates fp32 weights). Their compute-dtype copies, with the scale s_g folded into
@@ -46,6 +46,13 @@ import types
 import torch
 
 from .lora_kernels import dropout_low, dropout_low_backward, fp32_product
+
+
+FOLD_RATIO = 4
+"""A group folds B into its base matmuls when its outputs are together at least this many
+times as wide as its input: gate/up on Qwen2 shapes. 1 folds q/k/v and o too: 0.5% slower on
+an H200 (docs/PERFORMANCE.md), as building [x | low] costs what the adapter's passes over
+outputs that narrow saved."""
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -130,7 +137,8 @@ class AdapterCopies:
                 group.b_copy.append(self.flat[offset:offset + out * group.rank].view(out, group.rank))
                 offset += out * group.rank
             if group.extended is not None:
-                group.b_flat = self.flat[start:offset].view(group.size, group.out_features[0], group.rank)
+                group.b_sources = ([self.flat[start:offset].view(group.size, group.out_features[0], group.rank)]
+                                   if len(group.b_blocks) == 1 else group.b_copy)
         self.seen = None
 
     def key(self) -> tuple:
@@ -141,7 +149,8 @@ class AdapterCopies:
         torch.mul(self.staging, self.scale, out=self.flat)
         for group in self.groups:
             if group.extended is not None:  # B's copies live in the columns of the base weights
-                group.b_blocks.copy_(group.b_flat)
+                for block, source in zip(group.b_blocks, group.b_sources):
+                    block.copy_(source)
         self.seen = self.key()
 
     def fresh(self) -> None:
@@ -171,37 +180,43 @@ class LoraGroup:
         self.store: AdapterCopies | None = None
         self.a_copy = None
         self.b_copy = None
-        self.extended = None  # folded groups: [G, N, in + G r], each member's [W_g | 0 .. B_g .. 0]
-        self.b_blocks = None  # the B columns of `extended`, [G, N, r]
-        self.b_flat = None  # where `AdapterCopies` builds them, [G, N, r]
+        self.extended = None  # folded groups: each member's [W_g | 0 .. B_g .. 0], [N_g, in + G r]
+        self.b_blocks = None  # the B columns of `extended`: one [G, N, r] view if the N_g are equal, else G
+        self.b_sources = None  # where `AdapterCopies` builds them, matching `b_blocks`
         self.pending = None  # (input, its version, outputs, members served) of the forward under way
 
     def foldable(self) -> bool:
-        """Worth folding B into the base matmul: members of equal width whose outputs are
-        much wider than their input (gate/up), so skipping the adapter's pass over the
-        outputs saves more than building [x | low] costs."""
-        return (self.size > 1 and len(set(self.out_features)) == 1
-                and sum(self.out_features) >= 4 * self.in_features
+        """Worth folding B into the base matmul: outputs together `FOLD_RATIO` times as wide
+        as the input, so the adapter's passes over the outputs (adding its product, and in
+        backward reading their gradient for grad_low) cost more than building [x | low]."""
+        return (sum(self.out_features) >= FOLD_RATIO * self.in_features
                 and all(base.weight.is_contiguous() for base in self.bases))
 
     def fold(self) -> None:
-        """Store the members' base weights as the left columns of `extended` (their
-        `weight` becomes a view: no extra memory) and reserve B's columns beside them."""
-        n, width, rank, size = self.out_features[0], self.in_features, self.rank, self.size
+        """Store the members' base weights as the left columns of one [sum N_g, in + G r]
+        buffer (their `weight` becomes a view: no extra memory), member g's rows with B_g's
+        columns at in + g r beside them (`extended[g]`: its [N_g, in + G r] rows)."""
+        width, rank, size = self.in_features, self.rank, self.size
         weight = self.bases[0].weight
-        extended = torch.zeros(size, n, width + size * rank, dtype=weight.dtype, device=weight.device)
-        for g, base in enumerate(self.bases):
-            extended[g, :, :width] = base.weight.data
-            base.weight.data = extended[g, :, :width]
-        self.extended = extended
-        row = width + size * rank  # member g's B block: rows of `extended[g]`, columns width + g r ..
-        self.b_blocks = extended.as_strided((size, n, rank), (n * row + rank, row, 1),
-                                            extended.storage_offset() + width)
+        row = width + size * rank
+        extended = torch.zeros(sum(self.out_features), row, dtype=weight.dtype, device=weight.device)
+        self.extended, self.b_blocks, start = [], [], 0
+        for g, (base, n) in enumerate(zip(self.bases, self.out_features)):
+            member = extended[start:start + n]
+            member[:, :width] = base.weight.data
+            base.weight.data = member[:, :width]
+            self.extended.append(member)
+            self.b_blocks.append(member[:, width + g * rank:width + (g + 1) * rank])
+            start += n
+        if len(set(self.out_features)) == 1:  # one strided view covers every member's B: one copy a refresh
+            n = self.out_features[0]
+            self.b_blocks = [extended.as_strided((size, n, rank), (n * row + rank, row, 1),
+                                                 extended.storage_offset() + width)]
 
     def unfold(self) -> None:
         for base in self.bases:
             base.weight.data = base.weight.data.contiguous()
-        self.extended = self.b_blocks = None
+        self.extended = self.b_blocks = self.b_sources = None
 
     def adapters(self) -> list[torch.nn.Parameter]:
         return ([layer.lora_A[n].weight for layer, n in zip(self.layers, self.names)]
