@@ -183,7 +183,7 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
     return out
 
 
-NORM_SETTINGS = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]  # rms_norm's (_ROWS, _WARPS) to try
+NORM_SETTINGS = [(1, 4), (1, 2), (1, 8), (2, 4), (4, 4), (8, 8)]  # rms_norm's (_ROWS, _WARPS) to try
 
 
 def kernel_us(fn, repeats: int = 20) -> dict:

@@ -3,7 +3,8 @@ its bundled ptxas), in the configurations Qwen2 shapes use, and report registers
 
     python bench/kernels_compile.py [--arch 90] [--json OUT]
 
-The interpreter tests (`tests/test_lora_kernels.py`, `tests/test_cross_entropy.py`) check what
+The interpreter tests (`tests/test_lora_kernels.py`, `tests/test_cross_entropy.py`,
+`tests/test_rms_norm.py`) check what
 the kernels compute; this checks that they compile for the card and how much register
 pressure the chosen block sizes cost (a spilling kernel waits on local memory). It runs on
 the CPU machines and in CI (`tests/test_kernels_compile.py`); timing still needs a GPU
@@ -31,6 +32,10 @@ LORA_FORWARD = {"x_ptr": "*bf16", "a_ptr": "*bf16", "bits_ptr": "*u8", "out_ptr"
 LORA_BACKWARD = {"low_ptr": "*bf16", "a_ptr": "*bf16", "bits_ptr": "*u8", "x_ptr": "*bf16", "add_ptr": "*bf16",
                  "add_stride": "i32", "out_ptr": "*bf16", "part_ptr": "*fp32", "coef_ptr": "*fp32", "rows": "i32",
                  "width": "i32", "n_bytes": "i32", "scale": "fp32", "coef": "fp32"}
+NORM_FORWARD = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "rows": "i32",
+                "cols": "i32", "eps": "fp32", "offset": "fp32"}
+NORM_BACKWARD = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
+                 "rows": "i32", "cols": "i32", "offset": "fp32"}
 CROSS_ENTROPY = {"logits_ptr": "*bf16", "stride": "i32", "targets_ptr": "*i64", "weights_ptr": "*fp32",
                  "losses_ptr": "*fp32", "vocab": "i32"}
 
@@ -38,6 +43,7 @@ CROSS_ENTROPY = {"logits_ptr": "*bf16", "stride": "i32", "targets_ptr": "*i64", 
 def configurations(quick: bool = False) -> list[tuple[str, object, dict, dict, int]]:
     """(label, kernel, signature, constexprs, warps) as the code launches them."""
     from tunelab import cross_entropy as ce
+    from tunelab import rms_norm as norm
     from tunelab.methods import lora_kernels as k
 
     out = []
@@ -56,6 +62,11 @@ def configurations(quick: bool = False) -> list[tuple[str, object, dict, dict, i
                     {"COPIES": copies, "RANK": rank, "K": kdim, "NEED_X": True, "HAS_ADD": copies == 2,
                      "PER_COPY": False, "EXACT": False, "BLOCK_ROWS": k._BACKWARD_ROWS, "SUB": k.SUB},
                     k._BACKWARD_WARPS))
+    for block in (2048, 4096):  # hidden 1,536 and 3,584
+        out.append((f"rms norm forward {block}", norm._forward, NORM_FORWARD, {"ROWS": norm._ROWS, "BLOCK": block},
+                    norm._WARPS))
+        out.append((f"rms norm backward {block}", norm._backward, NORM_BACKWARD,
+                    {"ROWS": norm._ROWS, "BLOCK": block}, norm._WARPS))
     out.append(("cross entropy", ce._cross_entropy_rows, CROSS_ENTROPY,
                 {"HAS_WEIGHTS": True, "WRITE_GRAD": True, "BLOCK": 4096}, 8))  # rows_loss_triton's defaults
     return out

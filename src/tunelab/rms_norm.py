@@ -37,14 +37,20 @@ _ROWS, _WARPS = 1, 4  # rows a program, warps (`bench/kernels_bench.py --norm` o
 
 if triton is not None:
     @triton.jit
-    def _forward(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps, offset, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr):
+    def _tile(w_ptr, rows, cols, offset, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's rows, whether each element is inside, its offset, and w + offset."""
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK)
         inside = (r < rows)[:, None] & (c < cols)[None, :]
         at = r[:, None].to(tl.int64) * cols + c[None, :]
-        x = tl.load(x_ptr + at, mask=inside, other=0.0)
         w = tl.load(w_ptr + c, mask=c < cols, other=0.0).to(tl.float32) + offset
+        return r, inside, at, w
+
+    @triton.jit
+    def _forward(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps, offset, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        r, inside, at, w = _tile(w_ptr, rows, cols, offset, ROWS, BLOCK)
+        x = tl.load(x_ptr + at, mask=inside, other=0.0)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / cols + eps)
         tl.store(rstd_ptr + r, rstd, mask=r < rows)
@@ -54,13 +60,9 @@ if triton is not None:
     @triton.jit
     def _backward(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, rows, cols, offset, ROWS: tl.constexpr,
                   BLOCK: tl.constexpr):
-        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        c = tl.arange(0, BLOCK)
-        inside = (r < rows)[:, None] & (c < cols)[None, :]
-        at = r[:, None].to(tl.int64) * cols + c[None, :]
+        r, inside, at, w = _tile(w_ptr, rows, cols, offset, ROWS, BLOCK)
         dy = tl.load(dy_ptr + at, mask=inside, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + c, mask=c < cols, other=0.0).to(tl.float32) + offset
         rstd = tl.load(rstd_ptr + r, mask=r < rows, other=0.0)
         m = dy * w[None, :]
         dot = tl.sum(m * x, axis=1)
