@@ -10,9 +10,10 @@ multiple of 128, supervised positions to 512, row boundaries to 16 entries, the 
 row to 128). The padding is one extra row of pad tokens that attends only to itself and has
 no loss; real tokens compute exactly what the eager packed path computes. One graph is
 captured per bucket the first time it occurs (two eager warmup passes + the capture); all
-graphs share one memory pool. Gradients come out of the graph as static tensors: a step of one
-micro-batch uses them as `param.grad` directly, later micro-batches add theirs to a copy,
-so the optimizer, clipping and `zero_grad` work as usual. If a capture fails, the run says why and continues eagerly.
+graphs share one memory pool. Gradients come out of the graph as static tensors: a step of
+one micro-batch uses them as `param.grad` directly, a step of several copies the first and
+adds the rest, so the optimizer, clipping and `zero_grad` work as usual. If a capture fails,
+the run says why and continues eagerly.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ swapped for any model built later). `liger(...)` keeps the instance patches for 
 puts the modeling module's globals back when the run ends, so a model loaded afterwards in
 the same process (evaluation, merging, on any device) is plain transformers again.
 Norms whose weight is frozen (every PEFT method) run `rms_norm.py`'s kernels instead of
-liger's: the same arithmetic, no weight gradient, a block of rows a program.
+liger's: the same arithmetic, no weight gradient, a program a row.
 """
 
 from __future__ import annotations

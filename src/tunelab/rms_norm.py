@@ -1,11 +1,11 @@
-"""RMSNorm with a frozen weight as two Triton kernels that take a block of rows a program.
+"""RMSNorm with a frozen weight as two Triton kernels, one program a row.
 
 liger-kernel's RMSNorm (`kernels.py`) runs its backward, for fewer than 32,768 rows, as one
 program per SM that walks its rows one at a time and sums the weight's gradient: on a packed
 step of ~2,800 tokens of the 1.5B shape that is 16 us a call (H200), three times what reading
 dY and x and writing dx takes, 56 calls a step. Every PEFT method here freezes the norms, so
 no weight gradient is needed, and a grid of one program a row keeps the card's memory busy:
-5.9 us (hidden 3,584: 27.7 -> 14.5 us; the forward as liger's, 4.8 and 11.8 us).
+5.7 us (hidden 3,584: 27.8 -> 13.9 us; the forward as liger's, 4.8 and 11.7 us).
 
     y = (x * rstd).to(dtype) * (w + offset),   rstd = 1 / sqrt(mean(x^2) + eps)
     dx = rstd * m - rstd^3 / n * sum(m * x) * x,   m = dy * (w + offset)   (fp32 inside)
@@ -33,7 +33,7 @@ except ImportError:
 USE_TRITON = True
 """Off: liger's own RMSNorm kernels stay (a benchmark lever)."""
 
-_ROWS, _WARPS = 1, 4  # rows a program, warps (`bench/kernels_bench.py --norm` on an H200: 1-16 rows tried)
+_ROWS, _WARPS = 1, 4  # rows a program, warps (`bench/kernels_bench.py --norm` on an H200: 1-8 rows, 2-8 warps tried)
 
 if triton is not None:
     @triton.jit

@@ -24,9 +24,9 @@ one kernel and keeps only mask bits for a backward kernel that gives both gradie
 memory, a little slower.)
 
 A group whose outputs are much wider than its input (`FOLD_RATIO`; gate/up: 2 x 8,960 for
-1,536 on the 1.5B shape) folds B into the base matmul instead: y_g = [x | low_1 .. low_G] @ [W_g | 0 .. B_g .. 0]^T, so no pass of the
-adapter reads and rewrites the outputs, and in backward the same matmul that gives x's
-gradient gives low's. The base weights then live in the left columns of one buffer
+1,536 on the 1.5B shape) folds B into the base matmul instead:
+y_g = [x | low_1 .. low_G] @ [W_g | 0 .. B_g .. 0]^T, so no pass of the adapter reads and
+rewrites the outputs, and in backward the same matmul that gives x's gradient gives low's. The base weights then live in the left columns of one buffer
 (`LoraGroup.fold`: views, no extra memory) until `unfuse`.
 
 The adapter weights stay where PEFT keeps them (fp32 on a half-precision base, so the
