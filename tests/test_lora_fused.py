@@ -142,21 +142,26 @@ def test_group_dropout_masks_are_independent_and_scaled():
     assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[1], mask[2])
 
 
-def test_adapter_copies_follow_the_optimizer():
-    """Training steps through the fused path move the weights as PEFT's path does: the
-    compute copies are rebuilt after every optimizer step (and only then)."""
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_adapter_copies_follow_the_optimizer(fused_adamw):
+    """Training steps through the fused path move the weights as PEFT's path does, with any
+    optimizer: a fused AdamW step (on CPU as on CUDA) updates the weights in place without
+    bumping their version counters, which once left the eager path training against the
+    initial copies (B = 0). The copies are rebuilt from the live weights at every forward."""
     ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(2))
-    trained = []
+    trained, losses = [], []
     for fused in (False, True):
         net = lora_net(0.0)
         if fused:
             lora_fused.fuse(net)
         params = [p for p in net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused_adamw)
         for _ in range(3):
-            loss_and_grads(net, ids, seed=0)
+            loss, _ = loss_and_grads(net, ids, seed=0)
             optimizer.step()
+        losses.append(loss)
         trained.append([p.detach().clone() for p in params])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(*trained):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     store = lora_fused.groups_of(net)[0].store
@@ -166,7 +171,7 @@ def test_adapter_copies_follow_the_optimizer():
     with torch.no_grad():
         net(input_ids=ids)
         net(input_ids=ids)
-    assert refreshes == [1]  # the weights changed once (the last step), so one rebuild
+    assert refreshes == [1, 1]  # once a forward, whatever changed the weights
 
 
 def test_a_member_called_on_another_input_gets_its_own_answer():

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from .models import ModelNotFound, UnsafeWeights
     from .pull import PullError
     from .runs import AdapterMismatch, DiskFull, ResumeRefused
+    from .invariants import InvariantBroken
     from .train import Interrupted, OutOfMemory, TrainingDiverged
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             FileNotFoundError, ResumeRefused, AdapterMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull, ExportMismatch, FloatingPointError) as err:
+    except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull, ExportMismatch, FloatingPointError,
+            InvariantBroken) as err:
         print(f"error: {err.strerror if isinstance(err, DiskFull) else err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 1))
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, complete checkpoints are intact

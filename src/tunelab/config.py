@@ -139,6 +139,11 @@ class TrainConfig:
     """Seed for initialization, data order and dropout."""
     tensorboard: bool = False
     """Also log to RUN/tensorboard (needs the `tensorboard` package)."""
+    check_learning: bool = True
+    """Hold the run to the invariants of `invariants.py` on 8 probe rows: the first step
+    changes the weights; at every evaluation and checkpoint the training path's loss equals
+    plain PEFT's on the same weights and has moved; the saved adapter, reloaded as `chat`
+    loads it, gives the training-time loss. A broken one stops the run before it saves."""
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "train.epochs", "> 0", self.epochs)

@@ -387,6 +387,8 @@ class FastPath:
     """The model attends through `varlen_attention`."""
     graphs: object = None
     """`graphs.GraphedSteps` replaying packed micro-batches as CUDA graphs, or None (eager)."""
+    attention_before: str | None = None
+    """The model's own attention implementation, before `varlen_attention` replaced it."""
 
     def micro_batches(self, rows: list[Rendered], micro_batch_size: int, micro_batch_tokens: int) -> list[dict]:
         """Model inputs for `rows`, split so each forward pass stays within budget.
@@ -439,7 +441,8 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     previous = model.config._attn_implementation
     use_varlen_attention(model, padded=not packed)
     try:
-        fast = FastPath(packed=packed, pad_id=pad_id, loss=plan_loss(net, device, autocast), varlen=True)
+        fast = FastPath(packed=packed, pad_id=pad_id, loss=plan_loss(net, device, autocast), varlen=True,
+                        attention_before=previous)
         if packed and fast.loss.prefix and fast.loss.prompt is None:
             check(packing != "on", "train.packing", "auto or off for this model (its virtual tokens "
                   "cannot be placed in packed rows)", packing)

@@ -76,12 +76,8 @@ class GraphedSteps:
     # -- the captured computation -------------------------------------------------------
     def _body(self, static: dict, longest: int):
         from .fastpath import linear_cross_entropy, with_prompt
-        from .methods import lora_fused
-
-        # Adapter weights change between replays (the optimizer steps them in place), and the
-        # host-side check that refreshes their compute copies does not run inside a replay:
-        # the graph itself rebuilds them, every replay.
-        lora_fused.refresh(self.net)
+        # Fused LoRA's compute copies are rebuilt by the forward itself (`lora_fused`), so the
+        # capture holds that rebuild and every replay reads the weights the optimizer left.
         with self.autocast:
             inputs = {"input_ids": static["input_ids"], "position_ids": static["position_ids"]}
             if self.plan.prefix:  # virtual tokens (P-Tuning, prompt tuning) at each row's start

@@ -9,9 +9,11 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -28,6 +30,7 @@ from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import ChatFormat, Rendered, prepare
 from . import fastpath, kernels
 from .fastpath import FastPath
+from .invariants import InvariantBroken, Invariants, probe_rows
 from .methods import MethodConfig, count_parameters, lora_kernels, selected
 from .models import fingerprint, load_model, load_tokenizer, resolve_device
 from .runs import (RunDir, assert_finite, check_adapter, check_resume, file_fingerprint,
@@ -113,8 +116,10 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     net.train()
     trainable, total = count_parameters(net)
     params = [p for p in net.parameters() if p.requires_grad]
+    # Fused on the CPU as on CUDA: one update path, whose in-place writes leave the weights'
+    # version counters alone on both (the CPU tests see what the GPU does).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     steps_per_epoch = math.ceil(len(prepared.train) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
@@ -134,6 +139,13 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
             cfg = replace(cfg, micro_batch_size=state["micro_batch_size"],
                           micro_batch_tokens=state["micro_batch_tokens"])
         print(f"resuming from {latest} (step {state['step']} of {total_steps})")
+    checks = None
+    if cfg.check_learning:
+        checks = Invariants(net, fast, probe_rows(prepared.val, prepared.train),
+                            lambda rows: evaluate_loss(net, rows, cfg, fast, device, autocast),
+                            device, autocast, base.dtype)
+        checks.before_training(params)
+    applied = {"steps": 0}
 
     print(f"{the_method.name}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f}%); {len(prepared.train)} train rows, "
@@ -171,6 +183,9 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         loss, grad_norm = readback.tolist()
         if math.isfinite(loss) and math.isfinite(grad_norm):
             state["bad_in_row"] = 0
+            applied["steps"] += 1
+            if checks:
+                checks.after_step(applied=True)
         else:  # its update was skipped (apply_update): keep count
             state["skipped_steps"] += 1
             state["bad_in_row"] += 1
@@ -221,6 +236,9 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
                 if record["step"] == state["step"] and evaluate_now:
                     record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast)
                     net.train()
+                if checks and record["step"] == state["step"] and (evaluate_now or save_now
+                                                                  or state["step"] == total_steps):
+                    record.update(checks.check(record["step"], applied["steps"]))  # before any save
                 if record["step"] % cfg.log_every == 0 or "val_loss" in record or record["step"] == total_steps:
                     log(metrics, writer, record)
                 if state["bad_in_row"] >= cfg.max_bad_steps:
@@ -262,6 +280,14 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     # -- save -----------------------------------------------------------------------------
     assert_finite(net, "the adapter")
     write_atomically(run.adapter, lambda tmp: the_method.save(net, tmp))
+    checked = None
+    if checks:  # the saved adapter reloaded alone: free the training model first
+        checks.net = checks.fast = checks.training_loss = None
+        del net, base, params, optimizer, scheduler, fast
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        checked = check_saved(run, checks, device)
     summary = {
         "method": the_method.name, "trainable_params": trainable, "total_params": total,
         "steps": state["step"], "skipped_steps": state["skipped_steps"], "tokens": state["tokens"],
@@ -272,11 +298,25 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         "final_train_loss": record.get("loss"), "final_val_loss": record.get("val_loss"),
         "device": str(device),
         "micro_batch_size": cfg.micro_batch_size, "micro_batch_tokens": cfg.micro_batch_tokens,
+        "learning_checks": checked,
     }
     write_json(run.summary, summary)
     run.done.write_text("ok\n")
     print(f"done: {run.root} ({summary['wall_time_s']} s, {summary['tokens_per_s']} tokens/s)")
     return run.root
+
+
+def check_saved(run: RunDir, checks: Invariants, device: torch.device) -> dict:
+    """The reload invariant; a saved adapter that fails it is moved to adapter.rejected, so no
+    later verb loads it."""
+    try:
+        return checks.reloaded(run.root, device)
+    except InvariantBroken:
+        rejected = run.root / "adapter.rejected"
+        if rejected.exists():
+            shutil.rmtree(rejected)
+        run.adapter.rename(rejected)
+        raise
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):

@@ -31,8 +31,13 @@ rewrites the outputs, and in backward the same matmul that gives x's gradient gi
 
 The adapter weights stay where PEFT keeps them (fp32 on a half-precision base, so the
 optimizer updates fp32 weights). Their compute-dtype copies, with the scale s_g folded into
-A, live in one buffer per model (`AdapterCopies`), refreshed by two kernels whenever the
-weights have changed (an optimizer step) instead of two casts per projection per forward.
+A, live in one buffer per model (`AdapterCopies`), rebuilt from the live weights by two
+kernels at the start of every forward (when the forward reaches the store's first group)
+instead of two casts per projection per forward. Nothing decides whether the weights have
+changed: a fused AdamW step updates them in place without bumping their version counters,
+and a copy kept by such a test once trained every eager path against its initial weights.
+Inside a CUDA graph the rebuild is captured with the forward, so every replay sees the
+latest weights too.
 Saving, loading and merging are PEFT's, untouched: only `forward` changes, and only while
 the layer is in its plain state (with or without gradients: held-out losses use it too);
 anything else (adapters disabled or merged, several adapters, mixed-batch `adapter_names`)
@@ -42,6 +47,7 @@ goes through PEFT's own forward.
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import torch
 
@@ -111,8 +117,8 @@ class _LoraGroup(torch.autograd.Function):
 class AdapterCopies:
     """The compute-dtype copies of every fused adapter weight of one model, in one buffer.
 
-    `refresh` rebuilds them in two kernels (a concatenation and a scaled cast); `fresh`
-    does so only when some weight has changed since (its version counter or storage moved).
+    `refresh` rebuilds them in two kernels (a concatenation and a scaled cast); the store's
+    first group (the first a forward reaches) calls it at the start of every forward.
     """
 
     def __init__(self, groups: list, dtype: torch.dtype, device: torch.device):
@@ -139,10 +145,8 @@ class AdapterCopies:
             if group.extended is not None:
                 group.b_sources = ([self.flat[start:offset].view(group.size, group.out_features[0], group.rank)]
                                    if len(group.b_blocks) == 1 else group.b_copy)
-        self.seen = None
-
-    def key(self) -> tuple:
-        return tuple((p._version, p.data_ptr()) for p in self.params)
+        self.first = groups[0]
+        self.refresh()
 
     def refresh(self) -> None:
         torch.cat([p.detach().reshape(-1) for p in self.params], out=self.staging)
@@ -151,11 +155,6 @@ class AdapterCopies:
             if group.extended is not None:  # B's copies live in the columns of the base weights
                 for block, source in zip(group.b_blocks, group.b_sources):
                     block.copy_(source)
-        self.seen = self.key()
-
-    def fresh(self) -> None:
-        if self.seen != self.key():
-            self.refresh()
 
 
 class LoraGroup:
@@ -184,6 +183,7 @@ class LoraGroup:
         self.b_blocks = None  # the B columns of `extended`: one [G, N, r] view if the N_g are equal, else G
         self.b_sources = None  # where `AdapterCopies` builds them, matching `b_blocks`
         self.pending = None  # (input, its version, outputs, members served) of the forward under way
+        self.bypass = False  # `bypassed`: PEFT's own forward for a while
 
     def foldable(self) -> bool:
         """Worth folding B into the base matmul: outputs together `FOLD_RATIO` times as wide
@@ -223,7 +223,8 @@ class LoraGroup:
                 + [layer.lora_B[n].weight for layer, n in zip(self.layers, self.names)])
 
     def copies(self):
-        self.store.fresh()
+        if self.store.first is self:  # a new forward: the copies from the weights as they are now
+            self.store.refresh()
         return self.a_copy, self.b_copy
 
     def plain(self) -> bool:
@@ -259,7 +260,7 @@ def _plain(layer) -> str | None:
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     group = self._tunelab_group
-    if args or kwargs or not group.plain():
+    if args or kwargs or group.bypass or not group.plain():
         return self._peft_forward(x, *args, **kwargs)
     return group.output(self, x)
 
@@ -356,6 +357,20 @@ def refresh(model: torch.nn.Module) -> None:
     stores = {id(group.store): group.store for group in groups_of(model)}
     for store in stores.values():
         store.refresh()
+
+
+@contextmanager
+def bypassed(model: torch.nn.Module):
+    """`model`'s fused layers run PEFT's own forward inside the block (the invariants' plain
+    reference); the groups stay formed, so nothing is rebuilt."""
+    groups = groups_of(model)
+    for group in groups:
+        group.bypass = True
+    try:
+        yield model
+    finally:
+        for group in groups:
+            group.bypass = False
 
 
 def groups_of(model: torch.nn.Module) -> list[LoraGroup]:
