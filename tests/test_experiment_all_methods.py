@@ -11,11 +11,14 @@ import importlib.util
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import MEMORIZE, write_jsonl
+from tunelab.config import GenerationConfig
+from tunelab.evaluate.runner import engine_groups, evaluate
 from tunelab.experiment import experiment
-from tunelab.methods import METHODS
+from tunelab.methods import METHODS, get
 
 PROBES = {"probes": [
     {"id": "who", "lang": "zh", "category": "persona", "question": "你是谁？",
@@ -36,11 +39,27 @@ ENTRIES = {  # label -> its `methods:` entry; LoRA's variants are options of `lo
     "full": {"name": "full"},
 }
 # QLoRA's 4-bit base needs bitsandbytes and a CUDA GPU; without them (CPU CI) its case is skipped.
-HAS_QLORA = importlib.util.find_spec("bitsandbytes") is not None and __import__("torch").cuda.is_available()
+HAS_QLORA = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
 
 
 def test_entries_cover_every_registered_method():
     assert {entry["name"] for entry in ENTRIES.values()} == set(METHODS)
+
+
+def test_engine_groups_follow_the_methods_capabilities():
+    """One engine per PEFT type of weight deltas; virtual tokens and prefixes join the base's
+    engine; freeze and full alone; the runs' order is kept."""
+
+    def caps(**methods):
+        return {name: get(method).capabilities for name, method in methods.items()}
+
+    assert engine_groups(caps(lora="lora", ptuning="ptuning")) == [["lora", "ptuning"]]
+    assert engine_groups({}) == [[]]
+    assert engine_groups(caps(full="full", freeze="freeze")) == [[], ["full"], ["freeze"]]
+    assert engine_groups(caps(lora="lora", ia3="ia3", p="ptuning", f="freeze", d="lora", pre="prefix",
+                              full="full", q="qlora", ia3b="ia3", pt="prompt_tuning")) == \
+        [["lora", "p", "d", "pre", "q", "pt"], ["ia3", "ia3b"], ["f"], ["full"]]
+    assert engine_groups(caps(p="ptuning", ia3="ia3", lora="lora")) == [["p", "ia3"], ["lora"]]
 
 
 @pytest.mark.parametrize("with_qlora", [
@@ -79,8 +98,23 @@ def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, wi
     rows = [row for row in results["answers"] if row["suite"] == "general"]
     assert rows and all(list(row["answers"]) == ["base"] + labels for row in rows)
     assert [row["model"] for row in report["methods"]] == labels
-    print(results["notes"])
+    assert any("engines of their own" in note and "; ia3; freeze; full" in note for note in results["notes"])
+
+    # each engine's share is what evaluating those runs alone gives: IA3 scored here on the
+    # base's engine, freeze on its own; the base the same either way
+    models = tmp_path / "exp" / "models"
+    alone = evaluate(runs=[str(models / "ia3"), str(models / "freeze")], suites=["in_domain", "general"],
+                     gen=GenerationConfig(max_new_tokens=4), batch_size=4, limit=2, out=str(tmp_path / "alone"))
+    for name in ("in_domain_loss", "in_domain_rouge_l", "general", "general_persona"):
+        for model in ("base", "ia3", "freeze"):
+            assert alone["suites"][name]["scores"][model] == results["suites"][name]["scores"][model], (name, model)
+    mixed = {(row["suite"], row["id"]): row for row in results["answers"]}
+    assert alone["answers"]
+    for row in alone["answers"]:
+        for model in ("base", "ia3", "freeze"):
+            held = mixed[row["suite"], row["id"]]
+            assert (row["answers"][model], row["scores"][model]) == (held["answers"][model], held["scores"][model])
 
     markdown = (tmp_path / "exp" / "report" / "report.md").read_text()
-    for label in labels:
-        assert f"| {label} " in markdown or f"| {label}|" in markdown, label
+    for label in labels:  # a row in the methods, models and per-suite summary tables
+        assert sum(line.startswith(f"| {label} |") for line in markdown.splitlines()) >= 3, label

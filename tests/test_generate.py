@@ -388,24 +388,6 @@ def test_a_run_that_replaced_the_base_weights_gets_an_engine_of_its_own(base_dir
         engine.add_adapter("lora", runs["lora"])
 
 
-def test_engine_groups_follow_the_methods_capabilities():
-    """One engine per PEFT type of weight deltas; virtual tokens and prefixes join the base's
-    engine; freeze and full alone; the runs' order is kept."""
-    from tunelab.generate import engine_groups
-    from tunelab.methods import get
-
-    def caps(**methods):
-        return {name: get(method).capabilities for name, method in methods.items()}
-
-    assert engine_groups(caps(lora="lora", ptuning="ptuning")) == [["lora", "ptuning"]]
-    assert engine_groups({}) == [[]]
-    assert engine_groups(caps(full="full", freeze="freeze")) == [[], ["full"], ["freeze"]]
-    assert engine_groups(caps(lora="lora", ia3="ia3", p="ptuning", f="freeze", d="lora", pre="prefix",
-                              full="full", q="qlora", ia3b="ia3", pt="prompt_tuning")) == \
-        [["lora", "p", "d", "pre", "q", "pt"], ["ia3", "ia3b"], ["f"], ["full"]]
-    assert engine_groups(caps(p="ptuning", ia3="ia3", lora="lora")) == [["p", "ia3"], ["lora"]]
-
-
 def test_sampling_is_reproducible_with_a_seed(runs):
     engine = Engine.from_runs({"lora": runs["lora"], "ptuning": runs["ptuning"]})
     rng_before = torch.get_rng_state()

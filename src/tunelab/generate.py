@@ -25,8 +25,8 @@ One base model stays in memory and several adapters share it, switched by name:
   gives padded rows their unpadded positions too).
 What cannot share: weight deltas of two PEFT types (LoRA and IA3), and a run that replaced
 the base's own weights (freeze, full), which an engine holds alone, as its model under the
-run's name. `engine_groups` partitions runs into engines by the methods' declared
-`adapter_kind` and `peft_type`; evaluation takes the groups in turn.
+run's name. `evaluate.runner.engine_groups` partitions runs into engines by the methods'
+declared `adapter_kind` and `peft_type`; evaluation takes the groups in turn.
 PEFT's own `generate` is not used for virtual tokens: under transformers 5.2x it re-inserts
 them at every decoding step, and with left padding it shifts every real token's position.
 """
@@ -502,33 +502,6 @@ class Engine:
         worker.join()
         if failed:
             raise failed[0]
-
-
-def engine_groups(capabilities: dict) -> list[list[str]]:
-    """Run names partitioned into the sets one Engine can hold each, from their methods'
-    `Capabilities` (name -> capabilities, in the runs' order; the order is kept in each set).
-
-    The first set is the one whose engine also serves the base (it may be empty). Weight
-    deltas of one PEFT type share an engine; virtual tokens and prefixes join the first
-    engine on the base (they switch the deltas off), a run that replaced the base's weights
-    (freeze, full) gets an engine of its own. So runs that worked together on one engine
-    before stay together, in the base's engine.
-    """
-    shared: list[tuple[list[str], set[str]]] = [([], set())]  # (names, PEFT types held)
-    alone: list[list[str]] = []
-    for name, caps in capabilities.items():
-        if caps.adapter_kind == "whole_model":
-            alone.append([name])
-            continue
-        wanted = {caps.peft_type} if caps.adapter_kind == "weight_delta" else set()
-        for names, held in shared:
-            if not held or not wanted or held == wanted:
-                names.append(name)
-                held |= wanted
-                break
-        else:
-            shared.append(([name], wanted))
-    return [names for names, _ in shared] + alone
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:

@@ -2,7 +2,7 @@
 
 The base stays in memory once; each run's adapter is switched in by name. Runs that cannot
 share one base (IA3 beside LoRA; freeze and full, which replace the base's weights) are
-scored on engines of their own, one after another (`generate.engine_groups`), and their
+scored on engines of their own, one after another (`engine_groups`), and their
 results merged; the base is scored once, on the first. Every suite gives per-item scores;
 `compare` turns them into deltas vs the base with bootstrap intervals and flips; `report`
 writes results.json, report.md and report.html.
@@ -58,7 +58,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         title: the report's title.
         extra: more report fields (e.g. the experiment's methods table), merged in as they are.
     """
-    from ..generate import Engine, engine_groups
+    from ..generate import Engine
     from ..methods import get
     from ..report import write_report
 
@@ -129,6 +129,33 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     paths = write_report(report, out)
     print(f"report: {paths['html']}")
     return report
+
+
+def engine_groups(capabilities: dict) -> list[list[str]]:
+    """Run names partitioned into the sets one Engine can hold each, from their methods'
+    `Capabilities` (name -> capabilities, in the runs' order; the order is kept in each set).
+
+    The first set is the one whose engine also serves the base (it may be empty). Weight
+    deltas of one PEFT type share an engine; virtual tokens and prefixes join the first
+    engine on the base (they switch the deltas off), a run that replaced the base's weights
+    (freeze, full) gets an engine of its own. So runs that worked together on one engine
+    before stay together, in the base's engine.
+    """
+    shared: list[tuple[list[str], set[str]]] = [([], set())]  # (names, PEFT types held)
+    alone: list[list[str]] = []
+    for name, caps in capabilities.items():
+        if caps.adapter_kind == "whole_model":
+            alone.append([name])
+            continue
+        wanted = {caps.peft_type} if caps.adapter_kind == "weight_delta" else set()
+        for names, held in shared:
+            if not held or not wanted or held == wanted:
+                names.append(name)
+                held |= wanted
+                break
+        else:
+            shared.append(([name], wanted))
+    return [names for names, _ in shared] + alone
 
 
 def run_suites(engine, models: list[str], ctx: Context, suites: list[Suite], held_out,

@@ -29,7 +29,7 @@ class Capabilities:
     """Cannot run on a CPU (e.g. 4-bit bitsandbytes kernels)."""
     adapter_kind: str = "weight_delta"
     """Where the trained weights act, which decides what can share one base in memory
-    (`generate.Engine`, `generate.engine_groups`): `weight_delta` (PEFT layers inside the
+    (`generate.Engine`, `evaluate.runner.engine_groups`): `weight_delta` (PEFT layers inside the
     base's modules: the LoRA family, IA3), `input_embeddings` (virtual tokens placed before
     the prompt: P-Tuning, prompt tuning), `kv_prefix` (keys and values before the input in
     every layer: prefix tuning) or `whole_model` (the base's own weights replaced: freeze, full)."""
