@@ -101,19 +101,22 @@ def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, wi
     assert any("engines of their own" in note and "; ia3; freeze; full" in note for note in results["notes"])
 
     # each engine's share is what evaluating those runs alone gives: IA3 scored here on the
-    # base's engine, freeze on its own; the base the same either way
+    # base's engine, freeze and full after a base-only engine; the base the same every time
     models = tmp_path / "exp" / "models"
-    alone = evaluate(runs=[str(models / "ia3"), str(models / "freeze")], suites=["in_domain", "general"],
-                     gen=GenerationConfig(max_new_tokens=4), batch_size=4, limit=2, out=str(tmp_path / "alone"))
-    for name in ("in_domain_loss", "in_domain_rouge_l", "general", "general_persona"):
-        for model in ("base", "ia3", "freeze"):
-            assert alone["suites"][name]["scores"][model] == results["suites"][name]["scores"][model], (name, model)
     mixed = {(row["suite"], row["id"]): row for row in results["answers"]}
-    assert alone["answers"]
-    for row in alone["answers"]:
-        for model in ("base", "ia3", "freeze"):
+    for alone_runs in (["ia3"], ["freeze", "full"]):
+        alone = evaluate(runs=[str(models / r) for r in alone_runs], suites=["in_domain", "general"],
+                         gen=GenerationConfig(max_new_tokens=4), batch_size=4, limit=2, out=str(tmp_path / "alone"))
+        scored = ["base"] + alone_runs
+        for name in ("in_domain_loss", "in_domain_rouge_l", "general", "general_persona"):
+            for model in scored:
+                assert alone["suites"][name]["scores"][model] == results["suites"][name]["scores"][model], \
+                    (name, model)
+        assert alone["answers"]
+        for row in alone["answers"]:
             held = mixed[row["suite"], row["id"]]
-            assert (row["answers"][model], row["scores"][model]) == (held["answers"][model], held["scores"][model])
+            for model in scored:
+                assert (row["answers"][model], row["scores"][model]) == (held["answers"][model], held["scores"][model])
 
     markdown = (tmp_path / "exp" / "report" / "report.md").read_text()
     for label in labels:  # a row in the methods, models and per-suite summary tables
