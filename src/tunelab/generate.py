@@ -125,12 +125,14 @@ class Engine:
 
     @property
     def adapters(self) -> list[str]:
-        """Names usable as `adapter=`: `base`, then every added adapter."""
+        """Names usable as `adapter=`: `base` (a whole-model run's name instead, once its weights
+        replaced the base's), then every added adapter."""
         deltas = list(self.lora.peft_config) if self.lora is not None else []
         return [self.plain] + deltas + list(self.virtual) + list(self.prefix)
 
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
-        """Load a finished run's adapter onto the base, under `name` (weights are not reloaded)."""
+        """Load a finished run's adapter onto the base, under `name` (weights are not reloaded);
+        a freeze or full run's weights replace the base's, on an engine holding nothing else."""
         from .methods import get
         from .runs import RunDir, check_adapter
 
