@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import MEMORIZE, write_jsonl
 from tunelab.config import GenerationConfig
 from tunelab.evaluate.runner import engine_groups, evaluate
 from tunelab.experiment import experiment
+from tunelab.generate import Engine
 from tunelab.methods import METHODS, get
 
 PROBES = {"probes": [
@@ -64,7 +66,7 @@ def test_engine_groups_follow_the_methods_capabilities():
 
 @pytest.mark.parametrize("with_qlora", [
     False, pytest.param(True, marks=pytest.mark.skipif(not HAS_QLORA, reason="qlora needs bitsandbytes and a CUDA GPU"))])
-def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, with_qlora):
+def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, with_qlora, monkeypatch):
     labels = [label for label in ENTRIES if with_qlora or label != "qlora"]
     write_jsonl(tmp_path / "data.jsonl", MEMORIZE * 3)
     (tmp_path / "probes.yaml").write_text(yaml.safe_dump(PROBES, allow_unicode=True))
@@ -104,6 +106,16 @@ def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, wi
     # base's engine, freeze and full after a base-only engine; the base the same every time
     models = tmp_path / "exp" / "models"
     mixed = {(row["suite"], row["id"]): row for row in results["answers"]}
+    built = []  # each engine is gone before the next loads its weights
+    original = Engine.from_runs.__func__
+
+    def from_runs(cls, *args, **kwargs):
+        assert all(ref() is None for ref in built), "an engine outlived its turn"
+        engine = original(cls, *args, **kwargs)
+        built.append(weakref.ref(engine.base))
+        return engine
+
+    monkeypatch.setattr(Engine, "from_runs", classmethod(from_runs))
     for alone_runs in (["ia3"], ["freeze", "full"]):
         alone = evaluate(runs=[str(models / r) for r in alone_runs], suites=["in_domain", "general"],
                          gen=GenerationConfig(max_new_tokens=4), batch_size=4, limit=2, out=str(tmp_path / "alone"))
@@ -117,6 +129,8 @@ def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, wi
             held = mixed[row["suite"], row["id"]]
             for model in scored:
                 assert (row["answers"][model], row["scores"][model]) == (held["answers"][model], held["scores"][model])
+
+    assert len(built) == 1 + 3
 
     markdown = (tmp_path / "exp" / "report" / "report.md").read_text()
     for label in labels:  # a row in the methods, models and per-suite summary tables
