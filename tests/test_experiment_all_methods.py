@@ -64,8 +64,8 @@ def test_engine_groups_follow_the_methods_capabilities():
     assert engine_groups(caps(p="ptuning", ia3="ia3", lora="lora")) == [["p", "ia3"], ["lora"]]
 
 
-@pytest.mark.parametrize("with_qlora", [
-    False, pytest.param(True, marks=pytest.mark.skipif(not HAS_QLORA, reason="qlora needs bitsandbytes and a CUDA GPU"))])
+@pytest.mark.parametrize("with_qlora", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_QLORA, reason="qlora needs bitsandbytes and a CUDA GPU"))])
 def test_experiment_evaluates_every_method_in_one_report(tiny_qwen, tmp_path, with_qlora, monkeypatch):
     labels = [label for label in ENTRIES if with_qlora or label != "qlora"]
     write_jsonl(tmp_path / "data.jsonl", MEMORIZE * 3)
