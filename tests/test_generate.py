@@ -339,6 +339,55 @@ def test_adapters_that_cannot_share_the_base_are_refused(base_dir, tmp_path):
     assert engine.adapters == [BASE, "lora"]
 
 
+def make_whole_run(root: Path, base: Path, kind: str) -> Path:
+    """A finished freeze or full run: the base's weights (its last layer's, for freeze) moved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.methods import get
+
+    run = root / f"run-{kind}"
+    method = get(kind)
+    torch.manual_seed(7)
+    options = method.config_cls(layers=1) if kind == "freeze" else method.config_cls()
+    model = method.apply(AutoModelForCausalLM.from_pretrained(base), options)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    method.save(model, run / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
+    config = {"model": {"path": str(base), "dtype": "fp32", "device": "cpu"}, "method": {"name": kind}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "DONE").write_text("ok\n")
+    return run
+
+
+@pytest.mark.parametrize("kind", ["freeze", "full"])
+def test_a_run_that_replaced_the_base_weights_gets_an_engine_of_its_own(base_dir, runs, tmp_path, kind):
+    """Freeze and full runs: their engine serves the run's weights under its name, as
+    `load_run` gives them, has no base, and refuses adapters trained on the base."""
+    from tunelab.config import ModelConfig
+    from tunelab.runs import load_run
+
+    run = make_whole_run(tmp_path, base_dir, kind)
+    engine = Engine.from_runs({kind: run})
+    assert engine.adapters == [kind] and engine.active == kind
+    reference = load_run(run)[0]
+    base = Engine.from_runs({}, model=ModelConfig(path=str(base_dir)))
+    ids = engine.format.prompt_ids(conversations()[0])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0]
+    assert (engine.logits(ids, adapter=kind) - expected).abs().max() < 1e-4
+    assert (engine.logits(ids) - base.logits(ids)).abs().max() > 1e-2  # not the base's answers
+    gen = GenerationConfig(max_new_tokens=12)
+    prompts = [engine.format.prompt_ids(m) for m in conversations()]
+    assert engine.complete(prompts, gen, batch_size=4, adapter=kind) == greedy_by_hand(reference, engine, 12)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        engine.logits(ids, adapter=BASE)
+    with pytest.raises(ValueError, match="own weights, not the base"):
+        engine.add_adapter("lora", runs["lora"])
+
+
 def test_sampling_is_reproducible_with_a_seed(runs):
     engine = Engine.from_runs({"lora": runs["lora"], "ptuning": runs["ptuning"]})
     rng_before = torch.get_rng_state()

@@ -23,6 +23,10 @@ One base model stays in memory and several adapters share it, switched by name:
 - prefix tuning (keys and values in every layer): its PEFT model, loaded around the same
   base, generates with the weight deltas disabled (its `generate`, methods/virtual_tokens.py,
   gives padded rows their unpadded positions too).
+What cannot share: weight deltas of two PEFT types (LoRA and IA3), and a run that replaced
+the base's own weights (freeze, full), which an engine holds alone, as its model under the
+run's name. `evaluate.runner.engine_groups` partitions runs into engines by the methods'
+declared `adapter_kind` and `peft_type`; evaluation takes the groups in turn.
 PEFT's own `generate` is not used for virtual tokens: under transformers 5.2x it re-inserts
 them at every decoding step, and with left padding it shifts every real token's position.
 """
@@ -61,6 +65,7 @@ class Engine:
         self.virtual: dict[str, torch.Tensor] = {}  # name -> [n_virtual, hidden] input embeddings
         self.prefix: dict = {}  # name -> its prefix-tuning PEFT model around `self.base`
         self.active = BASE
+        self.plain = BASE  # the name the model alone answers to: `base`, or a whole-model run's
         self.model_path: Optional[str] = None  # the base's --model.path, when known
         self.device = device or next(model.parameters()).device
         if _is_peft(model):
@@ -86,13 +91,17 @@ class Engine:
     # -- adapters ---------------------------------------------------------------------------
     @classmethod
     def from_runs(cls, runs: dict[str, Union[str, Path]], model=None,
-                  device: Optional[torch.device] = None) -> "Engine":
-        """One base in memory with each run's adapter under its name (`runs={"lora": dir}`).
+                  device: Optional[torch.device] = None,
+                  tokenizer: Optional[Union[str, Path]] = None) -> "Engine":
+        """One base in memory with each run's adapter under its name (`runs={"lora": dir}`),
+        or one run that replaced the base's weights (freeze, full), alone, under its name.
 
         Args:
             runs: adapter name -> run directory; every run must be trained on the same base.
             model: the base's ModelConfig (default: the first run's). With no runs, needed.
             device: where the model lives (default: the config's device).
+            tokenizer: a tokenizer directory (default: the first run's, which carries the chat
+                template the runs were trained with; with no runs, the model's).
         """
         from transformers import AutoTokenizer
 
@@ -105,11 +114,9 @@ class Engine:
                 raise ValueError("Engine.from_runs needs runs or a base model config")
             first = RunDir(next(iter(runs.values())))
             model = from_dict(ModelConfig, first.read_config()["model"])
-            tokenizer = AutoTokenizer.from_pretrained(first.tokenizer)
-        elif runs:  # the runs' tokenizer carries the chat template they were trained with
-            tokenizer = AutoTokenizer.from_pretrained(RunDir(next(iter(runs.values()))).tokenizer)
-        else:
-            tokenizer = load_tokenizer(model)
+        if tokenizer is None and runs:  # the runs' tokenizer carries the chat template they were trained with
+            tokenizer = RunDir(Path(next(iter(runs.values())))).tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer is not None else load_tokenizer(model)
         engine = cls(load_model(model, device), tokenizer, device)
         engine.model_path = model.path
         for name, run in runs.items():
@@ -118,12 +125,14 @@ class Engine:
 
     @property
     def adapters(self) -> list[str]:
-        """Names usable as `adapter=`: `base`, then every added adapter."""
+        """Names usable as `adapter=`: `base` (a whole-model run's name instead, once its weights
+        replaced the base's), then every added adapter."""
         deltas = list(self.lora.peft_config) if self.lora is not None else []
-        return [BASE] + deltas + list(self.virtual) + list(self.prefix)
+        return [self.plain] + deltas + list(self.virtual) + list(self.prefix)
 
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
-        """Load a finished run's adapter onto the base, under `name` (weights are not reloaded)."""
+        """Load a finished run's adapter onto the base, under `name` (weights are not reloaded);
+        a freeze or full run's weights replace the base's, on an engine holding nothing else."""
         from .methods import get
         from .runs import RunDir, check_adapter
 
@@ -140,11 +149,17 @@ class Engine:
         if self.lora is None:  # (its shape check reads un-injected modules; later, PEFT's load checks)
             check_adapter(run_dir.adapter, self.base)  # another base's adapter is refused here
         method = get(config["method"]["name"])
-        if not getattr(method.capabilities, "shares_base", True):
+        if self.plain != BASE:
+            raise ValueError(f"this engine's model is run {self.plain!r}'s own weights, not the base, so "
+                             f"{name!r} cannot join it; give it an Engine of its own")
+        kind = method.capabilities.adapter_kind
+        if kind == "whole_model" and self.adapters != [BASE]:
             raise ValueError(f"{method.name} training changes the base weights themselves, so its run "
-                             f"cannot share a base with others; load it alone (`tunelab chat --run "
-                             f"{run_dir.root}`)")
-        if method.capabilities.mergeable:
+                             f"cannot share a base with others; load it alone (`Engine.from_runs({{{name!r}: "
+                             f"run}})`, `tunelab chat --run {run_dir.root}`)")
+        if kind == "whole_model":
+            self._replace_base_weights(name, method, run_dir.adapter)
+        elif kind == "weight_delta":
             self._add_weight_delta(name, run_dir.adapter)
         else:
             self._add_virtual_tokens(name, method, run_dir.adapter)
@@ -167,15 +182,21 @@ class Engine:
                              f"those and {kind.value} on one model; use a second Engine for {name!r}")
         self.lora.load_adapter(str(adapter), adapter_name=name)
 
+    def _replace_base_weights(self, name: str, method, adapter: Path) -> None:
+        """The run's weights go into the base in place; the engine then serves them as `name`
+        and no longer has a base (there is one copy of the weights in memory)."""
+        method.load(self.base, adapter, False)
+        self.plain = self.active = name
+
     def _add_virtual_tokens(self, name: str, method, adapter: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "modifying a model with PEFT a second time"
             wrapped = method.load(self.base, adapter, False)
         config = getattr(wrapped, "active_peft_config", None)
         if config is None or not config.is_prompt_learning or wrapped.get_base_model() is not self.base:
-            raise ValueError(f"method {method.name!r} is neither a weight delta (mergeable) nor "
-                             f"virtual tokens on the same base, so its adapter cannot share the "
-                             f"Engine's base; load it alone")
+            raise ValueError(f"method {method.name!r} declares adapter_kind "
+                             f"{method.capabilities.adapter_kind!r}, but its loaded adapter is not virtual "
+                             f"tokens on the same base, so it cannot share the Engine's base; load it alone")
         self._keep_prompt(name, wrapped)
 
     def _keep_prompt(self, name: str, wrapped) -> None:
@@ -191,9 +212,10 @@ class Engine:
         self.active = name
 
     def _check_adapter(self, name: str) -> str:
+        """`name`, or BASE for the model alone (under whatever name it answers to)."""
         if name not in self.adapters:
             raise ValueError(f"unknown adapter {name!r}; this engine has {self.adapters}")
-        return name
+        return BASE if name == self.plain else name
 
     def _deltas_off(self):
         return self.lora.disable_adapter() if self.lora is not None else nullcontext()
@@ -318,14 +340,15 @@ class Engine:
         reproducible: the same prompts, batch size and device give the same answers.
         """
         gen = gen or GenerationConfig()
-        adapter = self._check_adapter(adapter or self.active)
+        shown = adapter or self.active
+        adapter = self._check_adapter(shown)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
         answers: list[list[int]] = [[] for _ in prompts]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(prompts), desc=f"generate ({adapter})", dynamic_ncols=True)
+            bar = tqdm(total=len(prompts), desc=f"generate ({shown})", dynamic_ncols=True)
         was_training = self.base.training
         self.base.eval()
         devices = [self.device] if self.device.type == "cuda" else []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..config import GenerationConfig
@@ -24,6 +24,49 @@ class SuiteResult:
     """item id -> group (a probe's category), for per-group means."""
     summary: dict[str, dict] = field(default_factory=dict)
     """model -> extra figures (e.g. perplexity) shown next to the mean."""
+
+
+def merge_results(parts: list[list[SuiteResult]], models: list[str]) -> list[SuiteResult]:
+    """One result per suite from several engines' results on the same items, each engine
+    having scored some of `models` (runs that cannot share one base in memory); every table
+    keyed by model (scores, summary, each answer row's answers and scores) in `models`' order."""
+    merged: dict[str, SuiteResult] = {}
+    for part in parts:
+        for result in part:
+            into = merged.get(result.name)
+            if into is None:
+                merged[result.name] = replace(result, scores=dict(result.scores), summary=dict(result.summary),
+                                              answers=[dict(row) for row in result.answers])
+                continue
+            first_items = set(next(iter(into.scores.values()), {}))
+            for model, items in result.scores.items():
+                if first_items and set(items) != first_items:
+                    raise RuntimeError(f"suite {result.name}: {model} was scored on other items than the "
+                                       f"models before it, so the two cannot be compared")
+            into.scores.update(result.scores)
+            into.summary.update(result.summary)
+            rows = {(row["suite"], row["id"]): row for row in into.answers}
+            for row in result.answers:
+                held = rows.get((row["suite"], row["id"]))
+                if held is None:
+                    into.answers.append(dict(row))
+                    continue
+                for key, value in row.items():
+                    if isinstance(value, dict) and isinstance(held.get(key), dict):
+                        held[key] = {**held[key], **value}
+    for result in merged.values():
+        result.scores = in_order(result.scores, models)
+        result.summary = in_order(result.summary, models)
+        for row in result.answers:
+            for key, value in row.items():
+                if isinstance(value, dict):
+                    row[key] = in_order(value, models)
+    return list(merged.values())
+
+
+def in_order(table: dict, models: list[str]) -> dict:
+    """`table` with the models' keys first, in `models`' order, then any other key as it was."""
+    return {**{m: table[m] for m in models if m in table}, **{k: v for k, v in table.items() if k not in models}}
 
 
 @dataclass

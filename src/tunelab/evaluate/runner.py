@@ -1,12 +1,16 @@
 """`tunelab eval`: score a base model and any number of runs on the same items, one process.
 
-The base stays in memory once; each run's adapter is switched in by name. Every suite
-gives per-item scores; `compare` turns them into deltas vs the base with bootstrap
-intervals and flips; `report` writes results.json, report.md and report.html.
+The base stays in memory once; each run's adapter is switched in by name. Runs that cannot
+share one base (IA3 beside LoRA; freeze and full, which replace the base's weights) are
+scored on engines of their own, one after another (`engine_groups`), and their
+results merged; the base is scored once, on the first. Every suite gives per-item scores;
+`compare` turns them into deltas vs the base with bootstrap intervals and flips; `report`
+writes results.json, report.md and report.html.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from datetime import datetime, timezone
@@ -18,7 +22,7 @@ from ..runs import RunDir
 from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
 from .benchmarks import Benchmark
-from .common import Context, SuiteResult
+from .common import Context, SuiteResult, merge_results
 from .compare import compare_suite
 
 Suite = Literal["in_domain", "persona", "general", "benchmarks"]
@@ -36,7 +40,8 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     """Evaluate the base model and each run on the chosen suites; write a report.
 
     Args:
-        runs: run directories (their adapters share one base in memory).
+        runs: run directories (their adapters share one base in memory where their methods allow;
+            the others are scored on engines of their own, in turn).
         model: the base model (default: the first run's base).
         suites: which suites to run; `persona` needs --persona_probes, `benchmarks` --benchmarks.
         persona_probes: a YAML probe file for the persona suite.
@@ -54,6 +59,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         extra: more report fields (e.g. the experiment's methods table), merged in as they are.
     """
     from ..generate import Engine
+    from ..methods import get
     from ..report import write_report
 
     started = time.perf_counter()
@@ -62,9 +68,12 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     first = next(iter(run_configs.values()), {})
     if model is None and not runs:
         raise ValueError("give runs to evaluate (--runs RUN ...) or a base model (--model.path ...)")
+    if "persona" in suites and not persona_probes:
+        raise ValueError("the persona suite needs --persona_probes FILE.yaml")
     if system_prompt is None:
         system_prompt = (first.get("data") or {}).get("system_prompt")
-    engine = Engine.from_runs(names, model=model)
+    if model is None:  # every engine loads the same base: the first run's
+        model = from_dict(ModelConfig, first["model"])
     models = [BASE] + list(names)
     ctx = Context(gen=gen, system_prompt=system_prompt, batch_size=batch_size, limit=limit)
     notes = [f"decoding: {'greedy' if gen.temperature == 0 else f'sampled, T={gen.temperature}, seed {gen.seed}'}, "
@@ -73,30 +82,32 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         notes.append(f"limit {limit}: at most {limit} items of each suite were scored, evenly spaced "
                      f"over it; intervals are wider than with every item")
 
-    results: list[SuiteResult] = []
-    for suite in suites:
-        print(f"suite {suite}")
-        if suite == "in_domain":
-            held_out = held_out_split(data, first, engine)
-            if held_out is None:
-                notes.append("in_domain skipped: no held-out split (set data.val_size)")
-                continue
-            results += in_domain.run(engine, models, ctx, *held_out)
-        elif suite == "persona":
-            if not persona_probes:
-                raise ValueError("the persona suite needs --persona_probes FILE.yaml")
-            results += persona.run(engine, models, ctx, persona_probes)
-        elif suite == "general":
-            results += general.run(engine, models, ctx, general_probes)
-        elif suite == "benchmarks":
-            results += benchmarks_suite.run(engine, models, ctx, benchmarks)
+    groups = engine_groups({n: get(c["method"]["name"]).capabilities for n, c in run_configs.items()})
+    if len(groups) > 1:
+        notes.append("runs that cannot share one base in memory were scored on engines of their own, in "
+                     "turn: " + "; ".join(", ".join(([BASE] if i == 0 else []) + g) for i, g in enumerate(groups)))
+    tokenizer = RunDir(Path(runs[0])).tokenizer if runs else None  # one chat template for every engine
+    parts, held_out = [], None
+    for i, group in enumerate(groups):
+        engine = Engine.from_runs({n: names[n] for n in group}, model=model, tokenizer=tokenizer)
+        if i == 0:
+            model_path = engine.model_path
+            if "in_domain" in suites:
+                held_out = held_out_split(data, first, engine)
+                if held_out is None:
+                    notes.append("in_domain skipped: no held-out split (set data.val_size)")
+        parts.append(run_suites(engine, ([BASE] if i == 0 else []) + group, ctx, suites, held_out,
+                                persona_probes, general_probes, benchmarks))
+        del engine  # the next engine's weights take its place
+        release_memory()
+    results = merge_results(parts, models)
 
     report = {
         "title": title,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
         "base": BASE,
-        "models": [{"name": BASE, "kind": "base", "summary": engine.model_path or ""}]
+        "models": [{"name": BASE, "kind": "base", "summary": model_path or ""}]
         + [{"name": n, "kind": "run", "run_dir": str(r),
             "summary": run_configs[n]["method"]["name"]} for n, r in names.items()],
         "suites": {},
@@ -118,6 +129,61 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     paths = write_report(report, out)
     print(f"report: {paths['html']}")
     return report
+
+
+def engine_groups(capabilities: dict) -> list[list[str]]:
+    """Run names partitioned into the sets one Engine can hold each, from their methods'
+    `Capabilities` (name -> capabilities, in the runs' order; the order is kept in each set).
+
+    The first set is the one whose engine also serves the base (it may be empty). Weight
+    deltas of one PEFT type share an engine; virtual tokens and prefixes join the first
+    engine on the base (they switch the deltas off), a run that replaced the base's weights
+    (freeze, full) gets an engine of its own. So runs that worked together on one engine
+    before stay together, in the base's engine.
+    """
+    shared: list[tuple[list[str], set[str]]] = [([], set())]  # (names, PEFT types held)
+    alone: list[list[str]] = []
+    for name, caps in capabilities.items():
+        if caps.adapter_kind == "whole_model":
+            alone.append([name])
+            continue
+        wanted = {caps.peft_type} if caps.adapter_kind == "weight_delta" else set()
+        for names, held in shared:
+            if not held or not wanted or held == wanted:
+                names.append(name)
+                held |= wanted
+                break
+        else:
+            shared.append(([name], wanted))
+    return [names for names, _ in shared] + alone
+
+
+def run_suites(engine, models: list[str], ctx: Context, suites: list[Suite], held_out,
+               persona_probes: Optional[str], general_probes: Optional[str],
+               benchmarks: list[Benchmark]) -> list[SuiteResult]:
+    """Every chosen suite's results for `models`, all held by `engine`."""
+    results: list[SuiteResult] = []
+    for suite in suites:
+        print(f"suite {suite}")
+        if suite == "in_domain":
+            if held_out is not None:
+                results += in_domain.run(engine, models, ctx, *held_out)
+        elif suite == "persona":
+            results += persona.run(engine, models, ctx, persona_probes)
+        elif suite == "general":
+            results += general.run(engine, models, ctx, general_probes)
+        elif suite == "benchmarks":
+            results += benchmarks_suite.run(engine, models, ctx, benchmarks)
+    return results
+
+
+def release_memory() -> None:
+    """Free what an engine no longer referenced held (its graphs hold cycles), CUDA's cache too."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def unique_names(runs: list[str]) -> dict[str, str]:

@@ -80,6 +80,6 @@ def load(base: torch.nn.Module, directory: Path, trainable: bool = False) -> tor
 
 register(Method(
     name="freeze", config_cls=FreezeConfig,
-    capabilities=Capabilities(mergeable=True, supports_packing=True, shares_base=False),
+    capabilities=Capabilities(mergeable=True, supports_packing=True, adapter_kind="whole_model"),
     apply=apply, save=save, load=load, merge=lambda model: model,
     summary="freeze tuning: train only the last N decoder layers (merged by definition)"))

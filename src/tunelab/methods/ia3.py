@@ -49,6 +49,6 @@ def apply(model: torch.nn.Module, cfg: IA3Config) -> torch.nn.Module:
 
 register(Method(
     name="ia3", config_cls=IA3Config,
-    capabilities=Capabilities(mergeable=True, supports_packing=True),
+    capabilities=Capabilities(mergeable=True, supports_packing=True, peft_type="IA3"),
     apply=apply, save=save_peft, load=load_peft,
     summary="IA3: learned rescaling of keys, values and MLP activations (tiny, mergeable)"))

@@ -106,6 +106,6 @@ def save(model: torch.nn.Module, directory: Path) -> None:
 
 register(Method(
     name="lora", config_cls=LoraConfig,
-    capabilities=Capabilities(mergeable=True, supports_packing=True),
+    capabilities=Capabilities(mergeable=True, supports_packing=True, peft_type="LORA"),
     apply=apply, save=save, load=load_peft,
     summary="low-rank updates on linear layers (DoRA, rsLoRA, PiSSA/OLoRA init as options)"))

@@ -41,7 +41,7 @@ def apply(model: torch.nn.Module, cfg: PrefixConfig) -> torch.nn.Module:
 
 register(Method(
     name="prefix", config_cls=PrefixConfig,
-    capabilities=Capabilities(mergeable=False, supports_packing=False),
+    capabilities=Capabilities(mergeable=False, supports_packing=False, adapter_kind="kv_prefix"),
     apply=apply, save=save_virtual, load=load_virtual,
     merge=refuse_merge("prefix", (
         "prefix tuning adds trained keys and values to every attention layer; it changes no weight "

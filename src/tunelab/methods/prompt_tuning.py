@@ -41,7 +41,7 @@ def apply(model: torch.nn.Module, cfg: PromptTuningConfig) -> torch.nn.Module:
 
 register(Method(
     name="prompt_tuning", config_cls=PromptTuningConfig,
-    capabilities=Capabilities(mergeable=False, supports_packing=True),
+    capabilities=Capabilities(mergeable=False, supports_packing=True, adapter_kind="input_embeddings"),
     apply=apply, save=save_virtual, load=load_virtual,
     merge=refuse_merge("prompt_tuning", (
         "prompt tuning adds trained virtual tokens to every input; it changes no weight of the base "

@@ -65,6 +65,6 @@ NOT_MERGEABLE = (
 
 register(Method(
     name="ptuning", config_cls=PTuningConfig,
-    capabilities=Capabilities(mergeable=False, supports_packing=True),
+    capabilities=Capabilities(mergeable=False, supports_packing=True, adapter_kind="input_embeddings"),
     apply=apply, save=save_virtual, load=load_virtual, merge=refuse_merge("ptuning", NOT_MERGEABLE),
     summary="P-Tuning: virtual tokens from a trained MLP/LSTM prompt encoder (not mergeable)"))

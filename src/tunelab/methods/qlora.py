@@ -182,6 +182,6 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
 
 register(Method(
     name="qlora", config_cls=QLoraConfig,
-    capabilities=Capabilities(mergeable=True, supports_packing=True, needs_gpu=True),
+    capabilities=Capabilities(mergeable=True, supports_packing=True, needs_gpu=True, peft_type="LORA"),
     apply=apply, save=save, load=load, merge=merge,
     summary="QLoRA: LoRA on a 4-bit (NF4) base; needs a CUDA GPU and bitsandbytes"))

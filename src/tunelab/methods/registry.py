@@ -27,9 +27,31 @@ class Capabilities:
     """Trains on padding-free packed rows (virtual-token methods need one row per sequence)."""
     needs_gpu: bool = False
     """Cannot run on a CPU (e.g. 4-bit bitsandbytes kernels)."""
-    shares_base: bool = True
-    """The saved weights sit on top of an unchanged base, so several runs can share one base in
-    memory. False where training replaces base weights (full and freeze fine-tuning)."""
+    adapter_kind: str = "weight_delta"
+    """Where the trained weights act, which decides what can share one base in memory
+    (`generate.Engine`, `evaluate.runner.engine_groups`): `weight_delta` (PEFT layers inside the
+    base's modules: the LoRA family, IA3), `input_embeddings` (virtual tokens placed before
+    the prompt: P-Tuning, prompt tuning), `kv_prefix` (keys and values before the input in
+    every layer: prefix tuning) or `whole_model` (the base's own weights replaced: freeze, full)."""
+    peft_type: str = ""
+    """A weight delta's PEFT tuner type (`LORA`, `IA3`): one PEFT model switches only between
+    adapters of one type, so runs of two types are evaluated on two engines."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_kind not in ADAPTER_KINDS:
+            raise ValueError(f"adapter_kind must be one of {ADAPTER_KINDS}, got {self.adapter_kind!r}")
+        if (self.adapter_kind == "weight_delta") != bool(self.peft_type):
+            raise ValueError(f"peft_type names a weight delta's PEFT type (and only a weight delta's); "
+                             f"got adapter_kind {self.adapter_kind!r} with peft_type {self.peft_type!r}")
+
+    @property
+    def shares_base(self) -> bool:
+        """The saved weights sit on top of an unchanged base, so several runs can share one base
+        in memory. False where training replaces base weights (full and freeze fine-tuning)."""
+        return self.adapter_kind != "whole_model"
+
+
+ADAPTER_KINDS = ("weight_delta", "input_embeddings", "kv_prefix", "whole_model")
 
 
 @dataclass(frozen=True)
