@@ -145,15 +145,26 @@ def run_case(name: str, args, data: dict, device, dtype, peak: float) -> dict:
     return result
 
 
+def learns(r: dict) -> str:
+    """A tunelab case's learning check, measured in the same run as its speed."""
+    if "learns" not in r:
+        return ""
+    verdict = "yes" if r["learns"] else "**NO**"
+    return (f"{verdict} ({r['probe_loss_before']:.3f} -> {r['probe_loss_after']:.3f}, "
+            f"{r['probe_loss_plain_peft']:.3f})")
+
+
 def table(results: dict, header: str) -> str:
-    lines = [header, "", "| case | shape | method | runner | real tokens/s | MFU | peak GiB | 3 epochs (min) | x reference |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [header, "", "| case | shape | method | runner | real tokens/s | MFU | peak GiB | 3 epochs (min) | x reference "
+             "| learns (probe loss before -> after, plain PEFT) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results.items():
         ref = CASES[name][4]
         ratio = (f"{r['tokens_per_s'] / results[ref]['tokens_per_s']:.1f}x vs {ref}"
                  if ref in results else "")
         lines.append(f"| {name} | {r['shape']} | {r['method']} | {r['runner']} | {r['tokens_per_s']:,.0f} | "
-                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | {r['three_epochs_min']:.2f} | {ratio} |")
+                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | {r['three_epochs_min']:.2f} | {ratio} | "
+                     f"{learns(r)} |")
     return "\n".join(lines)
 
 

@@ -121,7 +121,8 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
     its wait for the GPU (`wait_ms_per_step`): a host that never waits sets the speed."""
     from tunelab import cross_entropy, fastpath, kernels, rms_norm
     from tunelab.methods import lora_fused, lora_kernels
-    from tunelab.train import step_rows
+    from tunelab.invariants import plain_forward, plain_loss, tolerance
+    from tunelab.train import evaluate_loss, step_rows
 
     cfg = train_cfg
     clock = Clock(device)
@@ -135,7 +136,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         net.train()
         params = [p for p in net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=device.type == "cuda")
+                                      fused=device.type in ("cuda", "cpu"))
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
         lora_fused.FOLD_RATIO = fold_ratio
@@ -158,6 +159,11 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         # a second pass over the same steps: the steady state of a long run.
         measured = list(range(warmup, warmup + steps))
 
+        # The learning check of this very run: a fixed batch (the first measured step's rows)
+        # before and after, through the training path and through plain PEFT at the end.
+        probe = step_rows(rows, cfg, warmup, steps_per_epoch)[:8]
+        probe_before = evaluate_loss(net, probe, cfg, fast, device, autocast)
+        net.train()
         loop = partial(run_steps, rows=rows, cfg=cfg, steps_per_epoch=steps_per_epoch, net=net, fast=fast,
                        device=device, autocast=autocast, params=params, optimizer=optimizer)
         first_pass = Clock(device)
@@ -174,6 +180,14 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
         if gc_freeze:
             gc.unfreeze()
         peak = peak_gib(device)
+        probe_after = evaluate_loss(net, probe, cfg, fast, device, autocast)
+        with plain_forward(net, fast):
+            probe_plain = plain_loss(net, probe, device, autocast)
+        net.train()
+        learning = {"probe_loss_before": probe_before, "probe_loss_after": probe_after,
+                    "probe_loss_plain_peft": probe_plain,
+                    "learns": bool(probe_after < probe_before - 0.01
+                                   and abs(probe_after - probe_plain) <= tolerance(dtype, probe_plain))}
         if profile:
             profile_steps(profile, partial(loop, measured[:5]), 5)
         fused_kernels.__exit__(None, None, None)
@@ -190,6 +204,6 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                   "packed": fast.packed, "liger": liger_on, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
                   "cuda_graphs": fast.graphs is not None and not fast.graphs.failed,
                   "graphs_captured": len(fast.graphs.graphs) if fast.graphs else 0,
-                  "graph_failure": fast.graphs.failed if fast.graphs else None, "last_loss": loss}
+                  "graph_failure": fast.graphs.failed if fast.graphs else None, "last_loss": loss, **learning}
         del net, base, optimizer, params, fast, loop
     return result

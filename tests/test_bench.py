@@ -45,6 +45,10 @@ def test_cpu_mode_compares_reference_and_tunelab(bench_inputs, tmp_path, monkeyp
     assert not results["ptuning-1.5b"]["packed"]  # virtual tokens: padded path
     for r in results.values():
         assert r["tokens_per_s"] > 0 and r["three_epochs_min"] > 0
+    for name in ("lora-1.5b", "ptuning-1.5b"):  # each speed comes with its own learning check
+        r = results[name]
+        assert r["probe_loss_after"] < r["probe_loss_before"], r
+        assert abs(r["probe_loss_after"] - r["probe_loss_plain_peft"]) < 1e-3, r
     assert json.loads(out.read_text())["results"]["lora-1.5b"]["case"] == "lora-1.5b"
 
 
