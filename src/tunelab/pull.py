@@ -222,7 +222,7 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
     """Write `gguf` as a dense fp32 HF model + tokenizer into `out`; returns facts for the record."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # eos is left as this transformers version reports it (it differs across versions);
@@ -231,11 +231,13 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
         tokenizer.chat_template = _gguf_chat_template(gguf)
     if not tokenizer.chat_template:
         raise PullError(f"{gguf.name} carries no chat template; tunelab needs one")
-    # dequantize=True gives a plain dense model: without it the model stays marked "quantized
-    # with gguf" and save_pretrained refuses it. fp32 holds the Q4_1 values exactly; bf16 would round.
+    # dequantize=True gives a plain dense model: without it newer transformers keep the model
+    # marked "quantized with gguf" and save_pretrained refuses it. Versions before GgufConfig
+    # (5.17) dequantize a plain gguf_file load. fp32 holds the Q4_1 values exactly; bf16 would round.
+    dequantize = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(
+        transformers, "GgufConfig") else {}
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True))
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dequantize)
     model.save_pretrained(out)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(out)
     if AutoTokenizer.from_pretrained(out).chat_template != tokenizer.chat_template:
