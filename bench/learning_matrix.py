@@ -246,7 +246,12 @@ def main() -> None:
             entry["skipped"] = skip
             print(f"{method}: skipped ({skip})", flush=True)
             continue
-        refs = [reference(args, method, seed) for seed in args.seeds]
+        try:
+            refs = [reference(args, method, seed) for seed in args.seeds]
+        except Exception as err:  # noqa: BLE001 - the other methods still run
+            entry["skipped"] = f"reference failed: {type(err).__name__}: {str(err)[:300]}"
+            print(f"{method}: {entry['skipped']}", flush=True)
+            continue
         values = [r["held_out"] for r in refs]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         base = refs[0]["base_held_out"]
