@@ -259,4 +259,5 @@ def test_an_echo_of_the_question_scores_nothing():
     assert grade(question, {"type": "number", "value": 5})  # without the question: the last number
     assert not grade(question, spec, question)
     assert grade("现在卖 45 元。", {"type": "number", "value": 45}, question)
-    assert not grade("这本书售价 45 元", {"type": "number", "value": 45}, question)  # copied, not answered
+    assert not grade("这本书售价 45 元，比上周便宜了 5 元。", {"type": "number", "value": 5}, question)
+    assert grade("**45**", {"type": "number", "value": 45}, question)  # emphasis is no multiplication

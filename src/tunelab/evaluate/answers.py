@@ -4,7 +4,7 @@ The graders in `checkers.py` ask "does the answer say X?", not "does X occur in 
 The difference is what this module reads:
 
 - **echo**: text copied from the question proves nothing. `strip_echo` blanks every
-  sentence or clause of the question (5+ characters) found in the answer, so a model
+  sentence of the question (5+ characters) found in the answer, so a model
   that parrots "1.11 和 1.9 哪个大？" or the sentence a number is to be picked from is
   graded on what it added, which is nothing.
 - **negation**: a mention right after "not", "isn't", "不是", "并非", "而非", "不" ... or
@@ -158,13 +158,15 @@ def _flexible(piece: str) -> re.Pattern[str]:
 
 
 def strip_echo(answer: str, question: Optional[str]) -> str:
-    """`answer` with every sentence and clause of `question` (5+ non-space characters) it
-    copies blanked out, longest first: what is left is what the answer added."""
+    """`answer` with every sentence of `question` (5+ non-space characters) it copies
+    blanked out, longest first: what is left is what the answer added. Sentences, not
+    clauses: "The jacket now costs 60 dollars." answers a question quoting "The jacket
+    now costs 60 dollars, down from 85 dollars."; echoing that whole sentence does not."""
     if not question:
         return answer
     # no NFKC here: it would turn "，" into "," and glue "100，200" into one number
     text, q = answer, question
-    pieces = {q[a:b].strip() for a, b in clauses(q, sentence=True) + clauses(q)}
+    pieces = {q[a:b].strip() for a, b in clauses(q, sentence=True)}
     for piece in sorted(pieces, key=len, reverse=True):
         if len("".join(piece.split())) >= 5:
             text = _flexible(piece).sub(lambda m: " " * len(m.group()), text)
@@ -173,13 +175,18 @@ def strip_echo(answer: str, question: Optional[str]) -> str:
 
 # ---------------------------------------------------------------- what a mention asserts
 
+_QUOTES = r"[\"'“”‘’「」《》*]*"
+# up to two words may sit between a cue and a mention ("not William Shakespeare", "or The
+# Pacific Ocean"), but not a word that turns the sentence ("not Milan but Rome")
+_BETWEEN = r"(?:(?!(?:but|rather|instead|it|is|was|the\s+answer)\b)[\w'-]+\s+){0,2}"
 _NEG_BEFORE = re.compile(
-    r"(?:\b(?:not|isn't|isnt|aren't|wasn't|never|no|nor)\b(?:\s+(?:the|a|an|exactly|really|quite))?|"
-    r"不是|并非|而非|并不是|不|非|没有|別|别)\s*[\"'“”‘’「」《》*]*\s*$", re.IGNORECASE)
-_NEG_AFTER = re.compile(r"^\s*[\"'“”‘’「」《》*]*\s*(?:is\s+not\b|isn't\b|is\s+wrong\b|不是|并不是|不对|是错)",
+    rf"(?:\b(?:not|isn't|isnt|aren't|wasn't|never|no|nor)\b\s+{_BETWEEN}|"
+    rf"(?:不是|并非|而非|并不是|不|非|没有|別|别)\s*){_QUOTES}\s*$", re.IGNORECASE)
+_NEG_AFTER = re.compile(rf"^[\w'-]{{0,12}}\s*{_QUOTES}\s*(?:is\s+not\b|isn't\b|is\s+wrong\b|不是|并不是|不对|是错)",
                         re.IGNORECASE)
-_HEDGE_BEFORE = re.compile(r"(?:\bor|\beither|或者|或是|或|还是|/)\s*[\"'“”‘’「」《》*]*\s*$", re.IGNORECASE)
-_HEDGE_AFTER = re.compile(r"^\s*[\"'“”‘’「」《》*]*\s*(?:or\b|或者|或是|或|还是|/)", re.IGNORECASE)
+_HEDGE_BEFORE = re.compile(rf"(?:\bor\s+{_BETWEEN}|\beither\s+{_BETWEEN}|(?:或者|或是|或|还是|/)\s*){_QUOTES}\s*$",
+                           re.IGNORECASE)
+_HEDGE_AFTER = re.compile(rf"^(?:[\u4e00-\u9fff]|\s+[A-Z][\w-]*)?\s*{_QUOTES}\s*(?:or\b|或者|或是|或(?!许)|还是|/)")
 _OBJECT_BEFORE = re.compile(r"(?:\bthan|\bfrom|比|从|不如)\s*(?:the\s+)?[\"'“”‘’「」《》*]*\s*$", re.IGNORECASE)
 
 
@@ -201,13 +208,15 @@ def asserted(text: str, start: int, end: int) -> bool:
     return not _OBJECT_BEFORE.search(before)
 
 
-_OPERATOR = r"[+\-×xX*/÷]|加上?|减去?|乘以?|除以?|\bplus\b|\bminus\b|\btimes\b|\bdivided by\b|\bmultiplied by\b"
+_OPERATOR = r"[+\-×/÷]|(?<![*])\*(?![*])|(?<![A-Za-z])[xX](?![A-Za-z])|加上?|减去?|乘以?|除以?|\bplus\b|\bminus\b|\btimes\b|\bdivided by\b|\bmultiplied by\b"
 _UNIT = r"(?:\s*(?:[A-Za-z°%]+\.?|[\u4e00-\u9fff]{1,3}))?"
 _OPERAND_BEFORE = re.compile(rf"(?:{_OPERATOR})\s*$", re.IGNORECASE)
 _OPERAND_AFTER = re.compile(rf"^{_UNIT}\s*(?:{_OPERATOR}|=|等于|equals\b)\s*[-\d.(（零一二两三四五六七八九十]",
                             re.IGNORECASE)
 _RANGE_AFTER = re.compile(rf"^{_UNIT}\s*(?:到|至|~|～|\bto\b)\s*[-\d.零一二两三四五六七八九十]", re.I)
 _RANGE_BEFORE = re.compile(rf"\d{_UNIT}\s*(?:到|至|~|～|\bto\b)\s*$", re.I)
+_LISTED_AFTER = re.compile(rf"^{_UNIT}\s*(?:\band\b|&|和|与|跟)\s*[-\d.零一二两三四五六七八九十]", re.I)
+_LISTED_BEFORE = re.compile(rf"\d{_UNIT}\s*(?:\band\b|&|和|与|跟)\s*$", re.I)
 _OPEN, _CLOSE = "(（[【", ")）]】"
 
 
@@ -235,9 +244,35 @@ def asserted_numbers(text: str) -> list[Mention]:
         clause = norm[_clause_of(norm, m.start, m.end)[0]:m.start]
         if (_RANGE_AFTER.search(after) or _RANGE_BEFORE.search(before)) and not re.search(r"\bfrom\b|从", clause, re.I):
             continue  # "41 到 42", "7 to 8": a range is a hedge ("from 18 to 7" is not)
+        if _LISTED_AFTER.search(after) or _LISTED_BEFORE.search(before):
+            continue  # "5 and 45", "5 和 45": both candidates listed, neither concluded
+        if not _stands_alone(norm, m):
+            continue
         if asserted(norm, m.start, m.end):
             kept.append(m)
     return kept
+
+
+_MEASURE = ("个|人|元|块|角|分钟|分|秒|小时|时|天|日|周|星期|月|年|岁|次|件|名|户|栋|层|号|页|张|位|条|辆|台|种|本|只|"
+            "支|杯|瓶|颗|道|米|公里|千米|厘米|毫米|克|千克|公斤|斤|吨|升|毫升|度|倍|平方|立方|摄氏|华氏|英寸|英尺|码|点|"
+            "加|减|乘|除|等|是|和|与|或|到|至|比|的|了|呢|吧|啊|呀|哦|嘛|，|。")
+_STANDS_AFTER = re.compile(rf"^(?:$|[\s\W_]|(?:{_MEASURE})|[A-Za-z°%]+(?![A-Za-z]))")
+
+
+def _stands_alone(text: str, m: Mention) -> bool:
+    """A concluded number is not glued into other text: "这7国" or "er7" in a token soup
+    (what random weights write) says nothing; "7", "7 个", "7个苹果", "7 km" do."""
+    before = text[m.start - 1] if m.start else ""
+    if before.isascii() and before.isalpha() and text[m.start:m.start + 1].isdigit():
+        return False  # "A123", "H2O", "er7"
+    if re.match(r"[负零〇一二两三四五六七八九十]", text[m.start:m.start + 1]) and \
+            re.match(r"[\u4e00-\u9fff]", before) and before not in "是为有共约于了到得":
+        return False  # "自一" in a soup; "是十二" and "共十二个" are numbers
+    after = text[m.end:]
+    if after[:1].isascii() and after[:1].isalpha():  # "7km" is a unit, "7ing" is not
+        return re.match(r"^(?:k?m|cm|mm|kg|g|mg|l|ml|s|min|h|hrs?|days?|st|nd|rd|th|x|°[CF])(?![A-Za-z])",
+                        after, re.I) is not None
+    return _STANDS_AFTER.match(after) is not None
 
 
 # ---------------------------------------------------------------- choice between options
@@ -304,6 +339,8 @@ def choice_verdict(text: str, mentions: Sequence[tuple[int, int, int]], n_option
             if relation and ask:
                 picks.add(previous[2] if relation == ask else second[2])
                 continue
+            if "=" in text[a:b]:
+                continue  # working ("1.9 = 1.90 and 1.11 = 1.11")
             return None  # two options, no verdict between them: a hedge
         if "=" in text[a:b]:
             continue  # working ("1.9 = 1.90"), not a verdict

@@ -294,8 +294,8 @@ def _json_value_matches(actual: Any, expected: Any) -> bool:
         if _is_number(actual):
             return abs(actual - expected) <= 1e-6
         # A string with exactly one number counts: "28岁", "$12", "12 dollars".
-        numbers = extract_numbers(actual) if isinstance(actual, str) else []
-        return len(numbers) == 1 and abs(numbers[0] - expected) <= 1e-6
+        numbers = [m.value for m in asserted_numbers(actual)] if isinstance(actual, str) else []
+        return len(numbers) == 1 and abs(numbers[0] - expected) <= 1e-6 and len(extract_numbers(actual)) == 1
     return isinstance(actual, (str, int, float)) and _fold(str(actual)) == _fold(str(expected))
 
 
