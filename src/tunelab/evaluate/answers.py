@@ -187,7 +187,8 @@ _NEG_AFTER = re.compile(rf"^[\w'-]{{0,12}}\s*{_QUOTES}\s*(?:is\s+not\b|isn't\b|i
 _HEDGE_BEFORE = re.compile(rf"(?:\bor\s+{_BETWEEN}|\beither\s+{_BETWEEN}|(?:或者|或是|或|还是|/)\s*){_QUOTES}\s*$",
                            re.IGNORECASE)
 _HEDGE_AFTER = re.compile(rf"^(?:[\u4e00-\u9fff]|\s+[A-Z][\w-]*)?\s*{_QUOTES}\s*(?:or\b|或者|或是|或(?!许)|还是|/)")
-_OBJECT_BEFORE = re.compile(r"(?:\bthan|\bfrom|比|从|不如)\s*(?:the\s+)?[\"'“”‘’「」《》*]*\s*$", re.IGNORECASE)
+_OBJECT_BEFORE = re.compile(r"(?:\bthan|比|不如)\s*(?:the\s+)?[\"'“”‘’「」《》*]*\s*$", re.IGNORECASE)
+_START_BEFORE = re.compile(r"(?:\bfrom|从)\s*$", re.IGNORECASE)  # "from 85 to 60": for numbers only
 
 
 def _clause_of(text: str, start: int, end: int) -> tuple[int, int]:
@@ -197,15 +198,16 @@ def _clause_of(text: str, start: int, end: int) -> tuple[int, int]:
     return 0, len(text)
 
 
-def asserted(text: str, start: int, end: int) -> bool:
-    """Is the mention text[start:end] asserted, rather than negated, hedged or compared with?"""
+def asserted(text: str, start: int, end: int, numeric: bool = False) -> bool:
+    """Is the mention text[start:end] asserted, rather than negated, hedged or compared with
+    (or, for a number, the starting point of a change: "from 85 to 60")?"""
     a, b = _clause_of(text, start, end)
     before, after = text[a:start], text[end:b]
     if _NEG_BEFORE.search(before) or _NEG_AFTER.search(after):
         return False
     if _HEDGE_BEFORE.search(before) or _HEDGE_AFTER.search(after):
         return False
-    return not _OBJECT_BEFORE.search(before)
+    return not (_OBJECT_BEFORE.search(before) or (numeric and _START_BEFORE.search(before)))
 
 
 _OPERATOR = r"[+\-×/÷]|(?<![*])\*(?![*])|(?<![A-Za-z])[xX](?![A-Za-z])|加上?|减去?|乘以?|除以?|\bplus\b|\bminus\b|\btimes\b|\bdivided by\b|\bmultiplied by\b"
@@ -248,7 +250,7 @@ def asserted_numbers(text: str) -> list[Mention]:
             continue  # "5 and 45", "5 和 45": both candidates listed, neither concluded
         if not _stands_alone(norm, m):
             continue
-        if asserted(norm, m.start, m.end):
+        if asserted(norm, m.start, m.end, numeric=True):
             kept.append(m)
     return kept
 

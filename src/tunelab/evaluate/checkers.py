@@ -188,10 +188,24 @@ def check_contains(answer: str, spec: Mapping[str, Any], question: str = "") -> 
     if any(_needle_pattern(n, whole).search(raw) for n in _str_list(spec, "none")):
         return False
     text = unicodedata.normalize("NFKC", strip_echo(answer, question))
-    said = lambda needle: _asserted_matches(_needle_pattern(needle, whole), text)  # noqa: E731
-    if "any" in spec and not any(said(n) for n in _str_list(spec, "any")):
+    said = _asserted_needles(text, _str_list(spec, "any") + _str_list(spec, "all"), whole)
+    if "any" in spec and not any(said[n] for n in _str_list(spec, "any")):
         return False
-    return all(said(n) for n in _str_list(spec, "all"))
+    return all(said[n] for n in _str_list(spec, "all"))
+
+
+def _asserted_needles(text: str, needles: list[str], whole: bool) -> dict[str, bool]:
+    """needle -> asserted somewhere in `text`. Longest needles first, each match blanked, so
+    "妹妹" is not found again inside a denied "不是亲妹妹"."""
+    said = {}
+    for needle in sorted(set(needles), key=lambda n: (-len(n), n)):
+        found = False
+        for m in list(_needle_pattern(needle, whole).finditer(text)):
+            found = found or asserted(text, m.start(), m.end())
+            # a word-like blank, so "not Leonardo da Vinci" still negates "da Vinci"
+            text = text[:m.start()] + "_" * (m.end() - m.start()) + text[m.end():]
+        said[needle] = found
+    return said
 
 
 def _same_option(a: Any, b: Any) -> bool:
