@@ -98,3 +98,12 @@ def test_other_items_references_are_rejected():
         and other.check != probe.check and probe.grade(other.reference)
     ]
     assert leaks == []
+
+
+def test_no_item_accepts_its_question_echoed():
+    from tunelab.evaluate.checkers import grade
+
+    assert [p.id for p in PROBES if p.grade(p.question)] == []
+    # Graded blind (no question), the question's own text still passes 18 items, e.g. a number
+    # extraction whose answer is the sentence's last number: the echo rule is what refuses them.
+    assert len([p.id for p in PROBES if grade(p.question, p.check)]) >= 10
