@@ -182,11 +182,14 @@ _BETWEEN = r"(?:(?!(?:but|rather|instead|it|is|was|the\s+answer)\b)[\w'-]+\s+){0
 _NEG_BEFORE = re.compile(
     rf"(?:\b(?:not|isn't|isnt|aren't|wasn't|never|no|nor)\b\s+{_BETWEEN}|"
     rf"(?:不是|并非|而非|并不是|不|非|没有|別|别)\s*){_QUOTES}\s*$", re.IGNORECASE)
-_NEG_AFTER = re.compile(rf"^[\w'-]{{0,12}}\s*{_QUOTES}\s*(?:is\s+not\b|isn't\b|is\s+wrong\b|不是|并不是|不对|是错)",
+# after a mention, the rest of its word may come first ("Everest's", "珠穆朗玛峰"), but not a
+# word that turns the sentence ("是巴黎而不是里昂")
+_WORD_REST = r"(?:[A-Za-z'-]+|(?![而但却并也])[\u4e00-\u9fff])?"
+_NEG_AFTER = re.compile(rf"^{_WORD_REST}\s*{_QUOTES}\s*(?:is\s+not\b|isn't\b|is\s+wrong\b|不是|并不是|不对|是错)",
                         re.IGNORECASE)
 _HEDGE_BEFORE = re.compile(rf"(?:\bor\s+{_BETWEEN}|\beither\s+{_BETWEEN}|(?:或者|或是|或|还是|/)\s*){_QUOTES}\s*$",
                            re.IGNORECASE)
-_HEDGE_AFTER = re.compile(rf"^(?:[\u4e00-\u9fff]|\s+[A-Z][\w-]*)?\s*{_QUOTES}\s*(?:or\b|或者|或是|或(?!许)|还是|/)")
+_HEDGE_AFTER = re.compile(rf"^(?:{_WORD_REST}|\s+[A-Z][\w-]*)?\s*{_QUOTES}\s*(?:or\b|或者|或是|或(?!许)|还是(?![很那这挺])|/)")
 _OBJECT_BEFORE = re.compile(r"(?:\bthan|比|不如)\s*(?:the\s+)?[\"'“”‘’「」《》*]*\s*$", re.IGNORECASE)
 _START_BEFORE = re.compile(r"(?:\bfrom|从)\s*$", re.IGNORECASE)  # "from 85 to 60": for numbers only
 
