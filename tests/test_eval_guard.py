@@ -14,7 +14,8 @@ from tunelab.evaluate.runner import check_same_split, held_out_split
 def _run(tmp_path, name, sha="ab" * 32, **data):
     run = tmp_path / name
     run.mkdir()
-    config = {"data": {"path": "d.jsonl", "seed": 42, "val_size": 24, "limit": None, **data}, "method": {"name": "lora"}}
+    config = {"data": {"path": "d.jsonl", "seed": 42, "val_size": 24, "limit": None, **data},
+              "method": {"name": "lora"}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "inputs.json").write_text(json.dumps({"data": {"sha256": sha, "size": 10}}))
     return str(run), config

@@ -238,6 +238,8 @@ def _test_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+_TESTS_NOTE = ("up / down: items whose score rose / fell. p: the paired test, two-sided; Holm p: adjusted over "
+               "every comparison of the evaluation (with tunelab eval: every row here).")
 _TEST_HEADER = ["suite", "model", "Δ", "CI", "test", "n", "up / down", "p", "Holm p", "decision"]
 
 
@@ -422,8 +424,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             [_md(model)] + [text + marks[state] for text, state in cells]
             for model, _, cells in _summary_rows(results)])
         if _test_rows(results):
-            out += ["### Tests", "", "up / down: items whose score rose / fell. p: the paired test, two-sided; "
-                    "Holm p: adjusted over every row of this table.", ""]
+            out += ["### Tests", "", _TESTS_NOTE, ""]
             out += _md_table(_TEST_HEADER, [[_md(c) for c in row] for row in _test_rows(results)])
         for suite, entry in suites.items():
             if entry.get("by_group"):
@@ -520,8 +521,7 @@ def render_html(results: Mapping[str, Any]) -> str:
             [td(model)] + [td(text, state if state in ("gain", "loss", "same") else "") for text, state in cells]
             for model, _, cells in _summary_rows(results)]))
         if _test_rows(results):
-            body += ["<h3>Tests</h3>", "<p>up / down: items whose score rose / fell. p: the paired test, "
-                     "two-sided; Holm p: adjusted over every row of this table.</p>",
+            body += ["<h3>Tests</h3>", f"<p>{_h(_TESTS_NOTE)}</p>",
                      _html_table(_TEST_HEADER, [[td(c) for c in row[:-1]] + [td(row[-1], {
                          "gain": "gain", "loss": "loss"}.get(row[-1], "same"))] for row in _test_rows(results)])]
         for suite, entry in suites.items():

@@ -22,7 +22,6 @@ The difference is what this module reads:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -213,7 +212,8 @@ def asserted(text: str, start: int, end: int, numeric: bool = False) -> bool:
     return not (_OBJECT_BEFORE.search(before) or (numeric and _START_BEFORE.search(before)))
 
 
-_OPERATOR = r"[+\-×/÷]|(?<![*])\*(?![*])|(?<![A-Za-z])[xX](?![A-Za-z])|加上?|减去?|乘以?|除以?|\bplus\b|\bminus\b|\btimes\b|\bdivided by\b|\bmultiplied by\b"
+_OPERATOR = (r"[+\-×/÷]|(?<![*])\*(?![*])|(?<![A-Za-z])[xX](?![A-Za-z])|加上?|减去?|乘以?|除以?"
+             r"|\bplus\b|\bminus\b|\btimes\b|\bdivided by\b|\bmultiplied by\b")
 _UNIT = r"(?:\s*(?:[A-Za-z°%]+\.?|[\u4e00-\u9fff]{1,3}))?"
 _OPERAND_BEFORE = re.compile(rf"(?:{_OPERATOR})\s*$", re.IGNORECASE)
 _OPERAND_AFTER = re.compile(rf"^{_UNIT}\s*(?:{_OPERATOR}|=|等于|equals\b)\s*[-\d.(（零一二两三四五六七八九十]",
@@ -361,13 +361,10 @@ def choice_verdict(text: str, mentions: Sequence[tuple[int, int, int]], n_option
 
 
 def option_value(option) -> Optional[float]:
+    """An option as a number (1.9, "1,000"), or None for a text option."""
     if isinstance(option, (int, float)) and not isinstance(option, bool):
         return float(option)
     try:
         return float(str(option).strip().replace(",", ""))
     except ValueError:
         return None
-
-
-def same_number(a: float, b: float) -> bool:
-    return math.isclose(a, b, abs_tol=1e-9)

@@ -88,7 +88,8 @@ def qa(engine, models: list[str], ctx: Context, bench: Benchmark) -> SuiteResult
     ids = [f"{i:04d}" for i in range(len(items))]
 
     def score(answer: str, item: dict) -> float:
-        reference, question = item["answer"], item["question"]  # what the answer copies from the question counts for nothing
+        # what the answer copies from the question counts for nothing
+        reference, question = item["answer"], item["question"]
         if bench.checker == "number":
             return float(grade(answer, {"type": "number", "value": float(reference)}, question))
         if bench.checker == "exact":
