@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-__all__ = ["Mention", "asserted", "asserted_numbers", "choice_verdict", "clauses", "extract_numbers",
+__all__ = ["Mention", "asserted", "asserted_numbers", "choice_verdict", "clauses", "extract_numbers", "option_value",
            "number_mentions", "strip_echo"]
 
 # Fullwidth digits and the minus sign get mapped by hand; full NFKC would also turn the
