@@ -265,3 +265,7 @@ def test_an_echo_of_the_question_scores_nothing():
     assert grade("现在卖 45 元。", {"type": "number", "value": 45}, question)
     assert not grade("这本书售价 45 元，比上周便宜了 5 元。", {"type": "number", "value": 5}, question)
     assert grade("**45**", {"type": "number", "value": 45}, question)  # emphasis is no multiplication
+    # a sentence is cut at . ? ! and quotes, not at ";": one clause of it, restated, is an answer
+    question = 'Sentence: "In 2020 the town had 15,000 residents; today it has 18,200." How many today?'
+    assert grade("Today it has 18,200.", {"type": "number", "value": 18200}, question)
+    assert not grade(question, {"type": "number", "value": 18200}, question)

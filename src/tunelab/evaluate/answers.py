@@ -138,8 +138,8 @@ def extract_numbers(text: str) -> list[float]:
 
 # ---------------------------------------------------------------- clauses and echoes
 
-_SENTENCE_END = r"[。！？；!?;\n“”\"「」]|[.:：](?=\s|$)"
-_CLAUSE_END = _SENTENCE_END + r"|[，、]|,(?=\s|$)"
+_SENTENCE_END = r"[。！？!?\n“”\"「」]|[.:：](?=\s|$)"
+_CLAUSE_END = _SENTENCE_END + r"|[，、；;]|,(?=\s|$)"
 
 
 def clauses(text: str, sentence: bool = False) -> list[tuple[int, int]]:
