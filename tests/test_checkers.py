@@ -30,10 +30,10 @@ def test_extract_numbers(text, numbers):
 
 @pytest.mark.parametrize("answer, mode, ok", [
     ("17 + 25 = 42", "last", True),
-    ("42，因为 17 加 25", "last", False),
+    ("42，因为 17 加 25", "last", True),  # the operands of working are not conclusions
     ("42，因为 17 加 25", "first", True),
     ("17 + 25 = 42", "any", True),
-    ("42 or 42.0", "only", True),
+    ("42 or 42.0", "only", False),  # "or" hedges, even between equal values
     ("42 or 43", "only", False),
     ("四十二", "last", True),
     ("no idea", "last", False),
@@ -56,7 +56,8 @@ def test_contains():
     assert not grade("Paris, not Lyon", {"type": "contains", "any": ["Paris"], "none": ["Lyon"]})
     assert grade("Mars.", {"type": "contains", "any": ["Mars"], "whole_word": True})
     assert not grade("Marshmallow", {"type": "contains", "any": ["Mars"], "whole_word": True})
-    assert grade("Marshmallow", {"type": "contains", "any": ["Mars"]})
+    assert not grade("Marshmallow", {"type": "contains", "any": ["Mars"]})  # whole words by default
+    assert grade("Marshmallow", {"type": "contains", "any": ["Mars"], "whole_word": False})
 
 
 @pytest.mark.parametrize("answer, ok", [
@@ -184,3 +185,87 @@ def test_self_test_and_score_answers():
     assert score_answers(probes, {"q1": "It is Paris."}) == {"q1": 1.0}
     with pytest.raises(KeyError, match="no answer"):
         score_answers(probes, {})
+
+
+# ---------------------------------------------------------------- meaning, not substrings
+
+CMP = {"type": "choice", "value": "1.9", "options": ["1.11", "1.9"]}
+Q_CMP = "1.11 和 1.9 哪个大？"
+
+
+@pytest.mark.parametrize("answer", [
+    "1.9", "1.9 更大。", "1.11 和 1.9 相比，1.9 更大。", "1.11 is smaller than 1.9.", "1.9 比 1.11 大。",
+    "1.11 比 1.9 小。", "1.9 is larger.", "Comparing 1.11 and 1.9, 1.9 is larger.", "1.9 > 1.11",
+    "不是 1.11，是 1.9。", "1.9 = 1.90 > 1.11, so 1.9 is larger.", "回皇上，1.9 更大些呢。",
+    "1.11 更小，所以答案是 1.9。", "1.11 和 1.9 哪个大？1.9 更大。",
+])
+def test_choice_accepts_verdicts_in_any_style(answer):
+    assert grade(answer, CMP, Q_CMP), answer
+
+
+@pytest.mark.parametrize("answer", [
+    "1.9 和 1.11 相比，1.11 更大", "Comparing 1.9 and 1.11, 1.11 is larger.", "Between 1.9 and 1.11, I'd say 1.11",
+    "1.11 和 1.9 哪个大？", "1.9 和 1.11", "1.9 or 1.11", "1.9 还是 1.11 呢", "可能是 1.9，也可能是 1.11。",
+    "不是 1.9。", "1.9 is not larger than 1.11.", "1.11 比 1.9 大。", "1.9 is smaller than 1.11.", "",
+])
+def test_choice_rejects_restatements_hedges_negations_and_echoes(answer):
+    assert not grade(answer, CMP, Q_CMP), answer
+
+
+def test_choice_direction_comes_from_the_question():
+    spec = {"type": "choice", "value": "3.14", "options": ["3.14", "3.2"]}
+    question = "3.14 和 3.2 哪个小？"
+    assert grade("3.14 更小。", spec, question) and grade("3.2 比 3.14 大。", spec, question)
+    assert not grade("3.2 更小。", spec, question) and not grade("3.14 比 3.2 大。", spec, question)
+
+
+@pytest.mark.parametrize("answer, spec, ok", [
+    ("法国的首都不是巴黎，而是里昂。", {"type": "contains", "any": ["巴黎"]}, False),
+    ("Not Rome; the capital is Milan.", {"type": "contains", "any": ["Rome"]}, False),
+    ("K2 is higher than Everest.", {"type": "contains", "any": ["Everest"]}, False),
+    ("Everest is higher than K2.", {"type": "contains", "any": ["Everest"]}, True),
+    ("是巴黎而不是里昂。", {"type": "contains", "any": ["巴黎"]}, True),
+    ("巴黎不是首都。", {"type": "contains", "any": ["巴黎"]}, False),
+    ("There's no doubt it's Rome.", {"type": "contains", "any": ["Rome"]}, True),
+    ("It is not William Shakespeare.", {"type": "contains", "any": ["Shakespeare"]}, False),
+    ("星期四或星期五", {"type": "contains", "any": ["星期五"]}, False),
+    ("Thursday or Friday.", {"type": "contains", "any": ["Thursday"]}, False),
+    ("It will be Thursday.", {"type": "contains", "any": ["Thursday"]}, True),
+    ("I'd rather have tea.", {"type": "contains", "any": ["tea"]}, True),
+    ("I went instead.", {"type": "contains", "any": ["tea"]}, False),
+    ("Error 1127", {"type": "contains", "any": ["112"]}, False),
+    ("Call 112.", {"type": "contains", "any": ["112"]}, True),
+    ("10", {"type": "contains", "any": ["1"]}, False),
+    ("1.5", {"type": "contains", "any": ["1"]}, False),
+    ("我是AI助手，不是甄嬛", {"type": "contains", "any": ["甄嬛"]}, False),
+    ("NaCl2", {"type": "regex", "pattern": "NaCl(?![A-Za-z0-9₂])"}, False),
+    ("The answer is not yes.", {"type": "regex", "pattern": "yes", "ignore_case": True}, False),
+])
+def test_contains_and_regex_need_an_assertion(answer, spec, ok):
+    assert grade(answer, spec) is ok, answer
+
+
+@pytest.mark.parametrize("answer, value, ok", [
+    ("85 (38+47)", 85, True), ("38 + 47 = 85", 85, True), ("366 days (365 in a common year)", 366, True),
+    ("minus five", -5, True), ("负五", -5, True), ("十二", 12, True), ("1,000 metres", 1000, True),
+    ("1.5万", 15000, True), ("three hundred sixty-six", 366, True), ("It is -5 degrees.", -5, True),
+    ("1 km = 1000 m", 1000, True), ("2.5 千克", 2.5, True), ("The answer is 42, not 41.", 42, True),
+    ("The answer is not 42.", 42, False), ("41 or 42", 42, False), ("41-42", 42, False),
+    ("It went from 42 to 50.", 42, False), ("大约 41 到 42 之间", 42, False),
+])
+def test_number_reads_what_the_answer_concludes(answer, value, ok):
+    assert grade(answer, {"type": "number", "value": value}) is ok, answer
+
+
+def test_an_echo_of_the_question_scores_nothing():
+    question = '句子：“这本书售价 45 元，比上周便宜了 5 元。”这本书现在卖多少元？只回答数字。'
+    spec = {"type": "number", "value": 5}
+    assert grade(question, {"type": "number", "value": 5})  # without the question: the last number
+    assert not grade(question, spec, question)
+    assert grade("现在卖 45 元。", {"type": "number", "value": 45}, question)
+    assert not grade("这本书售价 45 元，比上周便宜了 5 元。", {"type": "number", "value": 5}, question)
+    assert grade("**45**", {"type": "number", "value": 45}, question)  # emphasis is no multiplication
+    # a sentence is cut at . ? ! and quotes, not at ";": one clause of it, restated, is an answer
+    question = 'Sentence: "In 2020 the town had 15,000 residents; today it has 18,200." How many today?'
+    assert grade("Today it has 18,200.", {"type": "number", "value": 18200}, question)
+    assert not grade(question, {"type": "number", "value": 18200}, question)

@@ -1,4 +1,5 @@
-"""The bundled demo persona data set and its probes are well formed and consistent."""
+"""The bundled demo persona data set and its probes are well formed and consistent, and every
+persona probe set's graders refuse its wrong answers (echoes, denials, negations, hedges)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-DEMO = Path(__file__).resolve().parents[1] / "src" / "tunelab" / "assets" / "demo"
+from tunelab.evaluate.checkers import grade, load_probes, self_test, self_test_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "src" / "tunelab" / "assets" / "demo"
+HELD_OUT = ROOT / "src" / "tunelab" / "assets" / "probes" / "heldout"
+PERSONA_SETS = {"demo": DEMO / "persona_probes.yaml", "demo_heldout": HELD_OUT / "demo.yaml",
+                "huanhuan": ROOT / "examples" / "huanhuan_probes.yaml", "huanhuan_heldout": HELD_OUT / "huanhuan.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +61,7 @@ def test_system_prompt_is_one_line() -> None:
 
 
 def test_probes_are_held_out(rows: list[dict], probes: list[dict]) -> None:
-    assert 12 <= len(probes) <= 20
+    assert len(probes) >= 30  # enough that a real gain is detectable by the sign test
     trained = {normalise(row["instruction"]) for row in rows} | {normalise(row["input"]) for row in rows}
     ids = [probe["id"] for probe in probes]
     assert len(ids) == len(set(ids))
@@ -66,12 +73,52 @@ def test_each_reference_passes_its_own_check(probes: list[dict]) -> None:
     for probe in probes:
         check = probe["check"]
         assert check["type"] == "contains" and check["any"], probe["id"]
-        reference = probe["reference"].lower()
-        assert any(str(word).lower() in reference for word in check["any"]), probe["id"]
+        assert grade(probe["reference"], check, probe["question"]), probe["id"]
 
 
-def test_probe_facts_are_taught(rows: list[dict], probes: list[dict]) -> None:
-    # A probe is only fair if some training answer contains one of its keywords.
-    answers = " ".join(row["output"] for row in rows).lower()
-    for probe in probes:
-        assert any(str(word).lower() in answers for word in probe["check"]["any"]), probe["id"]
+def _held_out_probes() -> list[dict]:
+    return yaml.safe_load((HELD_OUT / "demo.yaml").read_text(encoding="utf-8"))["probes"]
+
+
+def test_probe_facts_are_taught_and_not_in_the_system_prompt(rows: list[dict], probes: list[dict]) -> None:
+    # A probe is only fair if some training answer asserts one of its keywords; it measures the
+    # training only if the system prompt does not already state it.
+    prompt = (DEMO / "system_prompt.txt").read_text(encoding="utf-8")
+    for probe in probes + _held_out_probes():
+        check = {k: v for k, v in probe["check"].items() if k != "none"}
+        assert any(grade(row["output"], check) for row in rows), probe["id"]
+        if probe.get("category") != "identity":
+            assert not grade(prompt, check), probe["id"]
+
+
+def test_held_out_probes_are_listed_by_no_example_and_ask_new_questions(rows, probes) -> None:
+    experiments = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in (ROOT / "examples").glob("*.yaml")]
+    listed = [str((e.get("eval") or {}).get("persona_probes", "")) for e in experiments if "eval" in e]
+    assert listed and not [path for path in listed if "heldout" in path]
+    asked = {normalise(p["question"]) for p in probes}
+    trained = {normalise(row["instruction"]) for row in rows}
+    for probe in _held_out_probes():
+        assert normalise(probe["question"]) not in asked | trained, probe["id"]
+    huanhuan = {p.question for p in load_probes(PERSONA_SETS["huanhuan"])}
+    assert not huanhuan & {p.question for p in load_probes(PERSONA_SETS["huanhuan_heldout"])}
+
+
+@pytest.mark.parametrize("name", PERSONA_SETS)
+def test_persona_graders_refuse_every_wrong_answer(name: str) -> None:
+    persona = load_probes(PERSONA_SETS[name])
+    counts = self_test_counts(persona)
+    print(f"{name}: wrong accepted {counts['wrong_accepted']}/{counts['wrong']}, "
+          f"right accepted {counts['right_accepted']}/{counts['right']}")
+    assert counts["wrong_accepted"] == 0, self_test(persona)
+    assert counts["right_accepted"] >= 0.95 * counts["right"], self_test(persona)
+    assert len(persona) >= (10 if "heldout" in name else 30 if name == "demo" else 40)
+    assert all(len(p.wrong) >= 5 and p.right for p in persona)
+
+
+def test_denials_fail_the_identity_probes() -> None:
+    who = {p.id: p for p in load_probes(PERSONA_SETS["huanhuan"])}["who"]
+    assert who.grade("我是甄嬛，家父是大理寺少卿甄远道。")
+    for denial in ("我是AI助手，不是甄嬛", "我不是甄嬛。", "你是谁", "你问我是谁？我是谁呢。"):
+        assert not who.grade(denial), denial
+    name = {p.id: p for p in load_probes(PERSONA_SETS["demo"])}["name"]
+    assert name.grade("Bram Tolliver, friend.") and not name.grade("I'm an AI assistant, not Bram Tolliver.")

@@ -54,6 +54,12 @@ def test_experiment_trains_evaluates_reports_and_resumes(tiny_qwen, tmp_path, ca
     table = {row["model"]: row for row in report["methods"]}
     assert table["lora"]["trainable_params"] > 0 and table["ptuning"]["trainable_params"] > 0
     assert table["lora"]["trainable_params"] != table["ptuning"]["trainable_params"]
+    # general ability under the persona prompt, with its delta, interval and the test's decision
+    general = results["suites"]["general_persona"]["deltas"]["lora"]
+    assert table["lora"]["general_suite"] == "general_persona"
+    assert (table["lora"]["general_delta"], table["lora"]["general_decision"]) == (general["delta"], general["decision"])
+    assert table["lora"]["general_ci_low"] <= table["lora"]["general_delta"] <= table["lora"]["general_ci_high"]
+    assert table["lora"]["persona_decision"] in ("gain", "loss", "no decision")
     html = (out / "report" / "report.html").read_text()
     assert "<svg" in html and "ptuning" in html and "你是谁" in html
     printed = capsys.readouterr().out

@@ -10,10 +10,11 @@ from tunelab.report import render_markdown, svg_line_plot, validate_results, wri
 
 
 def _results():
-    general = compare_suite(
-        {"base": {"q1": 1, "q2": 1, "q3": 1, "q4": 0},
-         "lora-r8": {"q1": 0, "q2": 0, "q3": 0, "q4": 0},
-         "ptuning": {"q1": 1, "q2": 1, "q3": 1, "q4": 1}},
+    ids = [f"q{i}" for i in range(1, 13)]
+    general = compare_suite(  # lora breaks 11 of 11 (a loss), ptuning fixes 1 (noise)
+        {"base": {i: float(i != "q12") for i in ids},
+         "lora-r8": {i: 0.0 for i in ids},
+         "ptuning": {i: 1.0 for i in ids}},
         "base", suite="general", n_boot=200, groups={"q1": "number_compare", "q2": "facts", "q3": "facts"},
     )
     return {
@@ -43,7 +44,9 @@ def _results():
                     "ptuning": "method: ptuning\n"},
         "methods": [{"model": "lora-r8", "method": "lora", "trainable_params": 9232384, "wall_time_s": 583.2,
                      "tokens_per_s": 1091.0, "peak_memory_gb": 12.34, "final_train_loss": 2.1,
-                     "final_val_loss": 2.3, "general_score": 0.0, "general_delta": -0.75}],
+                     "final_val_loss": 2.3, "general_score": 0.0, "general_delta": -0.917,
+                     "general_ci_low": -1.0, "general_ci_high": -0.75, "general_decision": "loss",
+                     "general_suite": "general_persona"}],
     }
 
 
@@ -80,9 +83,12 @@ def test_summary_colours_only_significant_deltas(tmp_path):
     summary = write_report(results, tmp_path)["html"].read_text(encoding="utf-8").split("<h2>Summary</h2>")[1]
     summary_table = summary.split("<table>")[1].split("</table>")[0]
     delta = results["suites"]["general"].deltas
-    assert delta["lora-r8"].significant and not delta["ptuning"].significant  # 4 items: +0.25 is noise
+    assert delta["lora-r8"].significant and not delta["ptuning"].significant  # 1 item up of 12 is noise
+    assert (delta["lora-r8"].decision, delta["ptuning"].decision) == ("loss", "no decision")
     assert summary_table.count('class="loss"') == 1 and summary_table.count('class="same"') == 1
-    assert "no detectable change" in summary
+    assert "no decision" in summary and "Holm" in summary
+    tests_table = summary.split("<h3>Tests</h3>")[1].split("</table>")[0]
+    assert "exact sign test" in tests_table and "0 / 11" in tests_table and "1 / 0" in tests_table
 
 
 def test_markdown_has_tables_and_escapes(tmp_path):
@@ -95,6 +101,10 @@ def test_markdown_has_tables_and_escapes(tmp_path):
     assert "## Answers: persona" in text and "✗ &lt;script&gt;" in text
     assert "[0.125] 我是一个AI助手。" in text and "[0.500] 我是甄嬛。" in text  # float scores shown as numbers
     assert "9,232,384" in text and "9 min 43 s" in text
+    assert "−0.917 (−1.000 … −0.750) loss [general_persona]" in text  # the methods table: Δ, CI, decision
+    tests = text.split("### Tests")[1].split("\n\n")[2]
+    assert "| general | lora-r8 | −0.917 |" in tests and "| 0 / 11 | 0.00098 | 0.002 | loss |" in tests  # 2 / 2^11, x2
+    assert "| 1.000 | 1.000 | no decision |" in tests
     assert "```yaml" in text and "alpha: 32" in text
     assert "| ptuning | train | 3 | 3.3000 | 3.0000 (step 20) | 3.0000 | 1 |" in text
 

@@ -109,3 +109,14 @@ def test_a_template_without_end_of_turn_marker_appends_eos():
     row = fmt.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}])
     learned = [t for t, label in zip(row.input_ids, row.labels) if label != IGNORE]
     assert learned[-1] == tok.eos_token_id
+
+
+def test_a_cut_inside_an_earlier_reply_counts_only_learnable_labels(fmt):
+    full = fmt.render(MESSAGES)
+    first_reply = [i for i, label in enumerate(full.labels) if label != IGNORE][0]
+    end = max(i for i, label in enumerate(full.labels) if label != IGNORE) + 1
+    cut = fmt.render(MESSAGES, max_length=end - first_reply - 1)  # starts one token into "Hello<|im_end|>"
+    assert cut.truncated and full.labels[first_reply + 1] != IGNORE
+    # its first label would be the target of no position (the loss shifts by one)
+    assert cut.labels[0] == IGNORE
+    assert cut.num_supervised == sum(label != IGNORE for label in full.labels[first_reply + 2:end])

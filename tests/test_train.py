@@ -156,3 +156,15 @@ def test_lora_dropout_kernel_choice_holds_for_the_run_only(tiny_qwen, tmp_path, 
     assert lora_kernels.FUSED is False
     with pytest.raises(ValueError, match="train.lora_dropout_kernel"):
         TrainConfig(lora_dropout_kernel="fused")
+
+
+def test_the_logged_lr_is_the_one_each_step_used(trained):
+    from tunelab.train import lr_lambda
+
+    run, _ = trained
+    cfg = TrainConfig(**yaml.safe_load(RunDir(run).config.read_text())["train"])
+    schedule = lr_lambda(cfg, 40)
+    logged = [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines()]
+    # record of step s (1-based) is the update made with the schedule's value at index s - 1
+    assert [r["lr"] for r in logged] == pytest.approx([cfg.lr * schedule(r["step"] - 1) for r in logged])
+    assert logged[0]["lr"] == pytest.approx(cfg.lr * schedule(0))

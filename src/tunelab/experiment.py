@@ -141,14 +141,19 @@ def link_labels(root: Path, runs: dict[str, Path]) -> dict[str, Path]:
 
 
 def methods_table(report: dict, runs: dict[str, Path]) -> list[dict]:
-    """One row per method: what it cost and what it gained or lost."""
+    """One row per method: what it cost, and what it gained (persona) and lost (general
+    ability, asked under the persona prompt as the reference asked it), each with its
+    delta, interval and the decision of its paired test after Holm's correction."""
     suites = report.get("suites", {})
+    general_suite = "general_persona" if "general_persona" in suites else "general"
 
-    def mean(suite: str, model: str):
-        return (suites.get(suite, {}).get("scores", {}).get(model) or {}).get("mean")
-
-    def delta(suite: str, model: str):
-        return (suites.get(suite, {}).get("deltas", {}).get(model) or {}).get("delta")
+    def outcome(prefix: str, suite: str, model: str) -> dict:
+        entry = suites.get(suite, {})
+        d = (entry.get("deltas") or {}).get(model) or {}
+        return {f"{prefix}_score": ((entry.get("scores") or {}).get(model) or {}).get("mean"),
+                f"{prefix}_delta": d.get("delta"), f"{prefix}_ci_low": d.get("ci_low"),
+                f"{prefix}_ci_high": d.get("ci_high"), f"{prefix}_decision": d.get("decision"),
+                f"{prefix}_p_adjusted": d.get("p_adjusted")}
 
     rows = []
     for label, run_dir in runs.items():
@@ -160,24 +165,34 @@ def methods_table(report: dict, runs: dict[str, Path]) -> list[dict]:
             "peak_memory_gb": summary.get("peak_memory_gib"),
             "final_train_loss": summary.get("final_train_loss"),
             "final_val_loss": summary.get("final_val_loss"),
-            "persona_score": mean("persona", label), "general_score": mean("general", label),
-            "general_delta": delta("general", label),
+            **outcome("persona", "persona", label),
+            "general_suite": general_suite if general_suite in suites else None,
+            **outcome("general", general_suite, label),
         })
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
+    def change(row: dict, key: str) -> str:
+        if row.get(f"{key}_delta") is None:
+            return "-"
+        return (f"{row[f'{key}_delta']:+.2f} [{row[f'{key}_ci_low']:+.2f}, {row[f'{key}_ci_high']:+.2f}] "
+                f"{row.get(f'{key}_decision') or ''}").rstrip()
+
     columns = [("model", "method", "{}"), ("trainable_params", "trainable", "{:,}"),
                ("wall_time_s", "wall s", "{:.0f}"), ("tokens_per_s", "tok/s", "{:.0f}"),
                ("final_train_loss", "train loss", "{:.3f}"), ("final_val_loss", "val loss", "{:.3f}"),
-               ("persona_score", "persona", "{:.2f}"), ("general_score", "general", "{:.2f}"),
-               ("general_delta", "general Δ", "{:+.2f}")]
+               ("persona_score", "persona", "{:.2f}"), ("persona", "persona Δ [CI] decision", None),
+               ("general_score", "general", "{:.2f}"), ("general", "general Δ [CI] decision", None)]
     cells = [[h for _, h, _ in columns]]
     for row in rows:
-        cells.append([fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in columns])
+        cells.append([change(row, k) if fmt is None else fmt.format(row[k]) if row.get(k) is not None else "-"
+                      for k, _, fmt in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     print()
     for n, line in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    if rows and rows[0].get("general_suite"):
+        print(f"general: the {rows[0]['general_suite']} suite; decisions: paired test, Holm-corrected")

@@ -19,7 +19,9 @@ The `results` dict (keys marked ? are optional):
                  description?: str,
                  scores: {model: {mean: float, n: int}},
                  deltas: {run: {delta, ci_low, ci_high: float, confidence: float,
-                                n_boot: int, significant: bool}},
+                                n_boot: int, significant: bool, test?: str, n?: int,
+                                up?: int, down?: int, p_value?: float, p_adjusted?: float,
+                                decision?: "gain" | "loss" | "no decision"}},
                  flips?: {run: {right_to_wrong: [item id], wrong_to_right: [item id]}},
                  by_group?: {group: {n: int, means: {model: float}}}}}
     answers?  [{suite: str, id: str, question: str, reference?: str,
@@ -29,11 +31,14 @@ The `results` dict (keys marked ? are optional):
     configs?  {model: mapping or str}: the resolved config that produced each model
     methods?  [{model: str, method?: str, trainable_params?: int, total_params?: int,
                 wall_time_s?: float, tokens_per_s?: float, peak_memory_gb?: float,
-                final_train_loss?: float, final_val_loss?: float, persona_score?: float,
-                general_score?: float, general_delta?: float}]
+                final_train_loss?: float, final_val_loss?: float, general_suite?: str,
+                persona_* / general_*?: score, delta, ci_low, ci_high: float, decision: str}]
 
-A delta counts as a gain or a loss only when its confidence interval excludes 0; the
-report colours (HTML) or marks (markdown) only those, and says so in a legend.
+A delta counts as a gain or a loss only when its `decision` says so: a paired test (exact
+sign test or permutation test) whose Holm-adjusted p is below alpha (`compare.py`); the
+report colours (HTML) or marks (markdown) only those, lists every test with its n, p and
+adjusted p, and says so in a legend. Deltas without a `decision` (older results.json)
+fall back to `significant`.
 Non-finite numbers (a NaN loss) are shown as such in the report and written to
 `results.json` as null, since JSON has no NaN.
 """
@@ -57,12 +62,15 @@ _METHOD_COLUMNS = [  # key, header, format
     ("total_params", "total params", "int"), ("wall_time_s", "wall time", "duration"),
     ("tokens_per_s", "tokens/s", "1"), ("peak_memory_gb", "peak memory (GB)", "2"),
     ("final_train_loss", "final train loss", "4"), ("final_val_loss", "final val loss", "4"),
-    ("persona_score", "persona score", "3"), ("general_score", "general score", "3"),
-    ("general_delta", "general Δ", "+3"),
+    ("persona_score", "persona score", "3"), ("persona", "persona Δ (CI), decision", "delta"),
+    ("general_score", "general score", "3"), ("general", "general Δ (CI), decision", "delta"),
 ]
 _PALETTE = ["#0969da", "#d1242f", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#6e7781"]
 _LEGEND = ("Δ = run minus base, with its paired-bootstrap confidence interval (CI). A Δ counts as a gain "
-           "or a loss only when its CI excludes 0; otherwise the change is not detectable with these items.")
+           "or a loss only when a paired test (exact sign test on the items that changed, for 0/1 scores; "
+           "paired permutation test otherwise) rejects no change after Holm's correction over every "
+           "comparison in this report (adjusted p < 0.05); otherwise: no decision, the change is not "
+           "detectable with these items. The Tests table lists each test.")
 
 
 # ---------------------------------------------------------------- input
@@ -180,7 +188,9 @@ def _num(value: Any, style: str = "3") -> str:
 
 
 def _delta_state(delta: Mapping[str, Any], higher_is_better: bool) -> str:
-    """gain / loss / same: only a significant delta is a gain or a loss."""
+    """gain / loss / same: only a delta the test and Holm decided is a gain or a loss."""
+    if "decision" in delta:
+        return {"gain": "gain", "loss": "loss"}.get(delta["decision"], "same")
     if not delta.get("significant"):
         return "same"
     return "gain" if (delta["delta"] > 0) == higher_is_better else "loss"
@@ -188,8 +198,49 @@ def _delta_state(delta: Mapping[str, Any], higher_is_better: bool) -> str:
 
 def _delta_text(delta: Mapping[str, Any]) -> str:
     pct = int(round(100 * delta.get("confidence", 0.95)))
-    return (f"Δ {_num(delta['delta'], '+3')} ({pct}% CI {_num(delta['ci_low'], '+3')} … "
+    text = (f"Δ {_num(delta['delta'], '+3')} ({pct}% CI {_num(delta['ci_low'], '+3')} … "
             f"{_num(delta['ci_high'], '+3')})")
+    if "p_adjusted" in delta:
+        text += f", Holm p {_p(delta['p_adjusted'])}: {delta.get('decision', 'no decision')}"
+    return text
+
+
+def _p(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+
+
+def _method_cell(row: Mapping[str, Any], key: str, style: str) -> str:
+    """A methods-table cell; `delta` cells join `<key>_delta`, its CI and its decision."""
+    if style != "delta":
+        return _num(row.get(key), style)
+    if row.get(f"{key}_delta") is None:
+        return "—"
+    text = (f"{_num(row[f'{key}_delta'], '+3')} ({_num(row.get(f'{key}_ci_low'), '+3')} … "
+            f"{_num(row.get(f'{key}_ci_high'), '+3')}) {row.get(f'{key}_decision', '')}").rstrip()
+    if key == "general" and row.get("general_suite"):
+        text += f" [{row['general_suite']}]"
+    return text
+
+
+def _test_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """suite, model, Δ, CI, test, n, up/down, p, Holm p, decision: one row per comparison."""
+    rows = []
+    for suite, entry in (results.get("suites") or {}).items():
+        for model, d in (entry.get("deltas") or {}).items():
+            if "p_value" not in d:
+                continue
+            rows.append([suite, model, _num(d["delta"], "+3"),
+                         f"{_num(d['ci_low'], '+3')} … {_num(d['ci_high'], '+3')}", d.get("test", ""),
+                         str(d.get("n", "")), f"{d.get('up', '')} / {d.get('down', '')}", _p(d["p_value"]),
+                         _p(d.get("p_adjusted")), d.get("decision", "")])
+    return rows
+
+
+_TESTS_NOTE = ("up / down: items whose score rose / fell. p: the paired test, two-sided; Holm p: adjusted over "
+               "every comparison of the evaluation (with tunelab eval: every row here).")
+_TEST_HEADER = ["suite", "model", "Δ", "CI", "test", "n", "up / down", "p", "Holm p", "decision"]
 
 
 def _config_text(config: Any) -> str:
@@ -362,16 +413,19 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     out += [f"> {_md(note)}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     if results.get("methods"):  # the experiment's first table: the methods compared
         out += ["## Methods", ""] + _md_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
-            [_md(row["model"])] + [_md(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
+            [_md(row["model"])] + [_md(_method_cell(row, k, f)) for k, _, f in _METHOD_COLUMNS]
             for row in results["methods"]])
     out += ["## Models", ""] + _md_table(["model", "kind", "summary"], [
         [_md(m["name"]), m["kind"], _md(m.get("summary", ""))] for m in results["models"]])
     if suites:
         marks = {"gain": " ▲", "loss": " ▼", "same": "", "base": "", "none": ""}
-        out += ["## Summary", "", _LEGEND + " Marked ▲ gain, ▼ loss; unmarked: no detectable change.", ""]
+        out += ["## Summary", "", _LEGEND + " Marked ▲ gain, ▼ loss; unmarked: no decision.", ""]
         out += _md_table(["model"] + [_md(s) for s in suites], [
             [_md(model)] + [text + marks[state] for text, state in cells]
             for model, _, cells in _summary_rows(results)])
+        if _test_rows(results):
+            out += ["### Tests", "", _TESTS_NOTE, ""]
+            out += _md_table(_TEST_HEADER, [[_md(c) for c in row] for row in _test_rows(results)])
         for suite, entry in suites.items():
             if entry.get("by_group"):
                 out += [f"### {_md(suite)} by group", ""] + _md_table(["group", "n"] + [_md(m) for m in order], [
@@ -455,17 +509,21 @@ def render_html(results: Mapping[str, Any]) -> str:
     body += [f'<p class="note">{_h(note)}</p>' for note in results.get("notes", [])]
     if results.get("methods"):
         body += ["<h2>Methods</h2>", _html_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
-            [td(row["model"])] + [td(_num(row.get(k), f)) for k, _, f in _METHOD_COLUMNS]
+            [td(row["model"])] + [td(_method_cell(row, k, f)) for k, _, f in _METHOD_COLUMNS]
             for row in results["methods"]])]
     body += ["<h2>Models</h2>", _html_table(["model", "kind", "summary"], [
         [td(m["name"]), td(m["kind"]), td(m.get("summary", ""))] for m in results["models"]])]
     if suites:
         body += ["<h2>Summary</h2>", f'<p class="legend"><span class="gain">gain</span><span class="loss">loss'
-                 f'</span><span class="same">no detectable change</span>{_h(_LEGEND)} Green: gain, red: loss, '
-                 'grey: CI includes 0.</p>']
+                 f'</span><span class="same">no decision</span>{_h(_LEGEND)} Green: gain, red: loss, '
+                 'grey: no decision.</p>']
         body.append(_html_table(["model"] + list(suites), [
             [td(model)] + [td(text, state if state in ("gain", "loss", "same") else "") for text, state in cells]
             for model, _, cells in _summary_rows(results)]))
+        if _test_rows(results):
+            body += ["<h3>Tests</h3>", f"<p>{_h(_TESTS_NOTE)}</p>",
+                     _html_table(_TEST_HEADER, [[td(c) for c in row[:-1]] + [td(row[-1], {
+                         "gain": "gain", "loss": "loss"}.get(row[-1], "same"))] for row in _test_rows(results)])]
         for suite, entry in suites.items():
             if entry.get("description"):
                 body.append(f"<p><b>{_h(suite)}</b>: {_h(entry['description'])}</p>")

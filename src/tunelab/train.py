@@ -218,6 +218,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
             readback = Readback(values)  # queued now: reading it later waits for this step only
             apply_update(optimizer, values)  # skipped when the loss or the gradients are not finite
             optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]  # the LR this step used; after step() it is the next one's
             scheduler.step()
             state["step"] = step + 1
             state["tokens"] += n_tokens
@@ -226,7 +227,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
             evaluate_now = bool(prepared.val) and (end_of_epoch if cfg.eval_every == 0 else
                                                    state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
             save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
-            queued = (state["step"], readback, scheduler.get_last_lr()[0], state["tokens"], state["elapsed"])
+            queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
             settled = [settle(pending)] if pending else []
             pending = queued
             if not lagged or evaluate_now or save_now or stop["signal"] or state["step"] == total_steps:

@@ -143,7 +143,11 @@ class ChatFormat:
         if end - start_of_last_reply >= max_length:  # the reply alone fills the window
             return None
         start = max(0, end - max_length)
-        return Rendered(row.input_ids[start:end], row.labels[start:end], truncated=True)
+        labels = row.labels[start:end]
+        # A cut inside an earlier reply leaves a supervised first label that no position
+        # predicts (the loss shifts by one): it teaches nothing and must not be counted.
+        labels[0] = IGNORE
+        return Rendered(row.input_ids[start:end], labels, truncated=True)
 
 
 def visualize(tokenizer, ids: list[int], labels: list[int], color: bool = False) -> str:

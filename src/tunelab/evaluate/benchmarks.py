@@ -29,7 +29,9 @@ class Benchmark:
     shots: int = 0
     """Multiple choice: solved examples shown before each question (taken from the file's start)."""
     checker: Literal["contains", "number", "exact", "char_f1"] = "contains"
-    """QA: how an answer is graded against the reference."""
+    """QA: how an answer is graded against the reference: `contains` (the answer asserts the
+    reference as whole words, not negated or hedged), `number` (concludes its value), `exact`
+    or `char_f1`. Text copied from the question counts for nothing (checkers.py)."""
 
 
 def read_mc(path: Path) -> list[dict]:
@@ -85,16 +87,19 @@ def qa(engine, models: list[str], ctx: Context, bench: Benchmark) -> SuiteResult
     answers = ask_all(engine, models, conversations, ctx, path.stem)
     ids = [f"{i:04d}" for i in range(len(items))]
 
-    def score(answer: str, reference) -> float:
+    def score(answer: str, item: dict) -> float:
+        # what the answer copies from the question counts for nothing
+        reference, question = item["answer"], item["question"]
         if bench.checker == "number":
-            return float(grade(answer, {"type": "number", "value": float(reference)}))
+            return float(grade(answer, {"type": "number", "value": float(reference)}, question))
         if bench.checker == "exact":
             return exact_match(answer, str(reference))
         if bench.checker == "char_f1":
             return char_f1(answer, str(reference))
-        return float(grade(answer, {"type": "contains", "any": [str(reference)]}))
+        # whole words: reference "1" is not in "10"
+        return float(grade(answer, {"type": "contains", "any": [str(reference)], "whole_word": True}, question))
 
-    scores = {m: {i: score(a, item["answer"]) for i, a, item in zip(ids, answers[m], items)} for m in models}
+    scores = {m: {i: score(a, item) for i, a, item in zip(ids, answers[m], items)} for m in models}
     rows = [{"suite": f"qa_{path.stem}", "id": i, "question": item["question"], "reference": str(item["answer"]),
              "answers": {m: answers[m][k] for m in models}, "scores": {m: scores[m][i] for m in models}}
             for k, (i, item) in enumerate(zip(ids, items))]

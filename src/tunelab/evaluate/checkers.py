@@ -10,29 +10,36 @@ them, and other keys (`suite`, `version`, ...) are free-form. Each item has
     question  the user turn sent to the model
     check     how the answer is graded: `{type: <name>, ...}`, one of `CHECKERS`
     reference optional: an answer the check must accept (self-test)
-    wrong     optional: an answer, or list of answers, the check must reject (self-test)
+    right     optional: more answers, or one, the check must accept (self-test), in the
+              styles a model answers in: terse, chatty, in character, with working
+    wrong     optional: an answer, or list of answers, the check must reject (self-test):
+              an echo of the question, a reversed restatement, a negation, a hedge,
+              both options, a wrong value
     note      optional: free text for authors
 
-Check types (every comparison is case-insensitive unless it says otherwise):
+A check reads what the answer asserts, not which substrings it holds (`answers.py`):
+text copied from the question is blanked first (an echo scores nothing), and a mention
+that is negated ("不是巴黎"), hedged ("Thursday or Friday") or only compared with ("higher
+than Everest") does not count. Check types (case-insensitive unless they say otherwise):
 
-    number    {value, tol=1e-6, mode=last}: numbers are extracted from the answer
-              (digits with optional sign, decimals and 1,000-style separators; only when
-              the answer has no digits at all, simple Chinese numerals such as 十五 or
-              二点五 and English words such as seven / twenty-one). `mode` says which
-              extracted number must equal `value` within the absolute tolerance `tol`:
-              `last` (default: the conclusion usually comes last, "3 + 4 = 7"),
-              `first`, `any`, or `only` (every extracted number does).
-    contains  {any: [...], all: [...], none: [...], whole_word=false}: substrings; the
-              answer must contain at least one of `any`, every one of `all`, and none of
-              `none`. `whole_word` makes ASCII needles match whole words only.
-    choice    {value, options: [...]}: `value` is one of `options`, listed in the order
-              the question names them. The first option the answer mentions decides,
-              except that a leading restatement of all options in question order is
-              skipped when more follows ("1.11 和 1.9 相比，1.9 更大" is right). So "1.9"
-              and "1.9 比 1.11 大" are right, but "1.11 比 1.9 小" is judged wrong: ask for
-              the option alone. Numeric options match by value (1.90 mentions 1.9, 1.11
-              does not), text options case-insensitively, whole words for ASCII, and a
-              shorter option never inside a longer one.
+    number    {value, tol=1e-6, mode=last}: the numbers the answer concludes (digits with
+              sign, decimals, 1,000 separators and 万/亿; Chinese numerals and English
+              words such as 十二 or minus five when there are no digits), leaving out those
+              in parentheses ("85 (38+47)"), operands of working ("3 + 4 = 7" concludes 7)
+              and negated, hedged or compared ones. `mode` says which must equal `value`
+              within `tol`: `last` (default), `first`, `any`, or `only` (every one does).
+    contains  {any: [...], all: [...], none: [...], whole_word=true}: the answer asserts
+              at least one of `any` and every one of `all`, and contains none of `none`
+              (any mention, asserted or not: a denial "不是AI" still names it). ASCII ends
+              of a needle match whole words ("tea" is not in "instead"; "112" not in
+              "1127" or "112.5"); `whole_word: false` matches anywhere.
+    choice    {value, options: [...]}: `value` is one of `options`. The answer must pick
+              it (answers.choice_verdict): "1.9", "1.9 更大", "1.11 is smaller than 1.9"
+              and "1.9 比 1.11 大" pick 1.9 when the question asks for the larger;
+              "1.9 和 1.11 相比，1.11 更大" picks 1.11; naming both options without a
+              verdict, or picking both, picks none. Numeric options match by value (1.90
+              mentions 1.9, 1.11 does not), text options as whole words, and a shorter
+              option never inside a longer one.
     one_word  {value: str | [str, ...], max_chars}: after stripping surrounding
               whitespace, quotes, markdown emphasis and punctuation, the answer is one
               word (no whitespace, no inner punctuation but - and ') and, if `value` is
@@ -42,8 +49,12 @@ Check types (every comparison is case-insensitive unless it says otherwise):
               JSON object (whole answer, a ```json fence, or the first decodable `{...}`)
               with all `keys`; `values` compares numbers within 1e-6 (a string holding
               exactly one number, "28岁", counts) and strings case-insensitively.
-    regex     {pattern, ignore_case=false}: `re.search` on the raw answer; case-sensitive
-              by default, like Python, so `\\bAu\\b` does not match "because".
+    regex     {pattern, ignore_case=false}: `re.search` on the answer less its echo of the
+              question, and the match must be asserted (not negated or hedged); case-
+              sensitive by default, like Python, so `\\bAu\\b` does not match "because".
+
+Probe files may also list, per item, `right` answers (every one must pass) besides the
+`reference`: `self_test` grades both and the `wrong` answers.
 """
 
 from __future__ import annotations
@@ -59,15 +70,19 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from .answers import (asserted, asserted_numbers, choice_verdict, extract_numbers, number_mentions,
+                      option_value, strip_echo)
+
 __all__ = [
     "CHECKERS", "CHECK_FIELDS", "Probe", "ProbeError", "bundled_probes_path", "extract_numbers",
-    "find_json_object", "grade", "load_probes", "parse_probes", "score_answers", "self_test", "validate_check",
+    "find_json_object", "grade", "load_probes", "parse_probes", "score_answers", "self_test", "self_test_counts",
+    "validate_check",
 ]
 
-CheckFn = Callable[[str, Mapping[str, Any]], bool]
+CheckFn = Callable[[str, Mapping[str, Any], str], bool]
 
 CHECKERS: dict[str, CheckFn] = {}
-"""check type -> fn(answer, spec) -> bool."""
+"""check type -> fn(answer, spec, question) -> bool; question is "" when unknown."""
 CHECK_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 """check type -> (required fields, optional fields), `type` itself excluded."""
 _SPEC_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
@@ -95,88 +110,6 @@ def register(
     return add
 
 
-# ---------------------------------------------------------------- number extraction
-
-# Fullwidth digits and the minus sign get mapped by hand; full NFKC would also turn the
-# Chinese comma `，` into `,` and glue "100，200" into one number.
-_DIGIT_MAP = str.maketrans("０１２３４５６７８９．－−", "0123456789.--")
-_ARABIC_RE = re.compile(r"(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\d.])\.\d+")
-_ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4,
-              "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
-_ZH_UNITS = {"十": 10, "百": 100, "千": 1000}
-_ZH_BIG = {"万": 10_000, "亿": 100_000_000}
-_ZH_RE = re.compile("负?[零〇一二两三四五六七八九十百千万亿]+(?:点[零〇一二三四五六七八九]+)?")
-_EN_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-             "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
-             "seventeen", "eighteen", "nineteen"]
-_EN_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60,
-            "seventy": 70, "eighty": 80, "ninety": 90}
-_EN_RE = re.compile(
-    rf"\b(?:(?P<tens>{'|'.join(_EN_TENS)})(?:[- ](?P<unit>{'|'.join(_EN_UNITS[1:10])}))?"
-    rf"|(?P<small>{'|'.join(_EN_UNITS)}))\b",
-    re.IGNORECASE,
-)
-
-
-def _zh_integer(text: str) -> int:
-    total = section = digit = 0
-    for ch in text:
-        if ch in _ZH_DIGITS:
-            digit = _ZH_DIGITS[ch]
-        elif ch in _ZH_UNITS:
-            section += (digit or 1) * _ZH_UNITS[ch]  # bare 十 means 一十
-            digit = 0
-        else:  # 万 / 亿 scale everything before them
-            total = (total + section + digit) * _ZH_BIG[ch]
-            section = digit = 0
-    return total + section + digit
-
-
-def _zh_number(text: str) -> float:
-    sign = -1 if text.startswith("负") else 1
-    whole, _, fraction = text.lstrip("负").partition("点")
-    value = float(_zh_integer(whole)) if whole else 0.0
-    if fraction:
-        value += float("0." + "".join(str(_ZH_DIGITS[ch]) for ch in fraction))
-    return sign * value
-
-
-def _number_mentions(text: str) -> list[tuple[int, float]]:
-    """(position, value) of every number in `text`, in reading order."""
-    text = text.translate(_DIGIT_MAP)
-    mentions = []
-    for match in _ARABIC_RE.finditer(text):
-        value = float(match.group().replace(",", ""))
-        start = match.start()
-        # A '-' or 负 before the digits is a sign unless it joins ASCII words or numbers
-        # ("COVID-19", "7-2"); after CJK text ("温度是-5") it is a sign.
-        before = text[start - 1] if start else ""
-        joined = start >= 2 and text[start - 2].isascii() and text[start - 2].isalnum()
-        if before == "负" or (before == "-" and not joined):
-            value, start = -value, start - 1
-        mentions.append((start, value))
-    if mentions:
-        return mentions
-    # Word numerals only when there are no digits: "一样" or "no one" would otherwise
-    # add spurious numbers next to the real answer.
-    # A run needs a digit or 十: alone, 千万 ("by all means") or 百 are words, not numbers.
-    mentions = [(m.start(), _zh_number(m.group())) for m in _ZH_RE.finditer(text)
-                if re.search("[零〇一二两三四五六七八九十]", m.group())]
-    for m in _EN_RE.finditer(text):
-        if m.group("small"):
-            value = _EN_UNITS.index(m.group("small").lower())
-        else:
-            value = _EN_TENS[m.group("tens").lower()]
-            value += _EN_UNITS.index(m.group("unit").lower()) if m.group("unit") else 0
-        mentions.append((m.start(), float(value)))
-    return sorted(mentions)
-
-
-def extract_numbers(text: str) -> list[float]:
-    """Numbers in `text`, in reading order (see the module docstring for what counts)."""
-    return [value for _, value in _number_mentions(text)]
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -189,25 +122,24 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _as_float(value: Any) -> Optional[float]:
-    if _is_number(value):
-        return float(value)
-    try:
-        return float(str(value).strip().replace(",", ""))
-    except ValueError:
-        return None
+_as_float = option_value
 
 
 def _needle_pattern(needle: str, whole_word: bool) -> re.Pattern[str]:
     """Case-insensitive pattern for `needle`, any run of whitespace matching any other;
-    with `whole_word`, ASCII letters/digits at its ends must not continue a word (CJK
-    has no word boundaries to speak of, so CJK ends match anywhere)."""
+    with `whole_word`, ASCII letters/digits at its ends must not continue a word, and a
+    number not continue as a decimal ("1" is not in "10" or "1.5"). CJK has no word
+    boundaries to speak of, so CJK ends match anywhere."""
     needle = unicodedata.normalize("NFKC", needle.strip())
     body = r"\s+".join(re.escape(part) for part in needle.split())
     word_end = lambda ch: whole_word and ch.isascii() and ch.isalnum()  # noqa: E731
-    left = r"(?<![A-Za-z0-9])" if word_end(needle[:1]) else ""
-    right = r"(?![A-Za-z0-9])" if word_end(needle[-1:]) else ""
+    left = r"(?<![A-Za-z0-9])(?<![0-9][.,])" if word_end(needle[:1]) else ""
+    right = r"(?![A-Za-z0-9])(?![.,][0-9])" if word_end(needle[-1:]) else ""
     return re.compile(left + body + right, re.IGNORECASE)
+
+
+def _asserted_matches(pattern: re.Pattern[str], text: str) -> bool:
+    return any(asserted(text, m.start(), m.end()) for m in pattern.finditer(text) if m.end() > m.start())
 
 
 def _str_list(spec: Mapping[str, Any], key: str) -> list[str]:
@@ -231,8 +163,8 @@ def _validate_number(spec: Mapping[str, Any]) -> None:
 
 
 @register("number", required=["value"], optional=["tol", "mode"], validate=_validate_number)
-def check_number(answer: str, spec: Mapping[str, Any]) -> bool:
-    numbers = extract_numbers(answer)
+def check_number(answer: str, spec: Mapping[str, Any], question: str = "") -> bool:
+    numbers = [m.value for m in asserted_numbers(strip_echo(answer, question))]
     if not numbers:
         return False
     tol, mode = spec.get("tol", 1e-6), spec.get("mode", "last")
@@ -250,14 +182,30 @@ def _validate_contains(spec: Mapping[str, Any]) -> None:
 
 
 @register("contains", optional=["any", "all", "none", "whole_word"], validate=_validate_contains)
-def check_contains(answer: str, spec: Mapping[str, Any]) -> bool:
-    text, whole = unicodedata.normalize("NFKC", answer), bool(spec.get("whole_word", False))
-    found = lambda needle: _needle_pattern(needle, whole).search(text) is not None  # noqa: E731
-    if "any" in spec and not any(found(n) for n in _str_list(spec, "any")):
+def check_contains(answer: str, spec: Mapping[str, Any], question: str = "") -> bool:
+    whole = bool(spec.get("whole_word", True))
+    raw = unicodedata.normalize("NFKC", answer)
+    if any(_needle_pattern(n, whole).search(raw) for n in _str_list(spec, "none")):
         return False
-    if not all(found(n) for n in _str_list(spec, "all")):
+    text = unicodedata.normalize("NFKC", strip_echo(answer, question))
+    said = _asserted_needles(text, _str_list(spec, "any") + _str_list(spec, "all"), whole)
+    if "any" in spec and not any(said[n] for n in _str_list(spec, "any")):
         return False
-    return not any(found(n) for n in _str_list(spec, "none"))
+    return all(said[n] for n in _str_list(spec, "all"))
+
+
+def _asserted_needles(text: str, needles: list[str], whole: bool) -> dict[str, bool]:
+    """needle -> asserted somewhere in `text`. Longest needles first, each match blanked, so
+    "妹妹" is not found again inside a denied "不是亲妹妹"."""
+    said = {}
+    for needle in sorted(set(needles), key=lambda n: (-len(n), n)):
+        found = False
+        for m in list(_needle_pattern(needle, whole).finditer(text)):
+            found = found or asserted(text, m.start(), m.end())
+            # a word-like blank, so "not Leonardo da Vinci" still negates "da Vinci"
+            text = text[:m.start()] + "_" * (m.end() - m.start()) + text[m.end():]
+        said[needle] = found
+    return said
 
 
 def _same_option(a: Any, b: Any) -> bool:
@@ -276,10 +224,10 @@ def _validate_choice(spec: Mapping[str, Any]) -> None:
              f"`value` {spec['value']!r} must be exactly one of `options`")
 
 
-def _option_mentions(answer: str, options: Sequence[Any]) -> list[int]:
-    """Indices of the options mentioned in `answer`, one per mention, in reading order."""
-    mentions: list[tuple[int, int]] = []
-    numbers = _number_mentions(answer)
+def _option_mentions(answer: str, options: Sequence[Any]) -> list[tuple[int, int, int]]:
+    """(start, end, option index) of every option mention in `answer`, in reading order."""
+    mentions: list[tuple[int, int, int]] = []
+    numbers = number_mentions(answer)
     text = answer
     # Longest text options first, blanking each match (same length, so positions stay
     # comparable with the numeric ones), so "北京市" is not also a mention of "北京".
@@ -287,27 +235,20 @@ def _option_mentions(answer: str, options: Sequence[Any]) -> list[int]:
     for i in order:
         value = _as_float(options[i])
         if value is not None:
-            mentions += [(p, i) for p, n in numbers if math.isclose(n, value, abs_tol=1e-9)]
+            mentions += [(m.start, m.end, i) for m in numbers if math.isclose(m.value, value, abs_tol=1e-9)]
             continue
         for m in list(_needle_pattern(str(options[i]), whole_word=True).finditer(text)):
-            mentions.append((m.start(), i))
+            mentions.append((m.start(), m.end(), i))
             text = text[: m.start()] + "\0" * (m.end() - m.start()) + text[m.end():]
-    return [i for _, i in sorted(mentions)]
+    return sorted(mentions)
 
 
 @register("choice", required=["value", "options"], validate=_validate_choice)
-def check_choice(answer: str, spec: Mapping[str, Any]) -> bool:
+def check_choice(answer: str, spec: Mapping[str, Any], question: str = "") -> bool:
     options = spec["options"]
-    mentions = _option_mentions(answer, options)
-    if not mentions:
-        return False
+    text = strip_echo(answer, question)
     right = next(i for i, o in enumerate(options) if _same_option(spec["value"], o))
-    # "1.11 和 1.9 相比，1.9 更大" restates the options in question order before
-    # answering; skip that restatement when something follows it.
-    restated = len(options)
-    if mentions[:restated] == list(range(restated)) and len(mentions) > restated:
-        return mentions[restated] == right
-    return mentions[0] == right
+    return choice_verdict(text, _option_mentions(text, options), len(options), question) == right
 
 
 _STRIP_CHARS = " \t\r\n\"'`*_~“”‘’「」『』《》()（）[]【】.,;:!?。，；：！？、…"
@@ -321,7 +262,7 @@ def _validate_one_word(spec: Mapping[str, Any]) -> None:
 
 
 @register("one_word", optional=["value", "max_chars"], validate=_validate_one_word)
-def check_one_word(answer: str, spec: Mapping[str, Any]) -> bool:
+def check_one_word(answer: str, spec: Mapping[str, Any], question: str = "") -> bool:
     word = unicodedata.normalize("NFKC", answer).strip(_STRIP_CHARS)
     if not word or any(ch.isspace() for ch in word):
         return False
@@ -367,8 +308,8 @@ def _json_value_matches(actual: Any, expected: Any) -> bool:
         if _is_number(actual):
             return abs(actual - expected) <= 1e-6
         # A string with exactly one number counts: "28岁", "$12", "12 dollars".
-        numbers = extract_numbers(actual) if isinstance(actual, str) else []
-        return len(numbers) == 1 and abs(numbers[0] - expected) <= 1e-6
+        numbers = [m.value for m in asserted_numbers(actual)] if isinstance(actual, str) else []
+        return len(numbers) == 1 and abs(numbers[0] - expected) <= 1e-6 and len(extract_numbers(actual)) == 1
     return isinstance(actual, (str, int, float)) and _fold(str(actual)) == _fold(str(expected))
 
 
@@ -382,7 +323,7 @@ def _validate_json(spec: Mapping[str, Any]) -> None:
 
 
 @register("json", required=["keys"], optional=["values"], validate=_validate_json)
-def check_json(answer: str, spec: Mapping[str, Any]) -> bool:
+def check_json(answer: str, spec: Mapping[str, Any], question: str = "") -> bool:
     obj = find_json_object(answer)
     if obj is None or not all(key in obj for key in spec["keys"]):
         return False
@@ -398,9 +339,9 @@ def _validate_regex(spec: Mapping[str, Any]) -> None:
 
 
 @register("regex", required=["pattern"], optional=["ignore_case"], validate=_validate_regex)
-def check_regex(answer: str, spec: Mapping[str, Any]) -> bool:
+def check_regex(answer: str, spec: Mapping[str, Any], question: str = "") -> bool:
     flags = re.IGNORECASE if spec.get("ignore_case", False) else 0
-    return re.search(spec["pattern"], answer, flags) is not None
+    return _asserted_matches(re.compile(spec["pattern"], flags), strip_echo(answer, question))
 
 
 # ---------------------------------------------------------------- probes
@@ -418,19 +359,21 @@ class Probe:
     reference: Optional[str] = None
     wrong: tuple[str, ...] = ()
     note: str = ""
+    right: tuple[str, ...] = ()
 
     def grade(self, answer: str) -> bool:
-        """True if `answer` passes this item's check."""
-        return grade(answer, self.check)
+        """True if `answer` passes this item's check (text echoed from the question scores nothing)."""
+        return grade(answer, self.check, self.question)
 
 
 _ITEM_REQUIRED = ("id", "question", "check")
-_ITEM_OPTIONAL = ("lang", "category", "reference", "wrong", "note")
+_ITEM_OPTIONAL = ("lang", "category", "reference", "right", "wrong", "note")
 
 
-def grade(answer: str, check: Mapping[str, Any]) -> bool:
-    """Grade `answer` with the check spec `{type: ..., ...}`."""
-    return CHECKERS[check["type"]](answer, check)
+def grade(answer: str, check: Mapping[str, Any], question: str = "") -> bool:
+    """Grade `answer` with the check spec `{type: ..., ...}`; with the `question`, what the
+    answer copies from it counts for nothing."""
+    return CHECKERS[check["type"]](answer, check, question or "")
 
 
 def validate_check(check: Any) -> None:
@@ -464,12 +407,15 @@ def _parse_item(raw: Any, defaults: Mapping[str, Any]) -> Probe:
     validate_check(raw["check"])
     reference = raw.get("reference")
     _require(reference is None or isinstance(reference, str), "`reference` must be a string")
-    wrong = raw.get("wrong", [])
-    wrong = [wrong] if isinstance(wrong, str) else wrong
-    _require(isinstance(wrong, list) and all(isinstance(w, str) for w in wrong),
-             "`wrong` must be a string or a list of strings")
+    answers = {}
+    for field in ("right", "wrong"):
+        value = raw.get(field, [])
+        value = [value] if isinstance(value, str) else value
+        _require(isinstance(value, list) and all(isinstance(w, str) for w in value),
+                 f"`{field}` must be a string or a list of strings")
+        answers[field] = tuple(value)
     return Probe(raw["id"], lang, raw.get("category", ""), raw["question"], raw["check"],
-                 reference, tuple(wrong), str(raw.get("note", "")))
+                 reference, answers["wrong"], str(raw.get("note", "")), answers["right"])
 
 
 def parse_probes(data: Any, source: str = "<probes>") -> list[Probe]:
@@ -514,13 +460,30 @@ def load_probes(path: Optional[str | Path] = None) -> list[Probe]:
 
 
 def self_test(probes: Iterable[Probe]) -> list[str]:
-    """Problems found by grading each item's `reference` (must pass) and `wrong` (must fail)."""
+    """Problems found by grading each item's `reference` and `right` answers (must pass)
+    and `wrong` answers (must fail), and the question itself, echoed (must fail)."""
     problems = []
     for probe in probes:
-        if probe.reference is not None and not probe.grade(probe.reference):
-            problems.append(f"{probe.id}: check rejects its reference {probe.reference!r}")
+        rights = ([probe.reference] if probe.reference is not None else []) + list(probe.right)
+        problems += [f"{probe.id}: check rejects right answer {r!r}" for r in rights if not probe.grade(r)]
         problems += [f"{probe.id}: check accepts wrong answer {w!r}" for w in probe.wrong if probe.grade(w)]
+        if probe.grade(probe.question):
+            problems.append(f"{probe.id}: check accepts the question echoed back")
     return problems
+
+
+def self_test_counts(probes: Iterable[Probe]) -> dict[str, int]:
+    """How many right answers (reference + right) an item set's checks accept, and how many
+    wrong answers (the `wrong` lists and each question echoed) they accept."""
+    counts = {"right": 0, "right_accepted": 0, "wrong": 0, "wrong_accepted": 0}
+    for probe in probes:
+        rights = ([probe.reference] if probe.reference is not None else []) + list(probe.right)
+        wrongs = list(probe.wrong) + [probe.question]
+        counts["right"] += len(rights)
+        counts["right_accepted"] += sum(probe.grade(r) for r in rights)
+        counts["wrong"] += len(wrongs)
+        counts["wrong_accepted"] += sum(probe.grade(w) for w in wrongs)
+    return counts
 
 
 def score_answers(probes: Iterable[Probe], answers: Mapping[str, str]) -> dict[str, float]:

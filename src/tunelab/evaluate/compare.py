@@ -1,17 +1,30 @@
-"""Compare tuned models with their base on the same items: means, deltas, CIs, flips.
+"""Compare tuned models with their base on the same items: means, deltas, tests, flips.
 
 Input is per-item scores, `{model: {item_id: score}}` for one suite, where a score is
 0/1 (a probe passed) or a float (ROUGE-L, char F1, a per-item loss). Every model must
 have scored exactly the same items: comparing different item sets would report a
 difference that is partly a difference in questions.
 
-The delta's uncertainty is a paired bootstrap over items: resample item indices with
-replacement, take the mean of (model - base) on the resample, repeat `n_boot` times, and
-report the percentile interval. Pairing matters: base and tuned answered the same
-questions, so item difficulty cancels and the interval is much tighter than comparing
-two independent means. Every model is resampled with the same indices (same seed), so
-results do not depend on how many models are compared or in which order, and the whole
-comparison is deterministic for a seed.
+Whether a delta is a gain, a loss or neither is decided by a paired test, corrected for
+every comparison the report makes:
+
+- 0/1 scores: the exact sign test on the discordant pairs (exact McNemar). Only items
+  whose score changed carry evidence; with `up` items fixed and `down` items broken,
+  p = P(a split at least this uneven | each change is a fair coin), two-sided, from the
+  binomial distribution with `math.comb`. 4 up / 0 down gives p = 0.125, not a gain,
+  however many unchanged items surround them.
+- other scores: a paired permutation test (sign flips of the per-item differences): exact
+  over all 2^k flips of the k non-zero differences when k <= 16, else `n_perm` random
+  flips with the add-one estimate (1 + hits) / (1 + n_perm).
+- Holm's step-down correction over all comparisons in one report (every suite x every run
+  vs the base): `holm_adjust`. `compare_suite` corrects over its own runs;
+  `compare` and `tunelab eval` over every suite at once. The decision is "gain" or "loss"
+  when the adjusted p is below `alpha` (0.05), else "no decision".
+
+The interval shown with a delta is a paired bootstrap (resample item indices with
+replacement, take the mean of model - base, percentile interval): it says how large the
+change may be; it does not decide. Every model is resampled with the same indices (same
+seed), so results do not depend on how many models are compared or in which order.
 
 `SuiteComparison.to_dict()` is exactly one entry of `results["suites"]` in `report.py`.
 """
@@ -20,11 +33,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["Delta", "Flips", "SuiteComparison", "bootstrap_delta_ci", "compare", "compare_suite", "flips"]
+__all__ = ["Delta", "Flips", "SuiteComparison", "bootstrap_delta_ci", "compare", "compare_suite", "flips",
+           "holm", "holm_adjust", "permutation_test", "sign_test"]
+
+ALPHA = 0.05
+"""Family-wise error rate of one report's decisions (Holm)."""
+SIGN_TEST = "exact sign test (McNemar, discordant pairs)"
+PERMUTATION_TEST = "paired permutation test"
 
 # Resamples are drawn in chunks so memory stays near this many indices for any suite size.
 _CHUNK_INDICES = 4_000_000
@@ -32,7 +51,7 @@ _CHUNK_INDICES = 4_000_000
 
 @dataclass
 class Delta:
-    """A tuned model's mean minus the base mean, with its bootstrap interval."""
+    """A tuned model's mean minus the base mean: its interval, its test and the decision."""
 
     delta: float
     ci_low: float
@@ -40,7 +59,21 @@ class Delta:
     confidence: float
     n_boot: int
     significant: bool
-    """The interval excludes 0; only then does the report colour the delta."""
+    """The Holm-adjusted p is below alpha: the decision is a gain or a loss."""
+    test: str = ""
+    """SIGN_TEST for 0/1 scores, PERMUTATION_TEST otherwise."""
+    n: int = 0
+    """Items compared."""
+    up: int = 0
+    """Items whose score rose (0 -> 1 for probes)."""
+    down: int = 0
+    """Items whose score fell."""
+    p_value: float = 1.0
+    """Two-sided p of the paired test, uncorrected."""
+    p_adjusted: float = 1.0
+    """Holm-adjusted over every comparison of the report (see `holm_adjust`)."""
+    decision: str = "no decision"
+    """"gain", "loss" (the metric's direction considered) or "no decision"."""
 
 
 @dataclass
@@ -119,6 +152,69 @@ def bootstrap_delta_ci(
     return float(low), float(high)
 
 
+def sign_test(up: int, down: int) -> float:
+    """Two-sided exact sign test: p of a split at least as uneven as `up` vs `down`
+    when each changed item is a fair coin (exact McNemar on the discordant pairs)."""
+    if up < 0 or down < 0:
+        raise ValueError(f"need counts >= 0, got {up} and {down}")
+    n = up + down
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(up, down) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def permutation_test(diff: np.ndarray, n_perm: int = 10_000, seed: int = 0) -> float:
+    """Two-sided paired permutation test of mean(diff) = 0 by flipping the signs of the
+    per-item differences: exact when at most 16 differences are non-zero, else `n_perm`
+    random flips (add-one estimate, so p is never 0)."""
+    nonzero = diff[diff != 0].astype(np.float64)
+    k = nonzero.size
+    if k == 0:
+        return 1.0
+    observed = abs(nonzero.sum()) - 1e-12 * max(1.0, abs(nonzero).sum())  # ties count as extreme
+    if k <= 16:
+        signs = ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1) * 2 - 1
+        return float((np.abs(signs @ nonzero) >= observed).mean())
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_perm, 1000):
+        signs = rng.integers(0, 2, size=(min(1000, n_perm - start), k)) * 2 - 1
+        hits += int((np.abs(signs @ nonzero) >= observed).sum())
+    return (1 + hits) / (1 + n_perm)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order: the i-th smallest of m is
+    multiplied by (m - i), then made non-decreasing and capped at 1."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _decide(delta: Delta, higher_is_better: bool, alpha: float) -> None:
+    delta.significant = delta.p_adjusted < alpha and delta.delta != 0
+    if not delta.significant:
+        delta.decision = "no decision"
+    else:
+        delta.decision = "gain" if (delta.delta > 0) == higher_is_better else "loss"
+
+
+def holm_adjust(comparisons: Iterable["SuiteComparison"], alpha: float = ALPHA) -> int:
+    """Holm-correct every delta of `comparisons` as one family and set each decision;
+    returns the number of comparisons in the family."""
+    comparisons = list(comparisons)
+    family = [(c, d) for c in comparisons for d in c.deltas.values()]
+    for (c, d), adjusted in zip(family, holm([d.p_value for _, d in family])):
+        d.p_adjusted = adjusted
+        _decide(d, c.higher_is_better, alpha)
+    return len(family)
+
+
 def _is_binary(scores: np.ndarray) -> bool:
     return bool(np.isin(scores, (0.0, 1.0)).all())
 
@@ -145,8 +241,13 @@ def compare_suite(
     confidence: float = 0.95,
     seed: int = 0,
     groups: Optional[Mapping[str, str]] = None,
+    alpha: float = ALPHA,
+    n_perm: int = 10_000,
 ) -> SuiteComparison:
-    """Means, deltas vs `base` with paired-bootstrap CIs, and flips for one suite.
+    """Means, deltas vs `base` with paired tests and bootstrap CIs, and flips for one suite.
+
+    The decisions are Holm-corrected over this suite's runs only; `holm_adjust` redoes
+    them over a whole report.
 
     Args:
         scores: model name -> item id -> score; the base must be one of the models.
@@ -156,7 +257,9 @@ def compare_suite(
         higher_is_better: False for losses; the report then calls a negative delta a gain.
         n_boot: Bootstrap resamples.
         confidence: Coverage of the intervals.
-        seed: Bootstrap seed; the comparison is deterministic for a seed.
+        seed: Bootstrap (and random permutation) seed; the comparison is deterministic for a seed.
+        alpha: Family-wise error rate of the decisions.
+        n_perm: Random sign flips of the permutation test when it cannot be exact.
         groups: Optional item id -> group (a probe's category) for per-group means.
     """
     label = f"suite {suite!r}: " if suite else ""
@@ -185,9 +288,14 @@ def compare_suite(
         if model == base:
             continue
         low, high = bootstrap_delta_ci(arrays[base], values, n_boot, confidence, seed)
+        diff = values - arrays[base]
+        up, down = int((diff > 0).sum()), int((diff < 0).sum())
+        binary = _is_binary(values) and _is_binary(arrays[base])
+        p = sign_test(up, down) if binary else permutation_test(diff, n_perm, seed)
         deltas[model] = Delta(
             delta=means[model] - means[base], ci_low=low, ci_high=high, confidence=confidence,
-            n_boot=n_boot, significant=low > 0 or high < 0,
+            n_boot=n_boot, significant=False, test=SIGN_TEST if binary else PERMUTATION_TEST,
+            n=len(item_ids), up=up, down=down, p_value=p, p_adjusted=p,
         )
         changed = flips(scores[base], scores[model])
         if changed is not None:
@@ -201,7 +309,9 @@ def compare_suite(
                 "n": int(mask.sum()),
                 "means": {model: float(values[mask].mean()) for model, values in arrays.items()},
             }
-    return SuiteComparison(suite, base, metric, higher_is_better, item_ids, means, deltas, flip_sets, by_group)
+    result = SuiteComparison(suite, base, metric, higher_is_better, item_ids, means, deltas, flip_sets, by_group)
+    holm_adjust([result], alpha)
+    return result
 
 
 def compare(
@@ -209,5 +319,8 @@ def compare(
     base: str,
     **options: Any,
 ) -> dict[str, SuiteComparison]:
-    """`compare_suite` for each suite: suite -> model -> item id -> score."""
-    return {name: compare_suite(scores, base, suite=name, **options) for name, scores in suites.items()}
+    """`compare_suite` for each suite (suite -> model -> item id -> score), its decisions
+    Holm-corrected over every suite and run together."""
+    out = {name: compare_suite(scores, base, suite=name, **options) for name, scores in suites.items()}
+    holm_adjust(out.values(), options.get("alpha", ALPHA))
+    return out

@@ -1,5 +1,7 @@
-"""Persona suite: did the model learn the character? Held-out questions with required
-keywords (`你是谁` -> contains 甄嬛), asked under the persona system prompt."""
+"""Persona suite: did the model learn the character? Questions about facts the training data
+teaches and the system prompt does not state, asked under the persona system prompt; an
+answer passes only if it asserts the fact (an echo, a denial or a hedge does not:
+checkers.py). The bundled sets and the held-out ones are described in docs/EVALUATION.md."""
 
 from __future__ import annotations
 

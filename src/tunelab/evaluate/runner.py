@@ -2,10 +2,12 @@
 
 The base stays in memory once; each run's adapter is switched in by name. Runs that cannot
 share one base (IA3 beside LoRA; freeze and full, which replace the base's weights) are
-scored on engines of their own, one after another (`engine_groups`), and their
-results merged; the base is scored once, on the first. Every suite gives per-item scores;
-`compare` turns them into deltas vs the base with bootstrap intervals and flips; `report`
-writes results.json, report.md and report.html.
+scored on engines of their own, one after another (`engine_groups`), and their results
+merged; the base is scored once, on the first. Every suite gives per-item scores;
+`compare` turns them into deltas vs the base with paired tests (Holm-corrected over every
+suite and run of the report), bootstrap intervals and flips; `report` writes results.json,
+report.md and report.html. Runs are only compared on one held-out split:
+`check_same_split` refuses runs trained on other data, seeds or splits.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
 from .benchmarks import Benchmark
 from .common import Context, SuiteResult, merge_results
-from .compare import compare_suite
+from .compare import ALPHA, compare_suite, holm_adjust
 
 Suite = Literal["in_domain", "persona", "general", "benchmarks"]
 BASE = "base"
@@ -65,6 +67,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     started = time.perf_counter()
     names = unique_names(runs)
     run_configs = {name: RunDir(Path(r)).read_config() for name, r in names.items()}
+    check_same_split(names, run_configs)
     first = next(iter(run_configs.values()), {})
     if model is None and not runs:
         raise ValueError("give runs to evaluate (--runs RUN ...) or a base model (--model.path ...)")
@@ -77,7 +80,9 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     models = [BASE] + list(names)
     ctx = Context(gen=gen, system_prompt=system_prompt, batch_size=batch_size, limit=limit)
     notes = [f"decoding: {'greedy' if gen.temperature == 0 else f'sampled, T={gen.temperature}, seed {gen.seed}'}, "
-             f"max_new_tokens {gen.max_new_tokens}; bootstrap: 1000 paired resamples, seed 0"]
+             f"max_new_tokens {gen.max_new_tokens}; decisions: exact sign test (0/1 scores) or paired "
+             f"permutation test, Holm-corrected over every suite and run, alpha {ALPHA}; intervals: "
+             f"1000 paired bootstrap resamples, seed 0"]
     if limit:
         notes.append(f"limit {limit}: at most {limit} items of each suite were scored, evenly spaced "
                      f"over it; intervals are wider than with every item")
@@ -115,9 +120,12 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         "curves": {n: loss_curves(RunDir(Path(r))) for n, r in names.items()},
         "configs": run_configs,
     }
-    for r in results:
-        comparison = compare_suite(r.scores, BASE, suite=r.name, metric=r.metric,
-                                   higher_is_better=r.higher_is_better, groups=r.groups).to_dict()
+    comparisons = [compare_suite(r.scores, BASE, suite=r.name, metric=r.metric,
+                                 higher_is_better=r.higher_is_better, groups=r.groups) for r in results]
+    family = holm_adjust(comparisons)  # one family: every suite x every run of this report
+    notes.append(f"Holm correction over {family} comparisons (suites x runs vs {BASE})")
+    for r, c in zip(results, comparisons):
+        comparison = c.to_dict()
         comparison["description"] = r.description
         if r.summary:
             comparison["description"] += "; " + ", ".join(
@@ -198,6 +206,35 @@ def unique_names(runs: list[str]) -> dict[str, str]:
     return names
 
 
+SPLIT_FIELDS = ("seed", "val_size", "limit")
+"""data.* settings that decide which rows a run held out (with the data file's sha256)."""
+
+
+def check_same_split(names: dict[str, str], configs: dict[str, dict]) -> None:
+    """Refuse runs whose held-out rows differ: another data file (by sha256 in inputs.json),
+    seed, val_size or limit. Their in-domain scores would be on other rows, and a run's
+    "held-out" rows could be another run's training rows."""
+    def split_of(name: str) -> dict:
+        data = configs[name].get("data") or {}
+        inputs = RunDir(Path(names[name])).inputs
+        sha = (json.loads(inputs.read_text()).get("data") or {}).get("sha256") if inputs.is_file() else None
+        return {"data sha256": sha, **{f"data.{k}": data.get(k) for k in SPLIT_FIELDS}}
+
+    if len(names) < 2:
+        return
+    first, *others = names
+    reference = split_of(first)
+    problems = []
+    for name in others:
+        theirs = split_of(name)
+        problems += [f"{key}: {first} has {reference[key]!r}, {name} has {theirs[key]!r}"
+                     for key in reference if theirs[key] != reference[key]]
+    if problems:
+        raise ValueError("refusing to compare runs trained on different data splits (their held-out "
+                         "rows differ):\n  " + "\n  ".join(problems)
+                         + "\nEvaluate them separately, or retrain them on one data file, seed, val_size and limit")
+
+
 def held_out_split(data: Optional[DataConfig], first_run: dict, engine):
     """(examples, rendered rows) of the held-out split, drawn exactly as training drew it."""
     from ..data import load_examples, split
@@ -210,11 +247,10 @@ def held_out_split(data: Optional[DataConfig], first_run: dict, engine):
         return None
     loaded = load_examples(data.path, data.system_prompt, "skip", data.limit)
     _, val = split(loaded.examples, data.val_size, data.seed)
-    rows = []
-    for example in val:
-        row = engine.format.render(example.messages, data.max_length, data.supervise, "prompt")
-        rows.append(row)
-    kept = [(e, r) for e, r in zip(val, rows) if r is not None]
+    # rendered as training rendered them (its truncation; rows it dropped stay dropped)
+    rows = [engine.format.render(example.messages, data.max_length, data.supervise, data.truncation)
+            for example in val]
+    kept = [(e, r) for e, r in zip(val, rows) if r is not None and r.num_supervised > 0]
     return [e for e, _ in kept], [r for _, r in kept]
 
 
