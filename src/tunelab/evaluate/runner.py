@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import DataConfig, GenerationConfig, ModelConfig, from_dict
-from ..runs import RunDir
+from ..runs import RunDir, check_writable
 from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
 from .benchmarks import Benchmark
@@ -57,6 +57,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     from ..report import write_report
 
     started = time.perf_counter()
+    check_writable(Path(out), "--out")  # before the models load, not after the work
     names = unique_names(runs)
     run_configs = {name: RunDir(Path(r)).read_config() for name, r in names.items()}
     first = next(iter(run_configs.values()), {})
