@@ -63,12 +63,16 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
     if not methods:
         raise ConfigError(f"{path}: `methods` must list at least one method, e.g. [{{name: lora}}]")
 
-    runs = {}
+    planned = {}  # every entry is checked before the first one trains
     for i, entry in enumerate(methods):
         label, method_cfg, train_cfg = resolve_method(entry, spec.get("train") or {}, f"{path}: methods[{i}]")
-        if label in runs:
+        if label in planned:
             raise ConfigError(f"{path}: methods[{i}]: label {label!r} is used twice; give each entry its own "
                               f"`label:`")
+        planned[label] = (method_cfg, train_cfg)
+
+    runs = {}
+    for label, (method_cfg, train_cfg) in planned.items():
         resolved = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
                     "train": to_dict(train_cfg)}
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
