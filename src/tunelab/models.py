@@ -159,6 +159,16 @@ def check_remote_code(directory: Path, trust: bool) -> None:
                           f"--model.trust_remote_code true if you trust its author")
 
 
+def pickle_reason(err: BaseException) -> str:
+    """What torch's weights-only unpickler found (` (builtins.exec)`), without the rest of its
+    message, which explains how to load the file unsafely."""
+    for line in str(err).splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            found = line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
+            return f" ({found.split('. ')[0][:120]})"
+    return ""
+
+
 def check_weights_safe(directory: Path, allow_pickle: bool) -> None:
     """Refuse a directory whose weights exist only as pickle files, unless allowed."""
     files = [p.name for p in directory.iterdir()] if directory.is_dir() else []
@@ -313,5 +323,5 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
         raise UnsafeWeights(
             f"{directory}: a pickle weight file holds objects other than tensors, and unpickling "
             f"them could run code; tunelab loads pickles with weights_only=True only. Convert the "
-            f"weights to safetensors where you trust the file ({str(err).splitlines()[-1][:200]})") from None
+            f"weights to safetensors where you trust the file{pickle_reason(err)}") from None
     return model.to(device).eval()

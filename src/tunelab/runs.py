@@ -283,7 +283,7 @@ def write_atomically(final: Path, fill) -> Path:
     except BaseException as err:
         delete_tree(tmp)
         if is_disk_full(err):
-            raise DiskFull(errno.ENOSPC, disk_full_message(final)) from err
+            raise DiskFull(errno.ENOSPC, disk_full_message(final, None if isinstance(err, OSError) else err)) from err
         raise
     old = final.with_name(final.name + ".old")
     if final.exists():
@@ -306,12 +306,17 @@ def is_disk_full(err: BaseException) -> bool:
         or "os error 28" in text or "StorageFull" in text or "No space left on device" in text
 
 
-def disk_full_message(final: Path) -> str:
+def disk_full_message(final: Path, unsure: BaseException | None = None) -> str:
+    """`unsure`: a write error that names no cause (torch's), reported as what it usually is."""
     try:
-        free = f"{shutil.disk_usage(final.parent).free / 2**20:,.0f} MiB free"
+        free = f"{shutil.disk_usage(final.parent).free / 2**20:,.0f} MiB free now"
     except OSError:
         free = "free space unknown"
-    return (f"the disk is full: no space left on the device holding {final.parent} ({free}) "
+    what = "the disk is full: no space left"
+    if unsure is not None:
+        said = next((line for line in str(unsure).splitlines() if "failed" in line), str(unsure).splitlines()[0])
+        what = f"the disk is full or failed ({said.strip()[-120:]}): a write failed"
+    return (f"{what} on the device holding {final.parent} ({free}) "
             f"while writing {final.name}. Nothing was replaced: the previous checkpoint and "
             f"adapter are intact. Free some space (fewer --train.keep_checkpoints, older runs) "
             f"or write the run elsewhere with --out, then run the same command again to resume")
@@ -388,13 +393,15 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
     import torch
 
+    from .models import pickle_reason
+
     path = checkpoint / "trainer_state.pt"
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:
         raise ResumeRefused(
             f"{path} holds objects other than tensors and plain values, and unpickling them could "
-            f"run code, so it was not loaded ({str(err).splitlines()[0][:160]}). tunelab never writes "
+            f"run code, so it was not loaded{pickle_reason(err)}. tunelab never writes "
             f"such a file: if you did not put it there, delete the checkpoint {checkpoint} (the "
             f"previous one is used) or start over with --resume false") from None
 
