@@ -206,10 +206,16 @@ def check_writable(directory: Path, flag: str) -> None:
     if not existing.is_dir():
         raise NotWritable(f"{flag} {directory}: {existing} is a file, so the folder cannot be created there")
     problem = None if os.access(existing, os.W_OK | os.X_OK) else "permission denied"
-    if problem is None:
+    if problem is None:  # a read-only file system passes os.access for root: create a file
         try:
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".tunelab-write-check-"):
-                pass
+            try:  # an unnamed file (Linux): nothing to delete afterwards
+                os.close(os.open(existing, getattr(os, "O_TMPFILE", 0) | os.O_WRONLY, 0o600))
+            except OSError as err:
+                unsupported = err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+                if hasattr(os, "O_TMPFILE") and not unsupported:
+                    raise
+                with tempfile.NamedTemporaryFile(dir=existing, prefix=".tunelab-write-check-"):
+                    pass
         except OSError as err:
             problem = err.strerror or str(err)
     if problem:
