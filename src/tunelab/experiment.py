@@ -127,8 +127,8 @@ def read_spec(path: Path) -> dict:
         spec = {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: an experiment file is a mapping (name:, model:, data:, methods: ...), "
-                          f"but this one holds a {type(spec).__name__}: {str(spec)[:80]!r} (README.md, `tunelab "
-                          f"experiment`, shows one)")
+                          f"but this one holds a {type(spec).__name__}: {str(spec)[:80]!r}. For example: "
+                          f"`{{name: demo, model: {{path: M}}, data: {{path: D}}, methods: [{{name: lora}}]}}`")
     for key in ("model", "data", "train", "eval"):
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise ConfigError(f"{path}: `{key}` must be a mapping (e.g. {key}: {{path: ...}}), got {spec[key]!r}")
