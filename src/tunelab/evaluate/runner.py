@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import DataConfig, GenerationConfig, ModelConfig, from_dict
+from ..config import ConfigError, DataConfig, GenerationConfig, ModelConfig, from_dict
 from ..runs import RunDir, check_writable
 from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
@@ -62,7 +62,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     run_configs = {name: RunDir(Path(r)).read_config() for name, r in names.items()}
     first = next(iter(run_configs.values()), {})
     if model is None and not runs:
-        raise ValueError("give runs to evaluate (--runs RUN ...) or a base model (--model.path ...)")
+        raise ConfigError("give runs to evaluate (--runs RUN ...) or a base model (--model.path ...)")
     if system_prompt is None:
         system_prompt = (first.get("data") or {}).get("system_prompt")
     engine = Engine.from_runs(names, model=model)
@@ -85,7 +85,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
             results += in_domain.run(engine, models, ctx, *held_out)
         elif suite == "persona":
             if not persona_probes:
-                raise ValueError("the persona suite needs --persona_probes FILE.yaml")
+                raise ConfigError("the persona suite needs --persona_probes FILE.yaml")
             results += persona.run(engine, models, ctx, persona_probes)
         elif suite == "general":
             results += general.run(engine, models, ctx, general_probes)
