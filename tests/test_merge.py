@@ -103,6 +103,7 @@ def test_failed_check_leaves_the_old_directory(base_dir, tmp_path, monkeypatch):
     run = make_run(tmp_path, base_dir, "lora", 1)
     target = tmp_path / "merged"
     target.mkdir()
+    (target / EXPORT_INFO).write_text("{}")  # an earlier export: the only kind replaced without asking
     (target / "old.txt").write_text("previous export")
 
     def broken(*args, **kwargs):
@@ -111,7 +112,7 @@ def test_failed_check_leaves_the_old_directory(base_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(merge_module, "check_reloaded", broken)
     with pytest.raises(ExportMismatch):
         merge(str(run), str(target))
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == sorted([EXPORT_INFO, "old.txt"])
     assert not (tmp_path / "merged.tmp").exists()
 
 

@@ -184,3 +184,45 @@ def test_resume_refuses_a_checkpoint_adapter_that_does_not_fit(finished, tiny_qw
     data = RunDir(run).read_config()["data"]["path"]
     with pytest.raises(AdapterMismatch, match="does not fit this base model"):
         quick_train(tiny_qwen, data, run, max_steps=2, save_every=1)
+
+
+def test_a_malicious_trainer_state_is_refused_and_never_runs(finished, tiny_qwen, tmp_path, armed):
+    from tunelab.runs import ResumeRefused
+
+    run = copy_run(finished, tmp_path)
+    RunDir(run).done.unlink()
+    newest = RunDir(run).complete_checkpoints()[-1]
+    shutil.copy(armed[0], newest / "trainer_state.pt")
+    data = RunDir(run).read_config()["data"]["path"]
+    with pytest.raises(ResumeRefused, match=r"trainer_state.pt holds objects other than tensors.*--resume false"):
+        quick_train(tiny_qwen, data, run, max_steps=3, save_every=1, allow_config_change=True)
+    assert not armed[1].exists()
+
+
+def test_an_adapter_without_weights_says_the_file_is_missing(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    (RunDir(run).adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterMismatch, match="no adapter weights") as raised:
+        load_run(run)
+    assert "pickle" not in str(raised.value)
+
+
+def test_eval_checks_every_run_for_pickles_not_only_the_first(finished, tmp_path, armed):
+    """The report: only the first run was checked, so a later run's .bin adapter was loaded."""
+    from tunelab.generate import Engine
+
+    second = shutil.copytree(finished, tmp_path / "second")
+    (RunDir(second).adapter / "adapter_model.safetensors").unlink()
+    shutil.copy(armed[0], RunDir(second).adapter / "adapter_model.bin")
+    with pytest.raises(AdapterMismatch, match=r"safetensors only.*adapter_model.bin: a pickle can run code"):
+        Engine.from_runs({"first": finished, "second": second})
+    assert not armed[1].exists()
+
+
+def test_no_message_suggests_loading_a_pickle_unsafely():
+    """Never `weights_only=False`: not in any message, not in any call."""
+    from pathlib import Path
+
+    sources = Path(__file__).resolve().parents[1] / "src" / "tunelab"
+    offenders = [str(p) for p in sources.rglob("*.py") if "weights_only=False" in p.read_text(encoding="utf-8")]
+    assert offenders == []

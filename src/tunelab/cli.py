@@ -39,40 +39,75 @@ def pull(name: str, cache_dir: str | None = None, hub: str = "hf", find_links: s
 
 
 def verbs() -> dict:
+    """Verb -> function. Importing these must not import torch (tests/test_cli.py): modules
+    that do at their top are reached through a stand-in of the same signature (verbs.py)."""
     from .chat import chat
     from .data.inspect import inspect_data
     from .evaluate.runner import evaluate
     from .experiment import experiment
-    from .merge import merge
-    from .train import train
+    from .verbs import merge, train
 
     return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
+
+
+def parser_class():
+    """jsonargparse's parser, reporting a bad flag in one `error:` line and a hint instead of
+    the whole usage block followed by the error."""
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:  # jsonargparse trying alternatives: not an error yet
+                return super().error(message, ex)
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+            print(f"(see `{prog} --help`)", file=sys.stderr)
+            sys.exit(2)
+
+    return Parser
+
+
+EXPECTED_ERRORS = {
+    2: {"tunelab.config": ["ConfigError"], "tunelab.data": ["DataError", "TemplateError"],
+        "tunelab.models": ["ModelNotFound", "UnsafeWeights"], "tunelab.pull": ["PullError"],
+        "tunelab.methods.registry": ["NotMergeable"],
+        "tunelab.runs": ["ResumeRefused", "AdapterMismatch", "RunLocked", "NotWritable"],
+        "builtins": ["FileNotFoundError"]},
+    1: {"tunelab.train": ["Interrupted", "TrainingDiverged", "OutOfMemory"], "tunelab.runs": ["DiskFull"],
+        "tunelab.merge": ["ExportMismatch"], "tunelab.invariants": ["InvariantBroken"],
+        "builtins": ["FloatingPointError"]},
+}
+"""Errors printed as one `error:` line, by exit code (2: a usage or input error the message says
+how to fix; 1: the run failed, e.g. diverged or the disk filled). Named by module so that
+checking an error never imports a module the failed command had not imported."""
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit code of an expected error (None: a bug, shown with its traceback)."""
+    code = getattr(err, "exit_code", None)
+    if code is not None:
+        return code
+    for code, modules in sorted(EXPECTED_ERRORS.items()):  # 1 first: DiskFull is an OSError
+        for module, names in modules.items():
+            loaded = sys.modules.get(module)
+            if loaded and isinstance(err, tuple(getattr(loaded, n) for n in names if hasattr(loaded, n))):
+                return code
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI, set_parsing_settings
 
-    from .config import ConfigError
-    from .data import DataError, TemplateError
-    from .merge import ExportMismatch
-    from .methods import NotMergeable
-    from .models import ModelNotFound, UnsafeWeights
-    from .pull import PullError
-    from .runs import AdapterMismatch, DiskFull, ResumeRefused
-    from .invariants import InvariantBroken
-    from .train import Interrupted, OutOfMemory, TrainingDiverged
-
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
-        CLI(verbs(), args=argv)
-    except (ConfigError, DataError, TemplateError, ModelNotFound, UnsafeWeights, PullError, NotMergeable,
-            FileNotFoundError, ResumeRefused, AdapterMismatch) as err:
+        CLI(verbs(), args=argv, parser_class=parser_class())
+    except Exception as err:
+        code = exit_code(err)  # 2: a usage or input error; 1: the run failed; None: a bug
+        if code is None:
+            raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, TrainingDiverged, OutOfMemory, DiskFull, ExportMismatch, FloatingPointError,
-            InvariantBroken) as err:
-        print(f"error: {err.strerror if isinstance(err, DiskFull) else err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 1))
+        sys.exit(code)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, complete checkpoints are intact
         print("interrupted", file=sys.stderr)
         sys.exit(130)

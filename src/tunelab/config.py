@@ -8,6 +8,7 @@ message, so a bad value never reaches the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Literal, Optional
 
@@ -43,8 +44,11 @@ class ModelConfig:
     """Accept pickle weights (.bin/.pt); even then they load with `weights_only=True`."""
 
     def __post_init__(self) -> None:
-        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        kind, _, index = self.device.partition(":")
+        check(self.device == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())),
               "model.device", "auto, cpu, cuda, cuda:N or mps", self.device)
+        check(self.hub in ("hf", "modelscope"), "model.hub", "hf or modelscope", self.hub)
+        check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "model.dtype", "auto, bf16, fp16 or fp32", self.dtype)
 
 
 @dataclass
@@ -73,6 +77,13 @@ class DataConfig:
         check(self.max_length > 0, "data.max_length", "> 0", self.max_length)
         check(self.val_size >= 0, "data.val_size", ">= 0 (a fraction or a row count)", self.val_size)
         check(self.limit is None or self.limit > 0, "data.limit", "> 0 or null", self.limit)
+        check(self.val_size < 1 or float(self.val_size).is_integer(), "data.val_size",
+              "a fraction below 1 or a whole row count", self.val_size)
+        check(self.seed >= 0, "data.seed", ">= 0", self.seed)
+        check(self.truncation in ("prompt", "drop", "error"), "data.truncation", "prompt, drop or error",
+              self.truncation)
+        check(self.supervise in ("all", "last"), "data.supervise", "all or last", self.supervise)
+        check(self.on_error in ("stop", "skip"), "data.on_error", "stop or skip", self.on_error)
 
 
 @dataclass
@@ -146,14 +157,21 @@ class TrainConfig:
     loads it, gives the training-time loss. A broken one stops the run before it saves."""
 
     def __post_init__(self) -> None:
-        check(self.epochs > 0, "train.epochs", "> 0", self.epochs)
+        check(math.isfinite(self.epochs) and self.epochs > 0, "train.epochs", "> 0", self.epochs)
         check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0 or null", self.max_steps)
         check(self.batch_size > 0, "train.batch_size", "> 0", self.batch_size)
         check(self.micro_batch_size > 0, "train.micro_batch_size", "> 0", self.micro_batch_size)
         check(self.micro_batch_tokens > 0, "train.micro_batch_tokens", "> 0", self.micro_batch_tokens)
         check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
               f"a multiple of --train.micro_batch_size ({self.micro_batch_size})", self.batch_size)
-        check(self.lr > 0, "train.lr", "> 0", self.lr)
+        check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "> 0", self.lr)
+        check(self.schedule in ("cosine", "linear", "constant"), "train.schedule", "cosine, linear or constant",
+              self.schedule)
+        check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        check(self.eval_every >= 0, "train.eval_every", ">= 0 (0: once per epoch)", self.eval_every)
+        check(self.save_every >= 0, "train.save_every", ">= 0 (0: never)", self.save_every)
+        check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        check(self.seed >= 0, "train.seed", ">= 0", self.seed)
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", self.warmup_ratio)
         check(self.max_grad_norm >= 0, "train.max_grad_norm", ">= 0", self.max_grad_norm)
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
@@ -180,11 +198,15 @@ class GenerationConfig:
     """Sampling seed, so sampled answers can be reproduced."""
 
     def __post_init__(self) -> None:
-        check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
-        check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
-        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        check(self.top_k >= 0, "top_k", ">= 0", self.top_k)
-        check(self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty)
+        # The verbs take it as `gen` (`tunelab chat --gen.temperature 0.7`).
+        check(self.max_new_tokens > 0, "gen.max_new_tokens", "> 0", self.max_new_tokens)
+        check(math.isfinite(self.temperature) and self.temperature >= 0, "gen.temperature", ">= 0",
+              self.temperature)
+        check(0 < self.top_p <= 1, "gen.top_p", "in (0, 1]", self.top_p)
+        check(self.top_k >= 0, "gen.top_k", ">= 0", self.top_k)
+        check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "gen.repetition_penalty",
+              "> 0", self.repetition_penalty)
+        check(self.seed >= 0, "gen.seed", ">= 0", self.seed)
 
 
 def to_dict(obj: Any) -> Any:

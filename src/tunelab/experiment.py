@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -46,22 +47,32 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
     from .train import train
 
     path = Path(file)
-    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    spec = read_spec(path)
     unknown = set(spec) - TOP_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; accepted: {sorted(TOP_KEYS)}")
     here = path.resolve().parent
-    name = spec.get("name", path.stem)
+    name = plain_name(spec.get("name", path.stem), f"{path}: `name`")
     root = Path(out or spec.get("out") or f"runs/{name}")
     model = from_dict(ModelConfig, resolve_path(spec.get("model") or {}, "path", here))
     data = from_dict(DataConfig, resolve_path(spec.get("data") or {}, "path", here))
     methods = spec.get("methods") or []
+    if not isinstance(methods, list) or not all(isinstance(m, dict) for m in methods):
+        raise ConfigError(f"{path}: `methods` must be a list of mappings, e.g. [{{name: lora}}, "
+                          f"{{name: ptuning, label: pt}}]; got {methods!r}")
     if not methods:
         raise ConfigError(f"{path}: `methods` must list at least one method, e.g. [{{name: lora}}]")
 
-    runs = {}
+    planned = {}  # every entry is checked before the first one trains
     for i, entry in enumerate(methods):
         label, method_cfg, train_cfg = resolve_method(entry, spec.get("train") or {}, f"{path}: methods[{i}]")
+        if label in planned:
+            raise ConfigError(f"{path}: methods[{i}]: label {label!r} is used twice; give each entry its own "
+                              f"`label:`")
+        planned[label] = (method_cfg, train_cfg)
+
+    runs = {}
+    for label, (method_cfg, train_cfg) in planned.items():
         resolved = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
                     "train": to_dict(train_cfg)}
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
@@ -99,6 +110,44 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
     return report
 
 
+def read_spec(path: Path) -> dict:
+    """The experiment file as a mapping, or a ConfigError naming the file (and the line of a
+    YAML syntax error)."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path} does not exist") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {err.problem or err.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable YAML file ({err})") from None
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: an experiment file is a mapping (name:, model:, data:, methods: ...), "
+                          f"but this one holds a {type(spec).__name__}: {str(spec)[:80]!r}. For example: "
+                          f"`{{name: demo, model: {{path: M}}, data: {{path: D}}, methods: [{{name: lora}}]}}`")
+    for key in ("model", "data", "train", "eval"):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise ConfigError(f"{path}: `{key}` must be a mapping (e.g. {key}: {{path: ...}}), got {spec[key]!r}")
+    return spec
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def plain_name(value, where: str) -> str:
+    """A name that becomes one path component inside the experiment directory: letters, digits,
+    `.`, `_`, `-`; no `/`, no `..`, not absolute, so no derived path can leave the directory."""
+    text = str(value)
+    if not PLAIN_NAME.fullmatch(text) or ".." in text:
+        raise ConfigError(f"{where} must be a plain name (letters, digits, `.`, `_`, `-`; no `/` or `..`), "
+                          f"got {value!r}: it names a directory inside the experiment's")
+    return text
+
+
 def resolve_path(section: dict, key: str, here: Path) -> dict:
     """Make a relative file path in `section[key]` relative to the YAML file's folder."""
     value = section.get(key)
@@ -114,8 +163,11 @@ def resolve_method(entry: dict, shared_train: dict, where: str):
     the entry's own `train:` overrides and its method options."""
     if "name" not in entry:
         raise ConfigError(f"{where}: needs `name` (one of the methods `tunelab methods` lists)")
-    method = get(entry["name"])
-    label = entry.get("label", entry["name"])
+    try:
+        method = get(entry["name"])
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    label = plain_name(entry.get("label", entry["name"]), f"{where}: `label`")
     allowed = {"name", "label", "train", method.name}
     unknown = set(entry) - allowed
     if unknown:
@@ -132,9 +184,13 @@ def link_labels(root: Path, runs: dict[str, Path]) -> dict[str, Path]:
     models.mkdir(parents=True, exist_ok=True)
     linked = {}
     for label, run_dir in runs.items():
-        link = models / label
-        if link.is_symlink() or link.exists():
-            link.unlink()
+        link = models / plain_name(label, "a method label")
+        if link.parent.resolve() != models.resolve():
+            raise ConfigError(f"{link} would be outside {models}")
+        if link.is_symlink():
+            link.unlink()  # an earlier run's link; a real file or folder there is never deleted
+        elif link.exists():
+            raise ConfigError(f"{link} exists and is not a link tunelab made: move it away (it is not deleted)")
         link.symlink_to(Path("..") / "runs" / run_dir.name, target_is_directory=True)
         linked[label] = link
     return linked

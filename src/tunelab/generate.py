@@ -67,6 +67,7 @@ class Engine:
         self.active = BASE
         self.plain = BASE  # the name the model alone answers to: `base`, or a whole-model run's
         self.model_path: Optional[str] = None  # the base's --model.path, when known
+        self.model_cfg = None  # the base's ModelConfig, when known (checks a run trained elsewhere)
         self.device = device or next(model.parameters()).device
         if _is_peft(model):
             name = model.active_adapter
@@ -105,20 +106,20 @@ class Engine:
         """
         from transformers import AutoTokenizer
 
-        from .config import ModelConfig, from_dict
         from .models import load_model, load_tokenizer
-        from .runs import RunDir
+        from .runs import RunDir, run_model_config
 
         if model is None:
             if not runs:
                 raise ValueError("Engine.from_runs needs runs or a base model config")
             first = RunDir(next(iter(runs.values())))
-            model = from_dict(ModelConfig, first.read_config()["model"])
+            model = run_model_config(first, first.read_config())  # a moved base: a clear error
         if tokenizer is None and runs:  # the runs' tokenizer carries the chat template they were trained with
             tokenizer = RunDir(Path(next(iter(runs.values())))).tokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer is not None else load_tokenizer(model)
         engine = cls(load_model(model, device), tokenizer, device)
         engine.model_path = model.path
+        engine.model_cfg = model
         for name, run in runs.items():
             engine.add_adapter(name, run)
         return engine
@@ -134,7 +135,7 @@ class Engine:
         """Load a finished run's adapter onto the base, under `name` (weights are not reloaded);
         a freeze or full run's weights replace the base's, on an engine holding nothing else."""
         from .methods import get
-        from .runs import RunDir, check_adapter
+        from .runs import RunDir, check_adapter, check_adapter_files, check_base
 
         if name in self.adapters:
             raise ValueError(f"adapter name {name!r} is taken (names in use: {self.adapters})")
@@ -142,10 +143,15 @@ class Engine:
         config = run_dir.read_config()
         if not run_dir.adapter.is_dir():
             raise FileNotFoundError(f"{run_dir.root} has no adapter/ yet: the run has not finished")
+        check_adapter_files(run_dir.adapter)  # every run's: safetensors only, whole files
         trained_on = (config.get("model") or {}).get("path")
         if self.model_path and trained_on and trained_on != self.model_path:
-            raise ValueError(f"run {run_dir.root} was trained on {trained_on!r}, but this engine's "
-                             f"base is {self.model_path!r}: an adapter only fits its own base")
+            # Another path may hold the same model (moved, or `--model.path` pointing at it):
+            # compared by fingerprint; another model is refused, as an adapter fits its own base only.
+            if self.model_cfg is None:
+                raise ValueError(f"run {run_dir.root} was trained on {trained_on!r}, but this engine's "
+                                 f"base is {self.model_path!r}: an adapter only fits its own base")
+            check_base(run_dir, self.model_cfg)
         if self.lora is None:  # (its shape check reads un-injected modules; later, PEFT's load checks)
             check_adapter(run_dir.adapter, self.base)  # another base's adapter is refused here
         method = get(config["method"]["name"])

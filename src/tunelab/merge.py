@@ -29,14 +29,16 @@ from typing import Literal, Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig, from_dict
+from .config import ConfigError, ModelConfig
 from .data.template import ChatFormat
 from .methods.virtual_tokens import virtual_token_embeddings
 from .methods.registry import NotMergeable as MethodNotMergeable
-from .runs import RunDir, check_adapter, check_base, write_atomically, write_json
+from .runs import (EXPORT_MARKER, RunDir, check_adapter, check_base, check_export_target, run_model_config,
+                   write_atomically, write_json)
 
-EXPORT_INFO = "tunelab_export.json"
-"""Written beside the weights: where they came from and what the checks measured."""
+EXPORT_INFO = EXPORT_MARKER
+"""Written beside the weights: where they came from and what the checks measured. It also
+marks the directory as a tunelab export, the only kind `--out` replaces without asking."""
 
 PROBES = ["Who are you?", "你是谁？", "1.11 和 1.9 哪个大？",
           "Write two sentences about the sea, then list three fish."]
@@ -64,13 +66,16 @@ class ExportMismatch(RuntimeError):
 def merge(run: str, out: Optional[str] = None, bake: bool = False,
           dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
           precision: Literal["fp32", "run"] = "fp32", device: str = "auto",
-          max_shard_size: str = "5GB") -> Path:
+          max_shard_size: str = "5GB", overwrite: bool = False,
+          model: Optional[ModelConfig] = None) -> Path:
     """Export a run as a plain Hugging Face model directory (no adapter, no tunelab needed).
 
     Args:
         run: a finished run directory.
-        out: the model directory to write, replaced if it exists (default: RUN/merged, or
-            RUN/baked with --bake).
+        out: the model directory to write (default: RUN/merged, or RUN/baked with --bake). An
+            existing one is replaced only if it is an earlier tunelab export (it holds
+            tunelab_export.json); any other existing directory needs --overwrite true, and
+            the run itself and its base model are never written over.
         bake: for virtual-token methods (P-Tuning): write the learned prompt as new tokens of
             the vocabulary that the exported chat template puts first in every input.
         dtype: dtype of the written weights; `auto` keeps the base checkpoint's.
@@ -79,6 +84,9 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
             memory, a looser check).
         device: where the merge is computed (`auto`: the first CUDA card, else CPU).
         max_shard_size: largest safetensors shard.
+        overwrite: replace an existing `out` that is not a tunelab export (its files are lost).
+        model: the base model, where it is not at the path the run's config.yaml records (it
+            was moved): `--model.path NEW_DIR`. It must be the same model (checked).
     """
     from transformers import AutoTokenizer
 
@@ -106,7 +114,9 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
                            f"tuning); the {method.name} adapter of {run} is not one (prefix tuning puts "
                            f"keys and values in every layer, which no vocabulary token can hold)")
 
-    model_cfg = from_dict(ModelConfig, config["model"])
+    model_cfg = run_model_config(run_dir, config, model)
+    base_dir, _ = locate(model_cfg)
+    check_export_target(Path(out), overwrite, run_dir.root, base_dir)  # before any work
     where = resolve_device(device)
     out_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(*locate(model_cfg))
     model_cfg = replace(model_cfg, device=str(where), dtype="fp32" if precision == "fp32" else model_cfg.dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
@@ -35,9 +35,22 @@ class UnsafeWeights(RuntimeError):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device `--model.device` names; a CUDA or MPS device this machine lacks is a
+    ConfigError saying what it has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"`--model.device {name}`: this machine has no CUDA device (torch "
+                              f"{torch.__version__} sees none); use --model.device cpu (or auto)")
+        if (device.index or 0) >= count:
+            raise ConfigError(f"`--model.device {name}`: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"`--model.device {name}`: MPS is not available here; use --model.device cpu")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -60,6 +73,7 @@ def locate(cfg: ModelConfig) -> tuple[Path, str | None]:
             raise ModelNotFound(f"GGUF file {path} does not exist")
         return path.parent, path.name
     if path.is_dir():
+        check_model_dir(path)
         return path, None
     if "/" not in cfg.path and not path.exists():
         from .pull import PullError, load_catalog, pull
@@ -99,12 +113,71 @@ def _download(cfg: ModelConfig) -> Path:
         raise ModelNotFound(f"{hint}\n  cause: {type(err).__name__}: {str(err).splitlines()[0]}") from None
 
 
+def check_model_dir(directory: Path) -> None:
+    """A local model directory must look like one before transformers is asked to load it
+    (an empty one otherwise fails with "need sentencepiece or tiktoken")."""
+    entries = sorted(p.name for p in directory.iterdir())
+    if not entries:
+        raise ModelNotFound(f"the model directory {directory} is empty: --model.path must be a Hugging "
+                            f"Face model directory (config.json, *.safetensors, tokenizer files) or a .gguf file")
+    if "config.json" not in entries:
+        ggufs = [e for e in entries if e.endswith(".gguf")]
+        hint = (f"; for a GGUF model pass the file itself: --model.path {directory / ggufs[0]}" if ggufs
+                else ": is it the right folder, or was the download cut short?")
+        raise ModelNotFound(f"{directory} has no config.json, so it is not a Hugging Face model directory "
+                            f"(it holds {', '.join(entries[:6])}{' ...' if len(entries) > 6 else ''}){hint}")
+
+
+def check_weight_files(directory: Path) -> None:
+    """Every safetensors file must be whole (its header read, its size checked), so a file cut
+    short by a download or a copy is named instead of failing deep inside the loader."""
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            safetensors_shapes(file)
+        except (ValueError, OSError, UnicodeDecodeError) as err:
+            raise ModelNotFound(f"{file} cannot be read ({err}); the file is damaged or incomplete: "
+                                f"download or copy the model again") from None
+
+
+def check_remote_code(directory: Path, trust: bool) -> None:
+    """A model whose config.json maps to code shipped with the checkpoint (`auto_map`) and whose
+    architecture transformers does not know needs --model.trust_remote_code true."""
+    if trust or not (directory / "config.json").is_file():
+        return
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"{directory / 'config.json'} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "auto_map" not in config:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise ConfigError(f"{directory} needs code shipped with the checkpoint (config.json `auto_map` "
+                          f"{sorted(config['auto_map'])}; model_type {config.get('model_type')!r} is not "
+                          f"built into transformers). Running it executes that code: read it first, then pass "
+                          f"--model.trust_remote_code true if you trust its author")
+
+
+def pickle_reason(err: BaseException) -> str:
+    """What torch's weights-only unpickler found (` (builtins.exec)`), without the rest of its
+    message, which explains how to load the file unsafely."""
+    for line in str(err).splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            found = line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
+            return f" ({found.split('. ')[0][:120]})"
+    return ""
+
+
 def check_weights_safe(directory: Path, allow_pickle: bool) -> None:
     """Refuse a directory whose weights exist only as pickle files, unless allowed."""
     files = [p.name for p in directory.iterdir()] if directory.is_dir() else []
     if any(f.endswith(".safetensors") for f in files) or any(f.endswith(".gguf") for f in files):
         return
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if not pickles:
+        raise ModelNotFound(f"{directory} holds no weights (no *.safetensors, *.gguf or pickle file): "
+                            f"was the download or copy cut short?")
     if pickles and not allow_pickle:
         raise UnsafeWeights(
             f"{directory} holds only pickle weights ({', '.join(sorted(pickles)[:3])}); loading "
@@ -128,6 +201,8 @@ def fingerprint(cfg: ModelConfig) -> dict:
     if not gguf and (directory / "config.json").is_file():
         config = {k: v for k, v in json.loads((directory / "config.json").read_text()).items()
                   if k not in VOLATILE_CONFIG_KEYS}
+    if not gguf:
+        check_weight_files(directory)
     shapes: dict = {}
     for name in names:
         if name.endswith(".safetensors"):
@@ -196,7 +271,16 @@ def load_tokenizer(cfg: ModelConfig):
 
     directory, gguf = locate(cfg)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if not gguf:
+        check_remote_code(directory, cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(f"{directory}: {str(err).splitlines()[0]} (--model.trust_remote_code true)") from None
+        raise ModelNotFound(f"no tokenizer could be loaded from {directory} ({str(err).splitlines()[0][:300]}); "
+                            f"a model directory needs tokenizer.json or the tokenizer files its "
+                            f"tokenizer_config.json names") from None
     if tokenizer.pad_token_id is None:
         # Padding is masked out by position, so any id works; eos is always in the vocab.
         tokenizer.pad_token = tokenizer.eos_token
@@ -223,15 +307,21 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
         except ImportError:
             pass
     else:
+        check_remote_code(directory, cfg.trust_remote_code)
         check_weights_safe(directory, cfg.allow_pickle)
+        check_weight_files(directory)
         kwargs["use_safetensors"] = None if cfg.allow_pickle else True
         kwargs["weights_only"] = True  # pickles, where allowed, never run code
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(f"{directory}: {str(err).splitlines()[0]} (--model.trust_remote_code true)") from None
     except pickle.UnpicklingError as err:
         raise UnsafeWeights(
             f"{directory}: a pickle weight file holds objects other than tensors, and unpickling "
             f"them could run code; tunelab loads pickles with weights_only=True only. Convert the "
-            f"weights to safetensors where you trust the file ({str(err).splitlines()[-1][:200]})") from None
+            f"weights to safetensors where you trust the file{pickle_reason(err)}") from None
     return model.to(device).eval()

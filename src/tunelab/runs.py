@@ -22,8 +22,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
+
+from .config import ConfigError
+
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 COMPLETE = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)")
@@ -42,6 +46,9 @@ kernel knobs a resume on another card may need, which change rounding, not what 
 class DiskFull(OSError):
     """No space left while writing a checkpoint or adapter; the previous one is intact."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]"
+        return self.strerror or super().__str__()
+
 
 class ResumeRefused(RuntimeError):
     """The run directory's checkpoints were trained on other inputs or settings."""
@@ -49,6 +56,25 @@ class ResumeRefused(RuntimeError):
 
 class AdapterMismatch(RuntimeError):
     """An adapter does not fit the base model it is being loaded onto."""
+
+
+class RunLocked(RuntimeError):
+    """Another live `tunelab train` process is writing the same run directory."""
+
+
+class NotWritable(RuntimeError):
+    """An output folder cannot be written; checked before the work, not after it."""
+
+
+LOCK_FILE = ".tunelab.lock"
+"""Held (flock) by the process training a run directory; the kernel releases it when that
+process ends, however it ends, so a lock left by a killed process is simply taken over."""
+EXPORT_MARKER = "tunelab_export.json"
+"""Written in every model directory `tunelab merge` exports; only such a directory is replaced
+without --overwrite true."""
+RUN_ENTRIES = {"config.yaml", "inputs.json", "data_stats.json", "metrics.jsonl", "summary.json", "DONE",
+               "adapter", "tokenizer", "checkpoints", "tensorboard", LOCK_FILE}
+"""What a run directory holds (exports such as RUN/merged aside)."""
 
 
 @dataclass
@@ -100,6 +126,31 @@ class RunDir:
                 else:
                     delete_tree(path)
 
+    def is_run(self) -> bool:
+        """Whether the directory holds a tunelab run (its config.yaml is a run's config)."""
+        try:
+            config = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        return isinstance(config, dict) and {"model", "data", "method", "train"} <= set(config)
+
+    def claim(self) -> "RunLock":
+        """Refuse a directory that holds something other than a tunelab run (before anything in
+        it is touched), create it, and lock it for this process: a context manager."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} is a file, not a run directory; choose another --out")
+        foreign = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() and not self.is_run() else []
+        foreign = [name for name in foreign if name != LOCK_FILE and not name.startswith("config.yaml.")]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(
+                f"--out {self.root} is not empty and is not a tunelab run (no tunelab config.yaml; it holds "
+                f"{shown}): refusing to write a run there, which would replace files such as adapter/ and "
+                f"metrics.jsonl. Choose another --out (a new or empty directory, or an earlier run)")
+        check_writable(self.root, "--out")
+        self.root.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.root / LOCK_FILE)
+
     def start_over(self) -> list[str]:
         """Remove what an earlier attempt left (checkpoints, adapter, metrics); returns what went."""
         gone = []
@@ -111,6 +162,93 @@ class RunDir:
                 path.unlink()
                 gone.append(path.name)
         return gone
+
+
+class RunLock:
+    """An exclusive flock on RUN/.tunelab.lock while training; a second process is refused
+    while the first lives. The file keeps the holder's pid for the message."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise RunLocked(f"{path.parent} is being trained by {holder} (it holds {path}); two runs "
+                            f"writing one directory would corrupt it. Wait for it to end, stop it, or "
+                            f"choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"process {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_writable(directory: Path, flag: str) -> None:
+    """Refuse, before any work, an output folder that cannot be written (read-only folder or
+    file system): its nearest existing ancestor must accept a new file."""
+    import tempfile
+
+    directory = Path(directory).expanduser()
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise NotWritable(f"{flag} {directory}: {existing} is a file, so the folder cannot be created there")
+    problem = None if os.access(existing, os.W_OK | os.X_OK) else "permission denied"
+    if problem is None:  # a read-only file system passes os.access for root: create a file
+        try:
+            try:  # an unnamed file (Linux): nothing to delete afterwards
+                os.close(os.open(existing, getattr(os, "O_TMPFILE", 0) | os.O_WRONLY, 0o600))
+            except OSError as err:
+                unsupported = err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+                if hasattr(os, "O_TMPFILE") and not unsupported:
+                    raise
+                with tempfile.NamedTemporaryFile(dir=existing, prefix=".tunelab-write-check-"):
+                    pass
+        except OSError as err:
+            problem = err.strerror or str(err)
+    if problem:
+        raise NotWritable(f"{flag} {directory}: {existing} cannot be written ({problem}); nothing was done. "
+                          f"Choose a writable {flag} or fix the folder's permissions")
+
+
+def check_export_target(out: Path, overwrite: bool, run: Path, base: Path | None) -> None:
+    """Refuse an export directory that would destroy what is not an earlier export: the run,
+    its base model, or a folder holding either; any other existing directory unless it holds
+    tunelab_export.json or --overwrite true is given. Checked before any work."""
+    out = Path(out).expanduser().resolve()
+    for what, protected in (("the run", run), ("the run's base model", base)):
+        if protected is None:
+            continue
+        protected = Path(protected).expanduser().resolve()
+        if out == protected or out in protected.parents:
+            raise ConfigError(f"--out {out} is {what} ({protected}) or a folder holding it: an export "
+                              f"there would delete it. Choose another --out (default: RUN/merged)")
+        inside = protected in out.parents
+        if inside and (what != "the run" or out.relative_to(protected).parts[0] in RUN_ENTRIES):
+            raise ConfigError(f"--out {out} is inside {what} ({protected}) and would replace part of it. "
+                              f"Choose another --out (default: RUN/merged)")
+    if not out.exists():
+        check_writable(out, "--out")
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the export is a directory. Choose another --out")
+    if not (out / EXPORT_MARKER).is_file() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not a tunelab export (no {EXPORT_MARKER}): refusing to "
+                          f"replace it, which would delete its files. Choose another --out, or pass "
+                          f"--overwrite true to delete it and write the export there")
+    check_writable(out.parent, "--out")
 
 
 def fsync_tree(directory: Path) -> None:
@@ -150,8 +288,8 @@ def write_atomically(final: Path, fill) -> Path:
         fsync_dir(tmp)
     except BaseException as err:
         delete_tree(tmp)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(err.errno, disk_full_message(final)) from err
+        if is_disk_full(err):
+            raise DiskFull(errno.ENOSPC, disk_full_message(final, None if isinstance(err, OSError) else err)) from err
         raise
     old = final.with_name(final.name + ".old")
     if final.exists():
@@ -163,12 +301,28 @@ def write_atomically(final: Path, fill) -> Path:
     return final
 
 
-def disk_full_message(final: Path) -> str:
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT however it arrives: an OSError, torch.save's RuntimeError from its zip
+    writer (`inline_container.cc ... file write failed`, no errno kept) or safetensors'
+    error (`... os error 28`, `StorageFull`)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return (isinstance(err, RuntimeError) and ("inline_container.cc" in text or "file write failed" in text)) \
+        or "os error 28" in text or "StorageFull" in text or "No space left on device" in text
+
+
+def disk_full_message(final: Path, unsure: BaseException | None = None) -> str:
+    """`unsure`: a write error that names no cause (torch's), reported as what it usually is."""
     try:
-        free = f"{shutil.disk_usage(final.parent).free / 2**20:,.0f} MiB free"
+        free = f"{shutil.disk_usage(final.parent).free / 2**20:,.0f} MiB free now"
     except OSError:
         free = "free space unknown"
-    return (f"the disk is full: no space left on the device holding {final.parent} ({free}) "
+    what = "the disk is full: no space left"
+    if unsure is not None:
+        said = next((line for line in str(unsure).splitlines() if "failed" in line), str(unsure).splitlines()[0])
+        what = f"the disk is full or failed ({said.strip()[-120:]}): a write failed"
+    return (f"{what} on the device holding {final.parent} ({free}) "
             f"while writing {final.name}. Nothing was replaced: the previous checkpoint and "
             f"adapter are intact. Free some space (fewer --train.keep_checkpoints, older runs) "
             f"or write the run elsewhere with --out, then run the same command again to resume")
@@ -194,12 +348,16 @@ def delete_tree(path: Path) -> None:
 
 def assert_finite(model: torch.nn.Module, what: str) -> None:
     """Refuse to write non-finite trainable weights."""
+    import torch
+
     for name, param in model.named_parameters():
         if param.requires_grad and not torch.isfinite(param).all():
             raise FloatingPointError(f"refusing to save {what}: parameter {name} has NaN/Inf values")
 
 
 def rng_state() -> dict:
+    import torch
+
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -207,6 +365,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -216,6 +376,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(run: RunDir, step: int, model, method, optimizer, scheduler, state: dict,
                     keep: int) -> Path:
     """Everything needed to continue exactly: weights, optimizer, schedule, RNG, position."""
+    import torch
+
     assert_finite(model, f"checkpoint step {step}")
 
     def fill(tmp: Path) -> None:
@@ -231,8 +393,23 @@ def save_checkpoint(run: RunDir, step: int, model, method, optimizer, scheduler,
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    # Our own file, but still loaded without running pickle code.
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    """Our own file, but still loaded without running pickle code: a trainer_state.pt holding
+    anything but tensors and plain values is refused, never retried less safely."""
+    import pickle
+
+    import torch
+
+    from .models import pickle_reason
+
+    path = checkpoint / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ResumeRefused(
+            f"{path} holds objects other than tensors and plain values, and unpickling them could "
+            f"run code, so it was not loaded{pickle_reason(err)}. tunelab never writes "
+            f"such a file: if you did not put it there, delete the checkpoint {checkpoint} (the "
+            f"previous one is used) or start over with --resume false") from None
 
 
 def write_json(path: Path, obj) -> None:
@@ -347,16 +524,9 @@ def check_resume(run: RunDir, config: dict, inputs: dict, allow_config_change: b
 def check_adapter(directory: Path, model: torch.nn.Module) -> None:
     """Refuse, before any of it is loaded, an adapter that is not safetensors, is cut short,
     or whose tensors do not fit the modules of `model` they adapt (another base model)."""
-    from .models import PICKLE_SUFFIXES, safetensors_shapes
+    from .models import safetensors_shapes
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-    files = sorted(directory.glob("*.safetensors"))
-    if pickles or not files:
-        raise AdapterMismatch(f"{directory}: adapters load from safetensors only "
-                              f"(found {', '.join(pickles) or 'no .safetensors file'}); a pickle can run code")
+    files = check_adapter_files(directory)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = dict(base.named_modules())
     problems = []
@@ -377,8 +547,54 @@ def check_adapter(directory: Path, model: torch.nn.Module) -> None:
             + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
+def check_adapter_files(directory: Path) -> list[Path]:
+    """The adapter's safetensors files, or an error: missing directory or weights, a pickle
+    weight file (it could run code), a file cut short. Reads headers only."""
+    from .models import PICKLE_SUFFIXES, safetensors_shapes
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    files = sorted(directory.glob("*.safetensors"))
+    if pickles:
+        raise AdapterMismatch(f"{directory}: adapters load from safetensors only, and it holds "
+                              f"{', '.join(pickles)}: a pickle can run code when loaded, so it is not. "
+                              f"Convert it to safetensors where you trust its source")
+    if not files:
+        raise AdapterMismatch(f"{directory} has no adapter weights: no .safetensors file (the weights "
+                              f"file is missing; was the run copied without it?)")
+    for file in files:
+        try:
+            safetensors_shapes(file)
+        except (ValueError, OSError) as err:
+            raise AdapterMismatch(f"{file} cannot be read: {err}") from None
+    return files
+
+
+def run_model_config(run: RunDir, config: dict, base=None):
+    """The run's base ModelConfig from its config.yaml, pointed at `base.path` where given (the
+    base was moved); a recorded local path that no longer exists is a clear error."""
+    from dataclasses import replace
+
+    from .config import ModelConfig, from_dict
+    from .models import ModelNotFound
+
+    model_cfg = from_dict(ModelConfig, config["model"])
+    if base is not None and getattr(base, "path", None):
+        return replace(model_cfg, path=base.path)
+    recorded = Path(model_cfg.path).expanduser()
+    if model_cfg.path.startswith((".", "/", "~")) and not recorded.exists():
+        raise ModelNotFound(f"the base model {model_cfg.path} does not exist (that path came from the run's "
+                            f"{run.config}, model.path): was it moved? Point the run at it with "
+                            f"--model.path NEW_PATH (it must be the same model: it is checked)")
+    return model_cfg
+
+
 def _misfit(key: str, shape: list[int], modules: dict) -> str | None:
     """Why adapter tensor `key` cannot belong to the base module it names (None: it can)."""
+    import torch
+
     parts = key.split(".")
     found = max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in modules), default=0)
     if not found:
@@ -423,9 +639,9 @@ def check_base(run: RunDir, model_cfg) -> None:
                   f"(same tensor shapes): " + "; ".join(changes[:4]), stacklevel=2)
 
 
-def load_run(path: str | Path, device: torch.device | None = None, adapter: bool = True):
-    """(model, tokenizer, run config) of a finished run: its base with its adapter applied."""
-    from .config import ModelConfig, from_dict
+def load_run(path: str | Path, device: torch.device | None = None, adapter: bool = True, base=None):
+    """(model, tokenizer, run config) of a finished run: its base with its adapter applied.
+    `base`: a ModelConfig whose path replaces the recorded one (the base was moved)."""
     from .methods import get
     from .models import load_model
     from transformers import AutoTokenizer
@@ -435,7 +651,7 @@ def load_run(path: str | Path, device: torch.device | None = None, adapter: bool
     if not run.adapter.is_dir():
         raise FileNotFoundError(f"{run.root} has no adapter/ yet: the run has not finished "
                                 f"(resume it with `tunelab train --config {run.config}`)")
-    model_cfg = from_dict(ModelConfig, config["model"])
+    model_cfg = run_model_config(run, config, base)
     if adapter:
         check_base(run, model_cfg)  # before any weight is read
     model = load_model(model_cfg, device)

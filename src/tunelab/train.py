@@ -71,9 +71,17 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         allow_config_change: resume even though settings differ from those the checkpoints
             were trained with (the differences are listed when this is off).
     """
+    # Before anything is read or written: a directory that is not a tunelab run is refused,
+    # and the run is locked against a second `tunelab train` while this one lives.
+    with RunDir(Path(out)).claim():
+        return _train(model, data, method, train, out, resume, allow_config_change)
+
+
+def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: TrainConfig, out: str,
+           resume: bool, allow_config_change: bool) -> Path:
     method_cfg, cfg = method, train
     run = RunDir(Path(out))
-    run.root.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(model.device)  # `--model.device cuda` on a CPU machine fails here
     config = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
               "train": to_dict(cfg), "out": str(out)}
 
@@ -81,6 +89,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     tokenizer = load_tokenizer(model)
     fmt = ChatFormat(tokenizer)
     prepared = prepare(data, fmt)
+    print(prepared.summary(data))  # how many rows were skipped, cut or dropped, and why
     # Compared with what the checkpoints were trained on before anything is overwritten.
     inputs = {"base_model": fingerprint(model), "data": file_fingerprint(data.path)}
     run.recover()
@@ -103,7 +112,6 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(model.device)
     base = load_model(model, device)
     the_method, options = selected(method_cfg)
     if cfg.gradient_checkpointing:

@@ -20,6 +20,23 @@ class Prepared:
     val_examples: list[Example]
     stats: dict = field(default_factory=dict)
 
+    def summary(self, cfg: DataConfig) -> str:
+        """One line for `train`: the rows used, and how many were skipped, cut or dropped, and why."""
+        s = self.stats
+        text = f"data {cfg.path}: {s['records_read']} records, {len(self.train)} train rows, {len(self.val)} held out"
+        if s["bad_records"]:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(s["skipped_by_reason"].items()))
+            text += f"; skipped {s['bad_records']} bad records (--data.on_error skip: {reasons})"
+        if s["truncated"]:
+            text += (f"; {s['truncated']} rows longer than --data.max_length {cfg.max_length} had the start "
+                     f"of their conversation cut (--data.truncation prompt)")
+        if s["dropped_too_long"]:
+            text += (f"; dropped {s['dropped_too_long']} rows longer than --data.max_length {cfg.max_length} "
+                     f"or with no answer token left to learn (--data.truncation {cfg.truncation})")
+        if s["duplicates"]:
+            text += f"; {s['duplicates']} exact duplicates (kept)"
+        return text
+
 
 def render_all(examples: list[Example], fmt: ChatFormat, cfg: DataConfig) -> tuple[list[Rendered], int, int]:
     """Render `examples`; returns (rows, truncated, dropped)."""

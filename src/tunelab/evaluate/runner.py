@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import DataConfig, GenerationConfig, ModelConfig, from_dict
-from ..runs import RunDir
+from ..config import ConfigError, DataConfig, GenerationConfig, ModelConfig, from_dict
+from ..runs import RunDir, check_writable, run_model_config
 from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
 from .benchmarks import Benchmark
@@ -65,18 +65,19 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
     from ..report import write_report
 
     started = time.perf_counter()
+    check_writable(Path(out), "--out")  # before the models load, not after the work
     names = unique_names(runs)
     run_configs = {name: RunDir(Path(r)).read_config() for name, r in names.items()}
     check_same_split(names, run_configs)
     first = next(iter(run_configs.values()), {})
     if model is None and not runs:
-        raise ValueError("give runs to evaluate (--runs RUN ...) or a base model (--model.path ...)")
+        raise ConfigError("give runs to evaluate (--runs RUN ...) or a base model (--model.path ...)")
     if "persona" in suites and not persona_probes:
-        raise ValueError("the persona suite needs --persona_probes FILE.yaml")
+        raise ConfigError("the persona suite needs --persona_probes FILE.yaml")
     if system_prompt is None:
         system_prompt = (first.get("data") or {}).get("system_prompt")
-    if model is None:  # every engine loads the same base: the first run's
-        model = from_dict(ModelConfig, first["model"])
+    if model is None:  # every engine loads the same base: the first run's (a moved base: a clear error)
+        model = run_model_config(RunDir(Path(runs[0])), first)
     models = [BASE] + list(names)
     ctx = Context(gen=gen, system_prompt=system_prompt, batch_size=batch_size, limit=limit)
     notes = [f"decoding: {'greedy' if gen.temperature == 0 else f'sampled, T={gen.temperature}, seed {gen.seed}'}, "

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 from ..config import ConfigError, check
 from .registry import Capabilities, Method, model_device, register
@@ -32,6 +32,8 @@ class FreezeConfig:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    import torch
+
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ConfigError(f"`--method.name freeze` needs a decoder whose layers are `model.model.layers` "
@@ -51,6 +53,8 @@ def apply(model: torch.nn.Module, cfg: FreezeConfig) -> torch.nn.Module:
 
 
 def save(model: torch.nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
     layers = decoder_layers(model)
     trained = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
     if not trained:
@@ -63,6 +67,8 @@ def save(model: torch.nn.Module, directory: Path) -> None:
 
 
 def load(base: torch.nn.Module, directory: Path, trainable: bool = False) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
     layers = decoder_layers(base)
     index = json.loads((Path(directory) / INDEX_FILE).read_text())
     if index["num_layers"] != len(layers):

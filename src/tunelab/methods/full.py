@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 from .registry import Capabilities, Method, model_device, register
 
@@ -44,6 +44,8 @@ def save(model: torch.nn.Module, directory: Path) -> None:
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Copy every tensor of a saved model directory into `model`, which must match it exactly
     (a tied output layer may be absent: it is the embedding)."""
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 from ..config import ConfigError, check
 from .peft_common import load_peft, save_peft
@@ -29,6 +30,8 @@ class IA3Config:
 
 
 def peft_config(model: torch.nn.Module, cfg: IA3Config):
+    import torch
+
     from peft import IA3Config as PeftIA3Config
 
     present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()

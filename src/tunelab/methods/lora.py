@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-import torch
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 from ..config import check
 from .peft_common import load_peft, save_peft
@@ -50,12 +51,15 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         check(self.r > 0, "method.lora.r", "> 0", self.r)
+        check(self.alpha > 0, "method.lora.alpha", "> 0", self.alpha)
         check(0 <= self.dropout < 1, "method.lora.dropout", "in [0, 1)", self.dropout)
         check(self.init in ("default", "gaussian", "pissa", "olora"), "method.lora.init",
               "one of default, gaussian, pissa, olora", self.init)
 
 
 def resolve_targets(model: torch.nn.Module, targets: Union[list[str], str]) -> Union[list[str], str]:
+    import torch
+
     if targets == "all-linear" or targets == ["all-linear"]:
         return "all-linear"
     if isinstance(targets, str):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 
 def save_peft(model: torch.nn.Module, directory: Path) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
-import torch
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 from ..config import ConfigError, check
 from . import lora
@@ -46,6 +47,7 @@ class QLoraConfig:
 
     def __post_init__(self) -> None:
         check(self.r > 0, "method.qlora.r", "> 0", self.r)
+        check(self.alpha > 0, "method.qlora.alpha", "> 0", self.alpha)
         check(0 <= self.dropout < 1, "method.qlora.dropout", "in [0, 1)", self.dropout)
         check(self.quant_type in ("nf4", "fp4"), "method.qlora.quant_type", "nf4 or fp4", self.quant_type)
 
@@ -71,6 +73,8 @@ def require_cuda(model: torch.nn.Module):
 
 def quantize(model: torch.nn.Module, cfg: QLoraConfig) -> torch.nn.Module:
     """Replace every linear layer but the output layer with a 4-bit one, in place."""
+    import torch
+
     bnb = require_cuda(model)
     device = model_device(model)
     head = model.get_output_embeddings()
@@ -136,6 +140,8 @@ def load(base: torch.nn.Module, directory, trainable: bool = False) -> torch.nn.
 def merge(model: torch.nn.Module) -> torch.nn.Module:
     """A plain model: each adapted layer becomes dequantized base + LoRA update, each other
     4-bit layer its dequantized weight."""
+    import torch
+
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
+# torch is imported inside the functions that use it (annotations are strings), so that
+# `tunelab VERB --help` never waits for it.
 
 
 class NotMergeable(RuntimeError):
