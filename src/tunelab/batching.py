@@ -91,6 +91,8 @@ class Batcher:
         self.waiting: list[Request] = []
         self.tokens_generated = 0
         self.steps = 0
+        self.mixed_steps = 0  # steps whose rows ran more than one adapter's weights
+        self.peak_rows = 0  # most rows decoded in one step
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="tunelab-batcher", daemon=True)
@@ -125,8 +127,9 @@ class Batcher:
     def stats(self) -> dict:
         with self._wake:
             return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting),
-                    "batch_rows": self.ring.rows, "tokens_generated": self.tokens_generated, "steps": self.steps,
-                    "mixed_adapters": self.mixes}
+                    "batch_rows": self.ring.rows, "peak_rows": self.peak_rows, "steps": self.steps,
+                    "mixed_steps": self.mixed_steps, "tokens_generated": self.tokens_generated,
+                    "mixes_adapters": self.mixes}
 
     def close(self) -> None:
         """Cancel everything and stop the worker thread."""
@@ -244,6 +247,7 @@ class Batcher:
         """Pick every row's next token, hand it over, let ended rows go, run the next forward."""
         engine, ring = self.engine, self.ring
         token = self._pick()
+        self.peak_rows = max(self.peak_rows, sum(r is not None for r in self.rows))
         stop = set(engine.stop_ids)
         for place, (request, t) in enumerate(zip(self.rows, token.tolist())):
             if request is None:
@@ -262,6 +266,7 @@ class Batcher:
         names = [BASE if r is None else self._step_adapter(r.adapter) for r in self.rows]
         in_use = {self._step_adapter(r.adapter) for r in self.rows if r is not None}
         if len(in_use) > 1:  # (only when the engine mixes: `_admit` saw to it)
+            self.mixed_steps += 1
             # PEFT's forward routes each row through its own LoRA, whichever adapter is active
             names = ["__base__" if n == BASE else n for n in names]
             ring.step(engine, engine.lora, token, adapter_names=names)

@@ -43,9 +43,10 @@ def verbs() -> dict:
     from .evaluate.runner import evaluate
     from .experiment import experiment
     from .merge import merge
+    from .serve import serve
     from .train import train
 
-    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
+    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "serve": serve, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ body, prompt and `max_tokens` limits; a concurrency limit answered with 429; a c
 goes away stops its generation; every error in OpenAI's error shape.
 """
 
-from __future__ import annotations
 
 import asyncio
 import copy
@@ -27,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -129,14 +129,12 @@ class TextStream:
         if final:
             text = text.rstrip()
         else:
-            text = text.rstrip("\ufffd")
-            keep = len(text.rstrip())
-            for stop in self.stops:  # a tail that may grow into a stop string waits
-                for n in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:n]):
-                        keep = min(keep, len(text) - n)
-                        break
-            text = text[:keep]
+            held = None
+            while held != text:  # until nothing more is held back
+                held, text = text, text.rstrip("\ufffd").rstrip()
+                for stop in self.stops:  # a tail that may grow into a stop string waits
+                    n = next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0)
+                    text = text[:len(text) - n]
         if not text.startswith(self.sent):  # decoding changed earlier text: nothing can be unsaid
             return ""
         piece, self.sent = text[len(self.sent):], text
@@ -210,11 +208,11 @@ class Service:
     """What the routes share: the batcher, the model labels, the limits and the renderer."""
 
     def __init__(self, batcher, labels: dict[str, str], limits: ServerConfig, system: Optional[str],
-                 report: Optional[Path], methods: dict[str, str]):
+                 report: Optional[Path], methods: dict[str, str], api_key: Optional[str] = None):
         from .data.template import ChatFormat
 
         self.batcher, self.labels, self.limits, self.system, self.report = batcher, labels, limits, system, report
-        self.methods = methods
+        self.methods, self.api_key = methods, api_key
         self.tokenizer = batcher.engine.tokenizer  # decoding: the event loop's only
         # rendering runs in a thread pool: its own tokenizer, one render at a time
         self.render_format = ChatFormat(copy.deepcopy(batcher.engine.tokenizer))
@@ -322,7 +320,7 @@ async def read_body(http_request, limit: int) -> dict:
     return parsed
 
 
-def create_app(service: Service, api_key: Optional[str] = None):
+def create_app(service: Service):
     """The FastAPI app: the OpenAI routes, /health, the page and the report."""
     from fastapi import APIRouter, Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -331,6 +329,7 @@ def create_app(service: Service, api_key: Optional[str] = None):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None, openapi_url=None)
+    api_key = service.api_key
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
@@ -498,20 +497,31 @@ def create_app(service: Service, api_key: Optional[str] = None):
     return app
 
 
-def serve(runs: list[str] = [], model: Optional[ModelConfig] = None, server: ServerConfig = ServerConfig(),
-          system: Optional[str] = None) -> None:
-    """Serve the base model and every run's adapter over an OpenAI-compatible API, with a page
-    at / to chat with several side by side.
-
-    Args:
-        runs: run directories, or an experiment directory (its runs, and its report at /report).
-        model: the base model (default: the first run's base); alone, serves just the base.
-        server: address, API key and limits.
-        system: the system prompt put before a conversation that has none (default: the first
-            run's `data.system_prompt`; "" for none).
-    """
+@contextmanager
+def serving_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0):
+    """Run the app in a background thread (tests, benchmarks, notebooks); yields its base URL."""
     import uvicorn
 
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, name="tunelab-serve", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def open_service(runs: list[str] = [], model: Optional[ModelConfig] = None,
+                 server: ServerConfig = ServerConfig(), system: Optional[str] = None) -> Service:
+    """The engine with every run's adapter and its batcher, ready for `create_app` (`serve`'s
+    arguments; the checks of the address and the key happen here)."""
     from .batching import Batcher
     from .generate import BASE, Engine
     from .runs import RunDir
@@ -532,11 +542,28 @@ def serve(runs: list[str] = [], model: Optional[ModelConfig] = None, server: Ser
                       max_new_tokens=server.max_tokens)
     labels = {BASE: BASE, **{name: name for name in names}}
     methods = {BASE: "base", **{n: c["method"]["name"] for n, c in configs.items()}}
-    service = Service(batcher, labels, server, system or None, report, methods)
-    app = create_app(service, api_key=key)
-    print(f"tunelab serve: {', '.join(labels)} on http://{server.host}:{server.port}/ "
-          f"({'decoding batches mix adapters' if batcher.mixes else 'one adapter per decoding batch'})")
+    return Service(batcher, labels, server, system or None, report, methods, key)
+
+
+def serve(runs: list[str] = [], model: Optional[ModelConfig] = None, server: ServerConfig = ServerConfig(),
+          system: Optional[str] = None) -> None:
+    """Serve the base model and every run's adapter over an OpenAI-compatible API, with a page
+    at / to chat with several side by side.
+
+    Args:
+        runs: run directories, or an experiment directory (its runs, and its report at /report).
+        model: the base model (default: the first run's base); alone, serves just the base.
+        server: address, API key and limits.
+        system: the system prompt put before a conversation that has none (default: the first
+            run's `data.system_prompt`; "" for none).
+    """
+    import uvicorn
+
+    service = open_service(runs, model, server, system)
+    app = create_app(service)
+    print(f"tunelab serve: {', '.join(service.labels)} on http://{server.host}:{server.port}/ "
+          f"({'decoding batches mix adapters' if service.batcher.mixes else 'one adapter per decoding batch'})")
     try:
         uvicorn.run(app, host=server.host, port=server.port, log_level="info")
     finally:
-        batcher.close()
+        service.batcher.close()
