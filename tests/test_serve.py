@@ -298,7 +298,7 @@ def test_page_chats_with_two_models_side_by_side(live, reference, tmp_path):
     if browser_path is None:
         pytest.skip("no chromium on this machine (apt-get install -y chromium; README command 2 does)")
     url, _ = live
-    question = QUESTIONS[0]
+    question = QUESTIONS[1]  # (English: the machine may have no CJK font for the screenshot)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
