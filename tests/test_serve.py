@@ -175,6 +175,9 @@ def test_limits_answer_400_413_404_in_openai_shape(live):
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(model="lora", messages=[{"role": "user", "content": "fox " * 200}], max_tokens=4)
     assert err.value.body["code"] == "context_length_exceeded" and "max_prompt_tokens" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        chat_answer(c, "lora", "hi", n=2)
+    assert err.value.body["param"] == "n" and "not supported" in err.value.body["message"]
     with pytest.raises(openai.NotFoundError) as err:
         chat_answer(c, "nope", "hi")
     assert err.value.body["code"] == "model_not_found"

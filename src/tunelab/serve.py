@@ -152,13 +152,18 @@ def _number(body: dict, name: str, default, low=None, high=None, kind=(int, floa
     return value
 
 
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+               "echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "suffix": ("",), "tools": ([],)}
+"""Request fields tunelab serve does not implement, with the values that mean "not used"."""
+
+
 def generation_options(body: dict, limits: ServerConfig) -> tuple[GenerationConfig, bool, list[str]]:
     """The request's decoding options (OpenAI's names, plus vLLM's `top_k`, `repetition_penalty`,
     `ignore_eos`), checked against the server's limits."""
-    for name, neutral in (("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0), ("best_of", 1),
-                          ("echo", False), ("suffix", None), ("tools", None), ("logprobs", None)):
-        if body.get(name) not in (neutral, None) and not (name == "logprobs" and body.get(name) is False):
-            raise ApiError(400, f"`{name}` = {body[name]!r} is not supported by tunelab serve", param=name)
+    for name, accepted in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == a and type(value) is type(a) for a in accepted):
+            raise ApiError(400, f"`{name}` = {value!r} is not supported by tunelab serve", param=name)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is None:
@@ -172,7 +177,7 @@ def generation_options(body: dict, limits: ServerConfig) -> tuple[GenerationConf
     gen = GenerationConfig(max_new_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 0, 2),
                            top_p=_number(body, "top_p", 1.0, 1e-9, 1), top_k=_number(body, "top_k", 0, 0, kind=int),
                            repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-9),
-                           seed=seed if seed is not None else secrets.randbits(31))
+                           seed=seed if seed is not None else secrets.randbits(31))  # unseeded: a fresh sample
     stop = body.get("stop") or []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
@@ -334,6 +339,10 @@ def create_app(service: Service):
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, err: Exception):
+        return JSONResponse(ApiError(500, f"{type(err).__name__}: {err}", kind="server_error").body(), status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, err: HTTPException):
