@@ -547,8 +547,11 @@ def open_service(runs: list[str] = [], model: Optional[ModelConfig] = None,
     if system is None:
         system = (next(iter(configs.values()), {}).get("data") or {}).get("system_prompt")
     engine = Engine.from_runs(names, model=model)
-    batcher = Batcher(engine, max_rows=server.max_concurrent, max_prompt_tokens=server.max_prompt_tokens,
-                      max_new_tokens=server.max_tokens)
+    try:
+        batcher = Batcher(engine, max_rows=server.max_concurrent, max_prompt_tokens=server.max_prompt_tokens,
+                          max_new_tokens=server.max_tokens)
+    except ValueError as err:  # e.g. a prefix-tuning run: named, with what to do instead
+        raise ConfigError(f"--runs: {err}") from None
     labels = {BASE: BASE, **{name: name for name in names}}
     methods = {BASE: "base", **{n: c["method"]["name"] for n, c in configs.items()}}
     return Service(batcher, labels, server, system or None, report, methods, key)
