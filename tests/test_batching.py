@@ -76,3 +76,31 @@ def test_prefix_tuning_is_refused_and_a_cancelled_request_leaves(base, tmp_path)
     with pytest.raises(ValueError, match="max_new_tokens"):
         batcher.submit(prompt, "lora", GenerationConfig(max_new_tokens=1000), lambda t: None)
     batcher.close()
+
+
+def test_a_longer_request_widens_the_ring_under_rows_that_have_wrapped(base, tmp_path):
+    """Short rows fill a 64-column ring and wrap around it; a long prompt then widens it
+    mid-answer: every row still answers as alone."""
+    engine = Engine.from_runs({"lora": make_run(tmp_path, base, "lora", 1)})
+    short = [engine.format.prompt_ids([{"role": "user", "content": q}]) for q in ("hi", "Who are you?")]
+    long = engine.format.prompt_ids([{"role": "user", "content": " ".join(["The quick brown fox."] * 12)}])
+    gen = GenerationConfig(max_new_tokens=28)
+    assert max(map(len, short)) + 28 <= 64 < len(long) + 28
+    batcher = Batcher(engine, max_rows=4, max_prompt_tokens=256, max_new_tokens=64)
+    events = [threading.Event() for _ in range(3)]
+    first = [batcher.submit(p, a, gen, lambda t, d=d: t is None and d.set(), ignore_eos=True)
+             for p, a, d in zip(short, ("lora", "base"), events)]
+    while len(first[0].tokens) < 10:  # (they joined at the ring's last columns: wrapped at once)
+        time.sleep(0.002)
+    assert batcher.ring.capacity == 64
+    late = batcher.submit(long, "lora", gen, lambda t: t is None and events[2].set(), ignore_eos=True)
+    while not late.tokens:
+        time.sleep(0.001)
+    widened, short_alive = batcher.ring.capacity, first[0].finish_reason is None
+    assert all(e.wait(60) for e in events)
+    batcher.close()
+    assert widened > 64 and short_alive
+    want = [engine.complete([short[0]], gen, adapter="lora", ignore_eos=True)[0],
+            engine.complete([short[1]], gen, adapter="base", ignore_eos=True)[0],
+            engine.complete([long], gen, adapter="lora", ignore_eos=True)[0]]
+    assert [r.tokens for r in first + [late]] == want

@@ -5,7 +5,9 @@ and go. Here one worker thread owns the Engine and one `dynamic_decode.Ring`: a 
 the running batch as soon as it arrives (prefilled with the others arriving with it, one
 prefill per adapter), every step decodes one token for every row, and a row leaves when its
 answer ends its turn, reaches its `max_new_tokens`, or its client has gone (`Request.cancel`).
-The ring's rows grow as requests arrive (up to `max_rows`) and shrink when half are idle.
+The ring's rows grow as requests arrive (up to `max_rows`) and shrink when half are idle; its
+columns widen to the longest request in it (prompt + `max_new_tokens`), so memory and each
+step's attention follow the requests, not the limits.
 
 Adapters share one batch:
 - LoRA-family weight deltas go through PEFT's mixed-adapter forward (`adapter_names`, one
@@ -72,7 +74,7 @@ class Batcher:
         Args:
             engine: the Engine (base and adapters); from now on only the worker thread uses it.
             max_rows: most rows decoded in one step; more requests wait for a place.
-            max_prompt_tokens: longest prompt `submit` takes (the ring's columns are sized by it).
+            max_prompt_tokens: longest prompt `submit` takes.
             max_new_tokens: largest `gen.max_new_tokens` `submit` takes.
         """
         if engine.prefix:
@@ -81,12 +83,10 @@ class Batcher:
                              f"serve them alone with `tunelab chat --run RUN`")
         self.engine = engine
         self.max_rows, self.max_prompt_tokens, self.max_new_tokens = max_rows, max_prompt_tokens, max_new_tokens
-        n_virtual = max([v.shape[0] for v in engine.virtual.values()], default=0)
-        self.capacity = capacity_for(n_virtual + max_prompt_tokens, max_new_tokens)
         lora = engine.lora
         # PEFT's mixed-adapter forward exists for LoRA (and its variants: DoRA, ...) only
         self.mixes = lora is None or next(iter(lora.peft_config.values())).peft_type.value == "LORA"
-        self.ring = Ring(0, self.capacity, engine.device)
+        self.ring = self._empty_ring()
         self.rows: list[Optional[Request]] = []  # the request in each ring place
         self.waiting: list[Request] = []
         self.tokens_generated = 0
@@ -163,6 +163,9 @@ class Batcher:
             except Exception as err:  # noqa: BLE001 - every request hears of it, the server lives on
                 self._finish_all("error", err, joining)
 
+    def _empty_ring(self) -> Ring:
+        return Ring(0, capacity_for(1, 1), self.engine.device)
+
     def _step_adapter(self, adapter: str) -> str:
         """Which weights a decoding step of `adapter` runs: the base's for virtual tokens."""
         return BASE if adapter == BASE or adapter in self.engine.virtual else adapter
@@ -192,10 +195,14 @@ class Batcher:
         if live + len(joining) > ring.rows:
             ring.grow(min(self.max_rows, max(live + len(joining), 2 * ring.rows)))
             self.rows += [None] * (ring.rows - len(self.rows))
-        free = ring.free()
         by_adapter: dict[str, list[Request]] = {}
         for request in joining:
             by_adapter.setdefault(request.adapter, []).append(request)
+        for adapter, group in by_adapter.items():  # a group's rows are as wide as its longest
+            n_virtual = engine.virtual[adapter].shape[0] if adapter in engine.virtual else 0
+            ring.widen(capacity_for(n_virtual + max(len(r.prompt) for r in group),
+                                    max(r.gen.max_new_tokens for r in group)))
+        free = ring.free()
         for adapter, group in by_adapter.items():
             places, free = free[:len(group)], free[len(group):]
             cache = DynamicCache(config=engine.base.config)
@@ -213,7 +220,7 @@ class Batcher:
         live = sum(r is not None for r in self.rows)
         if not live:
             with self._wake:
-                self.ring = Ring(0, self.capacity, self.engine.device)  # idle: give the buffers back
+                self.ring = self._empty_ring()  # idle: give the buffers back
                 self.rows = []
         elif not self.waiting and live <= self.ring.rows // 2:
             with self._wake:
@@ -239,7 +246,7 @@ class Batcher:
                 pending += self.waiting
                 self.waiting = []
             self.rows = []
-            self.ring = Ring(0, self.capacity, self.engine.device)
+            self.ring = self._empty_ring()
         for request in pending:
             self._finish(request, reason, error)
 

@@ -101,6 +101,22 @@ class Ring:
         self.owner += [-1] * extra
         self.rows = self.cache.rows = rows
 
+    def widen(self, capacity: int) -> None:
+        """Add free columns at the ring's end, for a longer request. The rows already here keep
+        their guarantee: each ends before its writes reach its own first column, which lies
+        below the old capacity, so the new columns only give them more room."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(t.shape[:2] + (extra,) + t.shape[3:])], dim=2)
+
+        self.cache.keys = [pad(k) for k in self.cache.keys]
+        self.cache.values = [pad(v) for v in self.cache.values]
+        self.mask = torch.cat([self.mask, self.mask.new_zeros(self.rows, extra)], dim=1)
+        self.capacity = self.cache.capacity = self.cache.width = capacity
+
     def pack(self) -> None:
         """Keep only the places in use (the prompts have run out)."""
         keep = torch.tensor([r for r, owner in enumerate(self.owner) if owner >= 0], device=self.device)
