@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -295,18 +296,27 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_page_chats_with_two_models_side_by_side(live, reference, tmp_path):
+@contextmanager
+def browser_page():
+    """A page in headless Chromium (Debian's `chromium`, driven by playwright)."""
     playwright = pytest.importorskip("playwright.sync_api")
     browser_path = chromium()
     if browser_path is None:
         pytest.skip("no chromium on this machine (apt-get install -y chromium; README command 2 does)")
-    url, _ = live
-    question = QUESTIONS[1]  # (English: the machine may have no CJK font for the screenshot)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 720})
+        finally:
+            browser.close()
+
+
+def test_page_chats_with_two_models_side_by_side(live, reference, tmp_path):
+    url, _ = live
+    question = QUESTIONS[1]  # (English: the machine may have no CJK font for the screenshot)
+    with browser_page() as page:
         page.goto(url + "/")
         page.wait_for_selector('.column[data-model="lora"]')
         assert page.locator("#models input:checked").evaluate_all("els => els.map(e => e.value)") == ["base", "lora"]
@@ -316,10 +326,12 @@ def test_page_chats_with_two_models_side_by_side(live, reference, tmp_path):
         for model in ("base", "lora"):
             page.wait_for_selector(f'.column[data-model="{model}"][data-state="done"]', timeout=20_000)
         answers = {m: page.locator(f'.column[data-model="{m}"] .msg.assistant').inner_text() for m in ("base", "lora")}
-        assert not page.locator("#report").is_hidden()
         shot = Path(os.environ.get("TUNELAB_SCREENSHOT", tmp_path / "page.png"))
         page.screenshot(path=str(shot))
-        browser.close()
+        with page.expect_popup() as opened:
+            page.click("#report")
+        opened.value.wait_for_load_state()
+        assert "the experiment's report" in opened.value.inner_text("h1")
     assert answers == {m: reference[m][question] for m in ("base", "lora")}
     assert answers["base"] != answers["lora"]
 
@@ -347,3 +359,20 @@ def test_load_bench_runs_on_cpu(tmp_path, monkeypatch):
     assert concurrent["failures"] == 0 and concurrent["tokens"] == 6 * 8 and one["tokens"] == 2 * 8
     assert concurrent["tokens_per_s"] > 0 and one["tokens_per_s"] > 0 and report["speedup"] > 0
     assert sys.modules["serve_load"]  # (imported from bench/)
+
+
+def test_page_asks_for_the_key_when_the_server_has_one(experiment):
+    service = open_service([str(experiment / "models" / "lora")], server=ServerConfig(api_key="s3cret"))
+    with serving_in_thread(service) as url, browser_page() as page:
+        page.goto(url + "/")
+        page.wait_for_selector("#key_label:not([hidden])")
+        assert "API key" in page.inner_text("#status")
+        page.fill("#api_key", "s3cret")
+        page.click("#reset")
+        page.wait_for_selector('.column[data-model="lora"]')
+        page.fill("#max_tokens", "8")
+        page.fill("#message", "hi")
+        page.press("#message", "Enter")
+        page.wait_for_selector('.column[data-model="lora"][data-state="done"]', timeout=20_000)
+        assert page.locator('.column[data-model="lora"] .msg.assistant').inner_text()
+    service.batcher.close()

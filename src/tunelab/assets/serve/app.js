@@ -147,7 +147,8 @@ $("reset").addEventListener("click", () => {
 });
 
 $("report").addEventListener("click", async (event) => {
-  event.preventDefault();
+  if (!state.auth) return; // a plain link to /report (target _blank)
+  event.preventDefault(); // with a key: fetched with it, opened from memory
   const reply = await fetch("/report", { headers: headers() });
   if (!reply.ok) { $("status").textContent = "report: " + (await reply.json()).error.message; return; }
   window.open(URL.createObjectURL(await reply.blob()), "_blank");
