@@ -8,7 +8,9 @@ serve`'s app on 127.0.0.1 in this process, and times, through the `openai` clien
 2. --sequential streamed requests one after another, alternating too.
 Every request asks for --max-tokens tokens with `ignore_eos`, so each costs the same work
 whatever the weights are: random weights give garbage text and honest timings. Tokens/s is
-answer tokens over wall time, HTTP and SSE included.
+answer tokens over wall time, HTTP and SSE included; `first_text_p50_s` is the median time to
+a stream's first non-empty text (a random model that emits only whitespace or special tokens
+has none until its end, which then counts).
 
     python bench/serve_load.py --tokenizer shared/tokenizers/qwen2 --shape qwen2-1.5b \
         --streams 64 --json bench/results/serve_load.json
@@ -106,7 +108,7 @@ async def one_stream(client, model: str, question: str, max_tokens: int) -> dict
             text += chunk.choices[0].delta.content
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
-    return {"tokens": tokens, "ttft_s": (first or time.perf_counter()) - started,
+    return {"tokens": tokens, "first_text_s": (first or time.perf_counter()) - started,
             "seconds": time.perf_counter() - started}
 
 
@@ -132,7 +134,7 @@ async def timed(url: str, models: list[str], n: int, max_tokens: int, concurrent
     tokens = sum(r["tokens"] for r in done)
     return {"streams": n, "failures": len(results) - len(done), "tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1),
-            "ttft_p50_s": round(statistics.median(r["ttft_s"] for r in done), 4) if done else None,
+            "first_text_p50_s": round(statistics.median(r["first_text_s"] for r in done), 4) if done else None,
             "per_stream_tokens_per_s": round(statistics.median(r["tokens"] / r["seconds"] for r in done), 1)
             if done else None}
 
