@@ -376,3 +376,35 @@ def test_page_asks_for_the_key_when_the_server_has_one(experiment):
         page.wait_for_selector('.column[data-model="lora"][data-state="done"]', timeout=20_000)
         assert page.locator('.column[data-model="lora"] .msg.assistant').inner_text()
     service.batcher.close()
+
+
+def test_tunelab_serve_end_to_end(experiment):
+    """The verb itself: `tunelab serve --runs '[EXPERIMENT]'` in its own process, stopped by SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "--runs", f"[{experiment}]",
+                             "--server.port", str(port), "--server.max_concurrent", "4"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        assert [m.id for m in client(url).models.list().data] == ["base", "lora", "ptuning"]
+        assert chat_answer(client(url), "ptuning", QUESTIONS[2])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal once shut down
+    assert "Shutting down" in out or "Finished server process" in out, out
+    assert "tunelab serve: base, lora, ptuning on http://127.0.0.1" in out

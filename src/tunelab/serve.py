@@ -574,7 +574,8 @@ def serve(runs: list[str] = [], model: Optional[ModelConfig] = None, server: Ser
     service = open_service(runs, model, server, system)
     app = create_app(service)
     print(f"tunelab serve: {', '.join(service.labels)} on http://{server.host}:{server.port}/ "
-          f"({'decoding batches mix adapters' if service.batcher.mixes else 'one adapter per decoding batch'})")
+          f"({'decoding batches mix adapters' if service.batcher.mixes else 'one adapter per decoding batch'})",
+          flush=True)
     try:
         uvicorn.run(app, host=server.host, port=server.port, log_level="info")
     finally:
