@@ -51,9 +51,11 @@ def table(prefix: str, cls: type) -> list[str]:
 def render() -> str:
     from tunelab.config import DataConfig, GenerationConfig, ModelConfig, TrainConfig
     from tunelab.methods import METHODS
+    from tunelab.serve import ServerConfig
 
     sections = [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("gen", GenerationConfig)]
     sections += [(f"method.{name}", m.config_cls) for name, m in METHODS.items()]
+    sections += [("server", ServerConfig)]
     out = []
     for prefix, cls in sections:
         out += [f"#### `{prefix}`", ""] + table(prefix, cls) + [""]

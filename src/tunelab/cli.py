@@ -45,9 +45,10 @@ def verbs() -> dict:
     from .data.inspect import inspect_data
     from .evaluate.runner import evaluate
     from .experiment import experiment
+    from .serve import serve
     from .verbs import merge, train
 
-    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
+    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "serve": serve, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
 
 
 def parser_class():

@@ -84,6 +84,39 @@ class Ring:
         self.owner[place] = -1
         self.mask[place] = False  # a free place reads only the column it writes: never NaN
 
+    def grow(self, rows: int) -> None:
+        """Add free places up to `rows` (a server's batch grows as requests arrive)."""
+        extra = rows - self.rows
+        if extra <= 0:
+            return
+        self.cache.keys = [torch.cat([k, k.new_zeros((extra,) + k.shape[1:])]) for k in self.cache.keys]
+        self.cache.values = [torch.cat([v, v.new_zeros((extra,) + v.shape[1:])])
+                             for v in self.cache.values]
+        self.mask = torch.cat([self.mask, self.mask.new_zeros(extra, self.capacity)])
+        self.position = torch.cat([self.position, self.position.new_zeros(extra)])
+        if self.logits is not None:
+            self.logits = torch.cat([self.logits, self.logits.new_zeros(extra, self.logits.shape[1])])
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(extra, self.seen.shape[1])])
+        self.owner += [-1] * extra
+        self.rows = self.cache.rows = rows
+
+    def widen(self, capacity: int) -> None:
+        """Add free columns at the ring's end, for a longer request. The rows already here keep
+        their guarantee: each ends before its writes reach its own first column, which lies
+        below the old capacity, so the new columns only give them more room."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(t.shape[:2] + (extra,) + t.shape[3:])], dim=2)
+
+        self.cache.keys = [pad(k) for k in self.cache.keys]
+        self.cache.values = [pad(v) for v in self.cache.values]
+        self.mask = torch.cat([self.mask, self.mask.new_zeros(self.rows, extra)], dim=1)
+        self.capacity = self.cache.capacity = self.cache.width = capacity
+
     def pack(self) -> None:
         """Keep only the places in use (the prompts have run out)."""
         keep = torch.tensor([r for r, owner in enumerate(self.owner) if owner >= 0], device=self.device)
@@ -96,8 +129,9 @@ class Ring:
         self.owner = [self.owner[r] for r in keep.tolist()]
         self.rows = self.cache.rows = len(self.owner)
 
-    def step(self, engine, model, token: torch.Tensor) -> None:
-        """Feed each place its token at column `next`; the next-token logits replace `logits`."""
+    def step(self, engine, model, token: torch.Tensor, **inputs) -> None:
+        """Feed each place its token at column `next`; the next-token logits replace `logits`.
+        `inputs` go to the model's forward too (a server's `adapter_names`, one a row)."""
         column = self.next
         self.mask[:, column] = True
         self.cache.columns = torch.tensor([column], device=self.device)
@@ -107,7 +141,7 @@ class Ring:
         with static_attention_in(engine.base):
             self.logits = engine._logits(model, 1, self.cache, input_ids=token[:, None],
                                          attention_mask=self.mask[:, None, None, :],
-                                         position_ids=self.position[:, None])[:, -1]
+                                         position_ids=self.position[:, None], **inputs)[:, -1]
         self.next = (column + 1) % self.capacity
 
 
