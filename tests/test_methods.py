@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MEMORIZE, write_jsonl
+from conftest import MEMORIZE, build_model, build_tokenizer, write_jsonl
 from tunelab.config import ConfigError, DataConfig, GenerationConfig, ModelConfig, TrainConfig
 from tunelab.data import ChatFormat
 from tunelab.data.collate import pad_batch, shift_labels
@@ -387,3 +387,38 @@ def test_full_without_embeddings_keeps_them_frozen_after_reload(tiny_qwen, tmp_p
     resumed = get("full").load(base_of(tiny_qwen), tmp_path, True)
     assert count_parameters(resumed)[0] == count_parameters(net)[0]
     assert not resumed.get_input_embeddings().weight.requires_grad
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_prefix_starts_as_the_bases_own_keys_and_values(arch):
+    """`init: activations`: the prefix PEFT places in every layer is exactly the cache the base
+    computes for its first special token repeated, so the layout (layers, keys/values, heads)
+    is PEFT's; `random` is PEFT's N(0, 1) embedding."""
+    from tunelab.methods.prefix import PrefixConfig
+
+    base = build_model(arch, len(build_tokenizer()), seed=0).eval()
+    token = base.config.bos_token_id if isinstance(base.config.bos_token_id, int) else (
+        base.config.pad_token_id if isinstance(base.config.pad_token_id, int) else 0)
+    ids = torch.full((1, 5), token)
+    with torch.no_grad():
+        want = base(input_ids=ids, use_cache=True).past_key_values
+    net = get("prefix").apply(base, PrefixConfig(num_virtual_tokens=5)).eval()
+    with torch.no_grad():
+        got = net.get_prompt(batch_size=1)
+    for mine, theirs in zip(got.layers, want.layers):
+        torch.testing.assert_close(mine.keys, theirs.keys)
+        torch.testing.assert_close(mine.values, theirs.values)
+    random = get("prefix").apply(build_model(arch, len(build_tokenizer()), seed=0),
+                                 PrefixConfig(num_virtual_tokens=5, init="random"))
+    weight = random.prompt_encoder[random.active_adapter].embedding.weight
+    assert 0.8 < weight.std().item() < 1.2  # PEFT's own init
+
+
+def test_prefix_refuses_gradient_checkpointing_before_any_work(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MEMORIZE)
+    from tunelab.train import train
+
+    with pytest.raises(ConfigError, match="--train.gradient_checkpointing"):
+        train(ModelConfig(path=str(tmp_path / "no-model-needed")), DataConfig(path=str(data)),
+              MethodConfig(name="prefix"), TrainConfig(gradient_checkpointing=True), out=str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -129,9 +129,8 @@ class TrainConfig:
     the input: on the 1.5B shape 3 GiB less at the default micro-batch for 4% less speed, and
     the faster choice at a low memory budget (docs/PERFORMANCE.md)."""
     compile: bool = False
-    """torch.compile each decoder layer (shapes dynamic) before training: on the H100 +20%
-    tokens/s for LoRA on a 1.5B model inside CUDA graphs, after ~2 minutes of compilation
-    (docs/PERFORMANCE.md); worth it for runs longer than a few minutes."""
+    """torch.compile each decoder layer (shapes dynamic) before training, with transformers'
+    own norm, RoPE and SwiGLU (not liger's); compilation takes minutes (docs/PERFORMANCE.md)."""
     eval_every: int = 0
     """Held-out loss every N optimizer steps (0: once per epoch)."""
     save_every: int = 100
@@ -178,6 +177,9 @@ class TrainConfig:
         check(self.max_bad_steps >= 1, "train.max_bad_steps", ">= 1", self.max_bad_steps)
         check(self.packing in ("auto", "on", "off"), "train.packing", "auto, on or off", self.packing)
         check(self.kernels in ("auto", "liger", "torch"), "train.kernels", "auto, liger or torch", self.kernels)
+        check(not (self.compile and self.kernels == "liger"), "train.kernels",
+              "auto or torch with --train.compile true (liger's kernels break torch.compile's graphs; "
+              "compiled layers run transformers' own, which inductor fuses)", self.kernels)
         check(self.lora_dropout_kernel in ("copies", "bits"), "train.lora_dropout_kernel", "copies or bits",
               self.lora_dropout_kernel)
 

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import DataConfig, ModelConfig, TrainConfig, to_dict
+from .config import DataConfig, ModelConfig, TrainConfig, check, to_dict
 from .data import ChatFormat, Rendered, prepare
 from . import fastpath, kernels
 from .fastpath import FastPath
@@ -82,6 +82,10 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     method_cfg, cfg = method, train
     run = RunDir(Path(out))
     device = resolve_device(model.device)  # `--model.device cuda` on a CPU machine fails here
+    the_method, options = selected(method_cfg)
+    check(not cfg.gradient_checkpointing or the_method.capabilities.supports_checkpointing,
+          "train.gradient_checkpointing", f"false for {the_method.name} (it cannot recompute activations)",
+          cfg.gradient_checkpointing)
     config = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
               "train": to_dict(cfg), "out": str(out)}
 
@@ -113,7 +117,6 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     base = load_model(model, device)
-    the_method, options = selected(method_cfg)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -182,8 +185,9 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - state["elapsed"]
     run_scoped = ExitStack()  # undone when the loop ends, however it ends
+    # (compile: inductor fuses these itself, and liger's autograd functions break its graphs)
     run_scoped.enter_context(kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
-                                           cfg.kernels, device))
+                                           "torch" if cfg.compile else cfg.kernels, device))
     run_scoped.enter_context(lora_kernels.dropout_kernel(cfg.lora_dropout_kernel))
     def settle(queued: tuple) -> dict:
         """Read back a queued step's loss and gradient norm (waits for that step only)."""

@@ -34,6 +34,9 @@ class Capabilities:
     base's modules: the LoRA family, IA3), `input_embeddings` (virtual tokens placed before
     the prompt: P-Tuning, prompt tuning), `kv_prefix` (keys and values before the input in
     every layer: prefix tuning) or `whole_model` (the base's own weights replaced: freeze, full)."""
+    supports_checkpointing: bool = True
+    """Trains with activation checkpointing (`--train.gradient_checkpointing`); PEFT's prefix
+    tuning refuses it (its prefix is a cache the recomputation cannot replay)."""
     peft_type: str = ""
     """A weight delta's PEFT tuner type (`LORA`, `IA3`): one PEFT model switches only between
     adapters of one type, so runs of two types are evaluated on two engines."""
