@@ -10,6 +10,7 @@ sets the tolerance. A cell passes when its held-out loss is within that toleranc
 reference's and below the base's.
 
     python bench/learning_matrix.py --model DIR --json OUT.json [--methods lora ia3 ...] [--paths default eager ...]
+    python bench/learning_matrix.py --table RESULTS.json ...   # the markdown table of saved results
 
 The model: a local HF directory (SmolLM2-135M-Instruct from `tunelab pull`, or any other);
 the data: the demo persona by default. Results: one JSON, and a markdown table on stdout.
@@ -220,6 +221,12 @@ def cell(args, method: str, path: str, seed: int, work: Path) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:  # later files' methods replace earlier ones'
+        merged = {"methods": {}}
+        for path in sys.argv[2:]:
+            merged["methods"].update(json.loads(Path(path).read_text())["methods"])
+        print(table(merged))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local HF model directory")
     parser.add_argument("--data", default=str(DEMO / "persona.jsonl"))
@@ -279,7 +286,8 @@ def main() -> None:
 
 
 def table(report: dict) -> str:
-    paths = list(PATHS)
+    ran = {p for e in report["methods"].values() for p, c in e.get("cells", {}).items() if "skipped" not in c}
+    paths = [p for p in PATHS if p in ran]
     lines = ["| method | base | reference (spread) | " + " | ".join(paths) + " |",
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in paths) + " |"]
     for method, entry in report["methods"].items():
