@@ -19,6 +19,7 @@ A broken invariant raises `InvariantBroken`, naming the numbers and the settings
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -112,6 +113,8 @@ class Invariants:
     sample: list = field(default_factory=list)
     changed: bool = False
     last: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    """Wall time spent in these checks so far (their cost, reported in summary.json)."""
 
     def _training_loss(self) -> float:
         was_training = self.net.training
@@ -121,14 +124,17 @@ class Invariants:
             self.net.train(was_training)
 
     def before_training(self, params: list[torch.nn.Parameter]) -> None:
+        started = time.perf_counter()
         self.start = self._training_loss()
         self.sample = weight_sample(params)
         self.params = params
+        self.seconds += time.perf_counter() - started
 
     def after_step(self, applied: bool) -> None:
         """Invariant 1, once, after the first applied step."""
         if self.changed or not applied:
             return
+        started = time.perf_counter()
         now = weight_sample(self.params)
         if all(torch.equal(a, b) for a, b in zip(self.sample, now)):
             raise InvariantBroken(
@@ -137,13 +143,16 @@ class Invariants:
                 "--train.lr and the method's target modules")
         self.changed = True
         self.sample = self.params = []
+        self.seconds += time.perf_counter() - started
 
     def check(self, step: int, applied_steps: int) -> dict:
         """Invariant 2: the training path against plain PEFT on the same weights, and moved."""
+        started = time.perf_counter()
         mine = self._training_loss()
         with plain_forward(self.net, self.fast):
             plain = plain_loss(self.net, self.rows, self.device, self.autocast)
         allowed = tolerance(self.dtype, plain)
+        self.seconds += time.perf_counter() - started
         self.last = {"step": step, "probe_loss_training_path": round(mine, 6),
                      "probe_loss_plain_peft": round(plain, 6), "probe_tolerance": round(allowed, 6)}
         if not abs(mine - plain) <= allowed:
@@ -166,6 +175,7 @@ class Invariants:
         from .generate import Engine
         from .runs import load_run
 
+        started = time.perf_counter()
         model, tokenizer, _ = load_run(run_root, device)
         engine = Engine(model, tokenizer, device)
         total, count = 0.0, 0
@@ -178,7 +188,8 @@ class Invariants:
         del engine, model
         reloaded = total / max(count, 1)
         trained = self.last.get("probe_loss_training_path")
-        result = dict(self.last, probe_loss_reloaded=round(reloaded, 6))
+        self.seconds += time.perf_counter() - started
+        result = dict(self.last, probe_loss_reloaded=round(reloaded, 6), seconds=round(self.seconds, 3))
         if trained is not None and not abs(reloaded - trained) <= tolerance(self.dtype, trained):
             raise InvariantBroken(
                 f"the saved adapter, loaded as chat and eval load it, gives a probe loss of "
