@@ -130,9 +130,9 @@ class Invariants:
         self.params = params
         self.seconds += time.perf_counter() - started
 
-    def after_step(self, applied: bool) -> None:
-        """Invariant 1, once, after the first applied step."""
-        if self.changed or not applied:
+    def after_step(self) -> None:
+        """Invariant 1, once: call after each applied (finite) step."""
+        if self.changed:
             return
         started = time.perf_counter()
         now = weight_sample(self.params)

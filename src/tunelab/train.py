@@ -197,7 +197,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
             state["bad_in_row"] = 0
             applied["steps"] += 1
             if checks:
-                checks.after_step(applied=True)
+                checks.after_step()
         else:  # its update was skipped (apply_update): keep count
             state["skipped_steps"] += 1
             state["bad_in_row"] += 1
