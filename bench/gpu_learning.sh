@@ -3,6 +3,7 @@
 #   call 1 (carry .carry/p1): bash bench/gpu_learning.sh receive p1
 #   call 2 (carry .carry/p2): bash bench/gpu_learning.sh receive p2 && bash bench/gpu_learning.sh matrix OUT METHODS...
 #   later calls:              bash bench/gpu_learning.sh matrix OUT METHODS...   (the model stays in /root/w)
+#   serving:                  bash bench/gpu_learning.sh serve OUT   (bench/serve_load.py, 64 streams, 1.5B shape)
 # .carry/p1 holds the first GGUF piece, gguf.sha256 and wheels/ (gguf, liger-kernel); .carry/p2 the rest.
 set -o pipefail
 work=/root/w
@@ -31,4 +32,9 @@ print(_convert_gguf(Path('$work/model.gguf'), Path('$work/smollm2')))" 2>&1 | gr
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
     python3 bench/learning_matrix.py --model $work/smollm2 --json "$out/learning_matrix_${1:-all}.json" \
         ${@:+--methods "$@"} 2>&1 | grep -v -i "warn" | tee "$out/learning_matrix_${1:-all}.log" ;;
+serve)
+    out=${1:?out}
+    wheels
+    python3 bench/serve_load.py --tokenizer $work/qwen2 --shape qwen2-1.5b --streams 64 \
+        --json "$out/serve_load_h200.json" 2>&1 | grep -v -i "warn" | tail -40 ;;
 esac
