@@ -31,7 +31,7 @@ print(_convert_gguf(Path('$work/model.gguf'), Path('$work/smollm2')))" 2>&1 | gr
     fi
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
     python3 bench/learning_matrix.py --model $work/smollm2 --json "$out/learning_matrix_${1:-all}.json" \
-        ${@:+--methods "$@"} 2>&1 | grep -v -i "warn" | tee "$out/learning_matrix_${1:-all}.log" ;;
+        ${@:+--methods "$@"} 2>&1 | tr "\r" "\n" | grep -v -i "warn\|it/s\|it\]\|Loading weights\|Backend impl" | tee "$out/learning_matrix_${1:-all}.log" ;;
 serve)
     out=${1:?out}
     wheels
