@@ -42,10 +42,11 @@ def verbs() -> dict:
     from .data.inspect import inspect_data
     from .evaluate.runner import evaluate
     from .experiment import experiment
+    from .export import export
     from .merge import merge
     from .train import train
 
-    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
+    return {"train": train, "chat": chat, "merge": merge, "export": export, "eval": evaluate, "experiment": experiment, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
 
 
 def main(argv: list[str] | None = None) -> None:
