@@ -62,11 +62,16 @@ def make_run(root: Path, base: Path, kind: str, lora_b_std: float) -> Path:
 
 def export_all(run: Path, quants: list[str], device: str) -> dict:
     from tunelab.export import export, sidecar
+    from tunelab.merge import ExportMismatch
 
     results = {}
     for quant in quants:
         start = time.perf_counter()
-        info = json.loads(sidecar(export(str(run), quant=quant, device=device)).read_text())
+        try:
+            info = json.loads(sidecar(export(str(run), quant=quant, device=device)).read_text())
+        except ExportMismatch as err:  # recorded, not hidden: the table shows the failure
+            results[quant] = {"failed": str(err)}
+            continue
         results[quant] = dict(info["parity"], total_seconds=round(time.perf_counter() - start, 2),
                               merge_max_abs_diff=info["max_abs_diff"], kind=info["kind"])
     return results
