@@ -4,6 +4,9 @@
     # cache (`tunelab pull smollm2-135m-instruct`); LoRA merged and P-Tuning baked, f16/bf16/q8_0
     python bench/export_parity.py cpu --json bench/results/export_parity_cpu.json
 
+    # the table in docs/EXPORT.md, from a results file
+    python bench/export_parity.py table bench/results/export_parity_cpu.json
+
     # GPU: a random-weight Qwen2-0.5B or 1.5B shape with the Qwen2 tokenizer, LoRA, each format:
     # export + parity check timed on the card
     python bench/export_parity.py shape --shape qwen2-1.5b --tokenizer qwen2/ --device cuda \
@@ -128,7 +131,32 @@ def shape(args) -> dict:
                 "build_seconds": round(prepared, 1), "lora": export_all(run, args.quants, args.device)}
 
 
+def table(results: dict) -> str:
+    """docs/EXPORT.md's table from a results file (`python bench/export_parity.py table FILE.json`)."""
+    lines = ["| model | adapter | format | file MiB | vs rounded weights | max abs logit diff (scale) | bound "
+             "| greedy same / parted within bound | loss merged -> file (on) | check s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+    models = results.get("models") or {results["shape"]: {"lora": results["lora"]}}
+    for model, kinds in models.items():
+        for kind, quants in kinds.items():
+            for quant, r in quants.items():
+                if "failed" in r:
+                    lines.append(f"| {model} | {kind} | {quant} | | | FAILED: {r['failed'][:120]} | | | | |")
+                    continue
+                loss = r["loss"]
+                lines.append(
+                    f"| {model} | {kind} | {quant} | {r['file_bytes'] / 2**20:.1f} | "
+                    f"{r['max_abs_diff_from_rounded_weights']:.2g} | {r['max_abs_diff']:.3g} ({r['logit_scale']:.3g}) | "
+                    f"{r['tolerance']:.3g} | {r['greedy_same']}/{r['probes']}, {r['greedy_near_ties']} | "
+                    f"{loss['merged']:.4f} -> {loss['exported']:.4f} ({loss['relative_diff']:+.2%}; {loss['on']}) | "
+                    f"{r['seconds']['check']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["table"]:
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("cpu", help="tiny Qwen2 and Llama, and SmolLM2-135M if cached")

@@ -30,9 +30,9 @@ def base(request, tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, pad_is_eos=arch == "llama")
 
 
-def with_system_prompt(run: Path) -> Path:
+def with_system_prompt(run: Path, **data) -> Path:
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"] = {"system_prompt": SYSTEM}
+    config["data"] = {"system_prompt": SYSTEM, **data}
     (run / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     return run
 
@@ -68,6 +68,7 @@ def test_lora_run_exports_to_gguf_that_reloads_as_the_merged_model(base, tmp_pat
     assert parity["max_abs_diff"] <= parity["tolerance"] and parity["file_bytes"] == path.stat().st_size
     assert parity["max_abs_diff_from_rounded_weights"] <= parity["exact_tolerance"]
     assert abs(parity["loss"]["relative_diff"]) <= 0.01
+    assert parity["loss"]["on"] == "32 general-probe reference answers"  # no held-out split in this run
     if quant != "q8_0":
         assert parity["greedy_same"] + parity["greedy_near_ties"] == parity["probes"]
         assert all(p["diff"] <= parity["tolerance"] for p in parity["greedy_partings"])
@@ -105,21 +106,26 @@ def test_baked_ptuning_exports_with_its_new_tokens_first(base, tmp_path):
     assert meta["tensor_types"]["output.weight"] == "F16"  # the untied head whose new rows are zero
     ids = reader_ids(path, [{"role": "user", "content": "你是谁？"}])
     assert ids[:len(virtual_ids)] == virtual_ids and ids.count(virtual_ids[0]) == 1
+    # Ollama's template writes them first too
+    modelfile = (export(str(run), format="ollama", quant="f16") / "Modelfile").read_text()
+    assert modelfile.split('TEMPLATE """')[1].startswith("".join(names) + "{{ if .System }}")
 
 
-def test_ollama_directory_has_the_gguf_a_modelfile_and_the_create_command(base, tmp_path, capsys):
-    run = with_system_prompt(make_run(tmp_path, base, "lora", 2))
+def test_ollama_directory_has_the_gguf_a_modelfile_and_the_create_command(base, tmp_path, capsys, memorize_file):
+    run = with_system_prompt(make_run(tmp_path, base, "lora", 2), path=str(memorize_file), val_size=2)
     out = export(str(run), format="ollama", quant="q8_0", name="Huanhuan LoRA")
     assert sorted(p.name for p in out.iterdir()) == ["COMPLETE", "Modelfile", "model-q8_0.gguf", EXPORT_INFO]
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf\n" in modelfile and 'PARAMETER stop "<|im_end|>"\n' in modelfile
     assert f'SYSTEM """{SYSTEM}"""' in modelfile
     template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
-    # the tiny template's default system prompt when the conversation brings none
-    assert '(ne $m.Role "system") }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' in template
+    # the system prompt first, else the tiny template's default, then every turn, then the reply's header
+    assert template.startswith("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ else }}"
+                               "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{{ end }}")
     assert template.endswith('<|im_start|>assistant\n{{ end }}{{ end }}')
-    assert f"ollama create huanhuan-lora -f {out / 'Modelfile'}" in capsys.readouterr().out
-    assert json.loads((out / EXPORT_INFO).read_text())["parity"]["quant"] == "q8_0"
+    assert f"ollama create huanhuan-lora -f {out.resolve() / 'Modelfile'}" in capsys.readouterr().out
+    parity = json.loads((out / EXPORT_INFO).read_text())["parity"]
+    assert parity["quant"] == "q8_0" and parity["loss"]["on"] == "2 held-out rows"  # the run's own split
 
 
 def test_a_template_ollama_cannot_take_is_refused_before_any_work(base, tmp_path):
@@ -195,3 +201,19 @@ def test_real_smollm2_lora_round_trip(tmp_path):
     parity = json.loads(sidecar(export(str(run), quant="q8_0")).read_text())["parity"]
     assert parity["max_abs_diff"] <= parity["tolerance"] and abs(parity["loss"]["relative_diff"]) <= 0.01
     print(json.dumps(parity))
+
+
+def test_a_bos_the_template_does_not_write_is_caught(tmp_path, monkeypatch):
+    """A file telling runtimes to add BOS where training added none: the ids differ, no file."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    run = make_run(tmp_path, save_tiny(tmp_path / "qwen", "qwen2"), "lora", 1)
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(run / "tokenizer")
+    add_bos = gguf.GGUFWriter.add_add_bos_token
+    monkeypatch.setattr(gguf.GGUFWriter, "add_add_bos_token", lambda writer, value: add_bos(writer, True))
+    with pytest.raises(ExportMismatch, match="at position 0 where training rendered"):
+        export(str(run), quant="f16", out=str(tmp_path / "x.gguf"))
+    assert not (tmp_path / "x.gguf").exists()

@@ -100,6 +100,9 @@ def export(run: str, format: Literal["gguf", "ollama"] = "gguf", quant: Literal[
     modelfile = ollama_modelfile(tokenizer, fmt, system, f"model-{quant}.gguf") if format == "ollama" else None
     held_out = held_out_rows(merged.config, fmt, merged.info.get("virtual_token_ids", []))
     info = dict(merged.info, format=format, quant=quant)
+    if format == "ollama":
+        info["ollama_create"] = (f"ollama create {ollama_name(name or root.resolve().name)} "
+                                 f"-f {target.resolve() / 'Modelfile'}")
 
     def write_and_check(path: Path) -> dict:
         start = time.perf_counter()
@@ -130,7 +133,6 @@ def export(run: str, format: Literal["gguf", "ollama"] = "gguf", quant: Literal[
     print(json.dumps(info["parity"], indent=2))
     print(f"wrote {gguf_path} ({quant}, {info['kind']}): {summary_line(info['parity'])}")
     if format == "ollama":
-        info["ollama_create"] = f"ollama create {ollama_name(name or root.resolve().name)} -f {path / 'Modelfile'}"
         print(info["ollama_create"])
     return path
 

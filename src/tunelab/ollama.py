@@ -44,26 +44,36 @@ def chatml_shape(tokenizer) -> tuple[str, Optional[str]]:
 
 
 def render_chatml(messages: list[dict], prefix: str, default_system: Optional[str]) -> str:
-    """What the Modelfile's TEMPLATE renders, written in Python (the generation prompt added)."""
+    """What the Modelfile's TEMPLATE renders, written in Python (the generation prompt added):
+    the system prompt first (Ollama hands it to the template as .System), then every other turn."""
     text = prefix
-    if default_system is not None and messages[0]["role"] != "system":
-        text += f"<|im_start|>system\n{default_system}<|im_end|>\n"
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # as Ollama collects them
+    if system or default_system is not None:
+        text += f"<|im_start|>system\n{system or default_system}<|im_end|>\n"
     for m in messages:
-        text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        if m["role"] != "system":
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
     return text + "<|im_start|>assistant\n"
 
 
+def _literal(text: str) -> str:
+    """`text` as literal Go-template text (an opening `{{` written as an action)."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
 def ollama_modelfile(tokenizer, fmt: ChatFormat, system: Optional[str], gguf_name: str) -> str:
-    """A Modelfile whose TEMPLATE (Go text/template over Ollama's .Messages) renders what the
-    run's chat template renders, stopping at its end of turn, with the run's system prompt."""
+    """A Modelfile whose TEMPLATE (Go text/template over Ollama's .System and .Messages, in the
+    shape of Ollama's own ChatML templates) renders what the run's chat template renders,
+    stopping at its end of turn, with the run's system prompt as SYSTEM."""
     prefix, default = chatml_shape(tokenizer)
     if fmt.end_of_turn_text != "<|im_end|>":
         raise ConfigError(f"the chat template ends a turn with {fmt.end_of_turn_text!r}, not <|im_end|>")
-    fallback = ("" if default is None else
-                '{{ if and (eq $i 0) (ne $m.Role "system") }}<|im_start|>system\n' + default + "<|im_end|>\n{{ end }}")
-    template = (prefix + "{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}" + fallback
-                + "<|im_start|>{{ $m.Role }}\n{{ $m.Content }}"
-                + '{{ if or (ne $m.Role "assistant") (not $last) }}<|im_end|>\n{{ end }}'
+    system_turn = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+    system_turn += "{{ end }}" if default is None else f"{{{{ else }}}}<|im_start|>system\n{_literal(default)}<|im_end|>\n{{{{ end }}}}"
+    template = (_literal(prefix) + system_turn
+                + "{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+                + '{{ if ne $m.Role "system" }}<|im_start|>{{ $m.Role }}\n{{ $m.Content }}'
+                + '{{ if or (ne $m.Role "assistant") (not $last) }}<|im_end|>\n{{ end }}{{ end }}'
                 + '{{ if and $last (ne $m.Role "assistant") }}<|im_start|>assistant\n{{ end }}{{ end }}')
     for text in (template, system or ""):
         if '"""' in text:
