@@ -108,7 +108,8 @@ def export(run: str, format: Literal["gguf", "ollama"] = "gguf", quant: Literal[
         start = time.perf_counter()
         write_gguf(model, tokenizer, path, quant, name=merged.run_dir.root.name)
         written = time.perf_counter()
-        parity = check_gguf(path, model, fmt, merged.conversations, merged.feed, held_out, quant)
+        parity = check_gguf(path, model, fmt, merged.conversations, merged.feed, held_out, quant,
+                            len(merged.info.get("virtual_token_ids", [])))
         parity["seconds"] = {"write": round(written - start, 2), "check": round(time.perf_counter() - written, 2)}
         return parity
 
@@ -334,9 +335,11 @@ def pre_tokenizer_name(pre: dict | None) -> str:
 
 # -- the parity check --------------------------------------------------------------------------
 def check_gguf(path: Path, model, fmt: ChatFormat, conversations: list[list[dict]], feed: list[list[int]],
-               held_out: tuple[str, list[tuple[list[int], list[int]]]], quant: str) -> dict:
+               held_out: tuple[str, list[tuple[list[int], list[int]]]], quant: str, baked: int = 0) -> dict:
     """Reload `path` with transformers' GGUF reader and compare it with `model` (the merged
-    model in memory, fp32); raise ExportMismatch on any difference beyond the tolerances."""
+    model in memory, fp32); raise ExportMismatch on any difference beyond the tolerances.
+    The first `baked` positions of every prompt (baked virtual tokens) count for the exact
+    check only: their logits are never read, only their keys and values."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = next(model.parameters()).device
@@ -365,9 +368,9 @@ def check_gguf(path: Path, model, fmt: ChatFormat, conversations: list[list[dict
         if got.shape != want.shape:
             raise ExportMismatch(f"the GGUF computes {got.shape[-1]} logits a token where the model has "
                                  f"{want.shape[-1]}; nothing was written")
-        diffs.append((got - want).abs().max().item())
+        diffs.append((got[baked:] - want[baked:]).abs().max().item())
         exact_diffs.append((got - exact).abs().max().item())
-        scale = max(scale, want.abs().max().item())
+        scale = max(scale, want[baked:].abs().max().item())
     del rounded
     exact_diff = max(exact_diffs)
     if not exact_diff <= EXACT_TOLERANCE * scale:
@@ -415,7 +418,7 @@ def check_gguf(path: Path, model, fmt: ChatFormat, conversations: list[list[dict
     del reloaded
     parity = {"reader": "transformers", "quant": quant, "probes": len(feed), "prompt_ids_identical": True,
               "max_abs_diff_from_rounded_weights": exact_diff, "exact_tolerance": EXACT_TOLERANCE * scale,
-              "max_abs_diff": diff, "logit_scale": scale, "tolerance": tolerance,
+              "max_abs_diff": diff, "logit_scale": scale, "tolerance": tolerance, "baked_positions_left_out": baked,
               "relative_tolerance": LOGIT_TOLERANCE[quant], "greedy_same": same, "greedy_near_ties": len(near_ties),
               "greedy_partings": near_ties,
               "greedy_max_new_tokens": MAX_NEW_TOKENS,
