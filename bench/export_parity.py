@@ -145,7 +145,7 @@ def table(results: dict) -> str:
                     continue
                 loss = r["loss"]
                 lines.append(
-                    f"| {model} | {kind} | {quant} | {r['file_bytes'] / 2**20:.1f} | "
+                    f"| {model} | {kind} | {quant} | {r['file_bytes'] / 2**20:.2f} | "
                     f"{r['max_abs_diff_from_rounded_weights']:.2g} | {r['max_abs_diff']:.3g} ({r['logit_scale']:.3g}) | "
                     f"{r['tolerance']:.3g} | {r['greedy_same']}/{r['probes']}, {r['greedy_near_ties']} | "
                     f"{loss['merged']:.4f} -> {loss['exported']:.4f} ({loss['relative_diff']:+.2%}; {loss['on']}) | "
