@@ -163,7 +163,7 @@ def main() -> None:
     c.add_argument("--models", nargs="*", help="a subset: tiny-qwen2 tiny-llama smollm2-135m-instruct")
     c.add_argument("--threads", type=int, default=2)
     s = sub.add_parser("shape", help="a random-weight Qwen2 of a published shape, timed on a device")
-    s.add_argument("--shape", default="qwen2-0.5b", choices=[k for k in SHAPES if k != "tiny"])
+    s.add_argument("--shape", default="qwen2-0.5b", choices=list(SHAPES), help="tiny: a CPU smoke run of the harness")
     s.add_argument("--tokenizer", required=True, help="a Qwen2 tokenizer directory")
     s.add_argument("--device", default="cuda")
     s.add_argument("--workdir", default=None, help="where the base and the run are written (several GB)")
