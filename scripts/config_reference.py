@@ -48,8 +48,23 @@ def table(prefix: str, cls: type) -> list[str]:
     return lines
 
 
+def verb_table(verb: str, function) -> list[str]:
+    """A verb's flags from its signature and the Args section of its docstring."""
+    from docstring_parser import parse
+
+    docs = {p.arg_name: " ".join((p.description or "").split()) for p in parse(function.__doc__ or "").params}
+    lines = [f"| `tunelab {verb}` | default | meaning |", "| --- | --- | --- |"]
+    for name, param in inspect.signature(function).parameters.items():
+        flag = name if param.default is inspect.Parameter.empty else f"--{name}"
+        default = "" if param.default is inspect.Parameter.empty else (
+            "`null`" if param.default is None else f"`{param.default!r}`")
+        lines.append(f"| `{flag}` | {default} | {docs.get(name, '').replace('|', '/')} |")
+    return lines
+
+
 def render() -> str:
     from tunelab.config import DataConfig, GenerationConfig, ModelConfig, TrainConfig
+    from tunelab.export import export
     from tunelab.methods import METHODS
     from tunelab.serve import ServerConfig
 
@@ -59,6 +74,8 @@ def render() -> str:
     out = []
     for prefix, cls in sections:
         out += [f"#### `{prefix}`", ""] + table(prefix, cls) + [""]
+    for verb, function in [("export", export)]:
+        out += [f"#### `tunelab {verb}`", ""] + verb_table(verb, function) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -55,7 +55,7 @@ def test_a_bad_flag_is_one_line_before_any_heavy_import(argv, flag):
     assert lines[0].startswith("error:") and flag in lines[0] and len(lines) <= 2, err
 
 
-@pytest.mark.parametrize("verb", ["train", "merge"])
+@pytest.mark.parametrize("verb", ["train", "merge", "export"])
 def test_stand_ins_match_the_real_functions(verb):
     import importlib
 

@@ -46,9 +46,9 @@ def verbs() -> dict:
     from .evaluate.runner import evaluate
     from .experiment import experiment
     from .serve import serve
-    from .verbs import merge, train
+    from .verbs import export, merge, train
 
-    return {"train": train, "chat": chat, "merge": merge, "eval": evaluate, "experiment": experiment, "serve": serve, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
+    return {"train": train, "chat": chat, "merge": merge, "export": export, "eval": evaluate, "experiment": experiment, "serve": serve, "methods": methods, "pull": pull, "data": {"inspect": inspect_data}}
 
 
 def parser_class():

@@ -23,7 +23,7 @@ tunelab_export.json beside the weights records what was measured.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -88,60 +88,20 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
         model: the base model, where it is not at the path the run's config.yaml records (it
             was moved): `--model.path NEW_DIR`. It must be the same model (checked).
     """
-    from transformers import AutoTokenizer
-
-    from .methods import get
-    from .models import load_model, locate, resolve_device
+    from .models import locate
 
     run_dir = RunDir(Path(run))
-    config = run_dir.read_config()
     out = out or str(run_dir.root / ("baked" if bake else "merged"))
-    if not run_dir.adapter.is_dir():
-        raise FileNotFoundError(f"{run_dir.root} has no adapter/ yet: the run has not finished "
-                                f"(resume it with `tunelab train --config {run_dir.config}`)")
-    method = get(config["method"]["name"])
-    virtual = _adds_virtual_tokens(run_dir.adapter)
-    if method.capabilities.mergeable and bake:
-        raise ConfigError(f"`--bake true` exports virtual-token adapters; {method.name} adapters fold "
-                          f"into the weights: run `tunelab merge` without `--bake true`")
-    if not method.capabilities.mergeable and not bake:
-        instead = (f" To export it anyway: `tunelab merge {run} --out DIR --bake true` writes its virtual "
-                   f"tokens as new tokens of the vocabulary, put first by the chat template." if virtual else "")
-        raise NotMergeable(f"{method.name} adapters cannot be merged into the base weights: "
-                           f"{_refusal(method)}.{instead}")
-    if bake and not virtual:
-        raise NotMergeable(f"`--bake` needs virtual tokens that are input embeddings (P-Tuning, prompt "
-                           f"tuning); the {method.name} adapter of {run} is not one (prefix tuning puts "
-                           f"keys and values in every layer, which no vocabulary token can hold)")
-
-    model_cfg = run_model_config(run_dir, config, model)
-    base_dir, _ = locate(model_cfg)
-    check_export_target(Path(out), overwrite, run_dir.root, base_dir)  # before any work
-    where = resolve_device(device)
-    out_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(*locate(model_cfg))
-    model_cfg = replace(model_cfg, device=str(where), dtype="fp32" if precision == "fp32" else model_cfg.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir.tokenizer)
-    fmt = ChatFormat(tokenizer)
-    system = (config.get("data") or {}).get("system_prompt")
-    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-                     for q in PROBES]
-    probes = [fmt.prompt_ids(messages) for messages in conversations]
-
-    check_base(run_dir, model_cfg)  # before any weight is read
-    base = load_model(model_cfg, where)
-    check_adapter(run_dir.adapter, base)
-    net = method.load(base, run_dir.adapter, False).eval()
-    if bake:
-        model, tokenizer, expected, info = bake_virtual_tokens(net, tokenizer, probes)
-    else:
-        model, expected, info = merge_weights(net, method, probes)
-    check_finite(model)
-    info.update(run=str(run_dir.root.resolve()), method=method.name, base=config["model"]["path"],
-                dtype=str(out_dtype).removeprefix("torch."))
+    model_cfg = run_model_config(run_dir, run_dir.read_config(), model)
+    check_export_target(Path(out), overwrite, run_dir.root, locate(model_cfg)[0])  # before any work
+    loaded = load_merged(run, bake, precision, device, model)
+    model, tokenizer, expected, info = loaded.model, loaded.tokenizer, loaded.expected, loaded.info
+    conversations, feed = loaded.conversations, loaded.feed
+    out_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(*locate(loaded.model_cfg))
+    info["dtype"] = str(out_dtype).removeprefix("torch.")
     # The merge was checked in `precision`; the cast to the written dtype is the user's choice,
     # its cost is reported, and the saved files must reproduce the cast model exactly.
     cast_weights(model, out_dtype)
-    feed = [info.get("virtual_token_ids", []) + ids for ids in probes]
     written = [_logits(model, ids)[-e.shape[0]:] for ids, e in zip(feed, expected)]
     if not all(torch.isfinite(w).all() for w in written):
         raise ExportMismatch(f"the model cast to {out_dtype} computes non-finite logits; "
@@ -161,6 +121,83 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
           f"{info['max_abs_diff']:.2e} ({precision}), {info['cast_max_abs_diff']:.2e} once cast to "
           f"{info['dtype']}; reloaded from disk: {info['reloaded_max_abs_diff']:.2e} from the model written")
     return path
+
+
+@dataclass
+class Merged:
+    """A run's adapter folded into (or baked onto) its base, checked against the adapter."""
+    run_dir: RunDir
+    config: dict
+    model_cfg: ModelConfig
+    model: torch.nn.Module
+    tokenizer: object
+    conversations: list[list[dict]]
+    """The probe conversations (under the run's system prompt)."""
+    probes: list[list[int]]
+    """Their prompt ids as the run's template renders them (without baked virtual tokens)."""
+    expected: list[torch.Tensor]
+    """The adapter on its base: logits on the probes (at the real tokens)."""
+    info: dict
+
+    @property
+    def feed(self) -> list[list[int]]:
+        """What the exported model is fed: the baked tokens, if any, then the prompt."""
+        return [self.info.get("virtual_token_ids", []) + ids for ids in self.probes]
+
+
+def load_merged(run: str, bake: Optional[bool], precision: Literal["fp32", "run"] = "fp32",
+                device: str = "auto", model: Optional[ModelConfig] = None) -> Merged:
+    """Load a finished run, fold its adapter in (`bake`: write its virtual tokens into the
+    vocabulary; None: whichever the method allows) and check the result against the adapter
+    on its base (ExportMismatch otherwise). `model`: the base, where it was moved."""
+    from transformers import AutoTokenizer
+
+    from .methods import get
+    from .models import load_model, resolve_device
+
+    run_dir = RunDir(Path(run))
+    config = run_dir.read_config()
+    if not run_dir.adapter.is_dir():
+        raise FileNotFoundError(f"{run_dir.root} has no adapter/ yet: the run has not finished "
+                                f"(resume it with `tunelab train --config {run_dir.config}`)")
+    method = get(config["method"]["name"])
+    virtual = _adds_virtual_tokens(run_dir.adapter)
+    if bake is None:
+        bake = not method.capabilities.mergeable and virtual
+    if method.capabilities.mergeable and bake:
+        raise ConfigError(f"`--bake true` exports virtual-token adapters; {method.name} adapters fold "
+                          f"into the weights: run `tunelab merge` without `--bake true`")
+    if not method.capabilities.mergeable and not bake:
+        instead = (f" To export it anyway: `tunelab merge {run} --out DIR --bake true` writes its virtual "
+                   f"tokens as new tokens of the vocabulary, put first by the chat template." if virtual else "")
+        raise NotMergeable(f"{method.name} adapters cannot be merged into the base weights: "
+                           f"{_refusal(method)}.{instead}")
+    if bake and not virtual:
+        raise NotMergeable(f"`--bake` needs virtual tokens that are input embeddings (P-Tuning, prompt "
+                           f"tuning); the {method.name} adapter of {run} is not one (prefix tuning puts "
+                           f"keys and values in every layer, which no vocabulary token can hold)")
+
+    model_cfg = run_model_config(run_dir, config, model)
+    where = resolve_device(device)
+    model_cfg = replace(model_cfg, device=str(where), dtype="fp32" if precision == "fp32" else model_cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.tokenizer)
+    fmt = ChatFormat(tokenizer)
+    system = (config.get("data") or {}).get("system_prompt")
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+                     for q in PROBES]
+    probes = [fmt.prompt_ids(messages) for messages in conversations]
+
+    check_base(run_dir, model_cfg)  # before any weight is read
+    base = load_model(model_cfg, where)
+    check_adapter(run_dir.adapter, base)
+    net = method.load(base, run_dir.adapter, False).eval()
+    if bake:
+        model, tokenizer, expected, info = bake_virtual_tokens(net, tokenizer, probes)
+    else:
+        model, expected, info = merge_weights(net, method, probes)
+    check_finite(model)
+    info.update(run=str(run_dir.root.resolve()), method=method.name, base=config["model"]["path"])
+    return Merged(run_dir, config, model_cfg, model, tokenizer, conversations, probes, expected, info)
 
 
 # -- weight deltas ------------------------------------------------------------------------------

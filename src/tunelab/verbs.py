@@ -1,4 +1,4 @@
-"""The signatures of the verbs whose modules import torch at the top (train, merge).
+"""The signatures of the verbs whose modules import torch at the top (train, merge, export).
 
 `tunelab VERB --help` and every flag check must answer in a fraction of a second, before
 torch, transformers and peft are imported (10-25 s on a small shared machine). jsonargparse
@@ -68,3 +68,24 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
 
     return export(run, out=out, bake=bake, dtype=dtype, precision=precision, device=device,
                   max_shard_size=max_shard_size, overwrite=overwrite, model=model)
+
+
+def export(run: str, format: Literal["gguf", "ollama"] = "gguf", quant: Literal["f16", "bf16", "q8_0"] = "q8_0",
+           out: Optional[str] = None, name: Optional[str] = None, overwrite: bool = False,
+           device: str = "auto") -> Path:
+    """Export a run as a GGUF file (llama.cpp, LM Studio) or an Ollama model, checked by reloading it.
+
+    Args:
+        run: a finished run directory (a LoRA-family run is merged, a P-Tuning run baked first).
+        format: `gguf`: one .gguf file; `ollama`: a directory with the .gguf and a Modelfile.
+        quant: weight format: `f16`, `bf16` or `q8_0` (8 bits, about half of f16's size).
+        out: the file (gguf) or directory (ollama) to write (default: RUN/model-QUANT.gguf or
+            RUN/ollama). An existing one is replaced only if tunelab exported it.
+        name: the Ollama model name in the printed `ollama create` command (default: the run's
+            directory name).
+        overwrite: replace an existing `--out` that is not a tunelab export.
+        device: where the merge and the checks are computed (`auto`: the first CUDA card, else CPU).
+    """
+    from .export import export as run_export
+
+    return run_export(run, format=format, quant=quant, out=out, name=name, overwrite=overwrite, device=device)
