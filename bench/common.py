@@ -52,6 +52,27 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, vocab_size
     return model
 
 
+def saved_random_base(shape: str, tokenizer_dir: str, device_arg: str, dtype_arg: str, base: Path):
+    """A random-weight model of `shape` saved with its tokenizer to `base` as a tunelab base model
+    (cache on, the tokenizer's eos and pad): (model, tokenizer, the run config's `model` entry).
+    `device_arg` auto picks CUDA when present; `dtype_arg` auto is bf16 on CUDA, else fp32."""
+    from transformers import AutoTokenizer
+
+    device = torch.device("cuda" if device_arg == "auto" and torch.cuda.is_available()
+                          else "cpu" if device_arg == "auto" else device_arg)
+    dtype = torch.bfloat16 if dtype_arg == "bf16" or (dtype_arg == "auto" and device.type == "cuda") \
+        else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = build_model(shape, device, dtype, vocab_size=len(tokenizer))
+    model.config.use_cache = True
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model_cfg = {"path": str(base), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32", "device": str(device)}
+    return model, tokenizer, model_cfg
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
 

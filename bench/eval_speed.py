@@ -83,25 +83,13 @@ def build_runs(args, root: Path) -> list[str]:
     """A random-weight base of `args.shape` saved under root/base, and a LoRA and a P-Tuning
     run directory on it (random adapters, as `tunelab train` would lay them out)."""
     import yaml
-    from transformers import AutoTokenizer
 
-    from common import build_model
+    from common import saved_random_base
     from tunelab.methods import get
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") \
-        else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = build_model(args.shape, device, dtype, vocab_size=len(tokenizer))
-    model.config.use_cache = True
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    base = root / "base"
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    model_cfg = {"path": str(base), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
-                 "device": str(device)}
+    model, tokenizer, model_cfg = saved_random_base(args.shape, args.tokenizer, args.device, args.dtype,
+                                                    root / "base")
+    device = torch.device(model_cfg["device"])
     runs = []
     for name in ("lora", "ptuning"):
         method = get(name)

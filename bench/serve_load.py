@@ -35,7 +35,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent / "src"), str(BENCH)]  # runs from a checkout too
 
-from common import SHAPES, SYSTEM, build_model  # noqa: E402
+from common import SHAPES, SYSTEM, saved_random_base  # noqa: E402
 
 QUESTIONS = ["你是谁？", "1.11 和 1.9 哪个大？", "Who are you?", "What is the capital of France?",
              "给我讲一个关于御花园的故事。", "Write a short poem about the sea."]
@@ -57,23 +57,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def build_runs(args, root: Path) -> list[str]:
     """A random base of `args.shape` under root/base and two LoRA runs on it."""
     import yaml
-    from transformers import AutoTokenizer
 
     from tunelab.methods import get
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") \
-        else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = build_model(args.shape, device, dtype, vocab_size=len(tokenizer))
-    model.config.use_cache = True
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    model_cfg = {"path": str(root / "base"), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
-                 "device": str(device)}
+    model, tokenizer, model_cfg = saved_random_base(args.shape, args.tokenizer, args.device, args.dtype,
+                                                    root / "base")
+    device = torch.device(model_cfg["device"])
     method, runs = get("lora"), []
     for name in ("lora-a", "lora-b"):
         torch.manual_seed(len(runs) + 1)
