@@ -83,6 +83,10 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
             print(f"[{label}] training -> {run_dir}")
             train(model, data, method_cfg, train_cfg, out=str(run_dir))
         runs[label] = run_dir
+    from .distributed import current
+
+    if not current().main:  # under torchrun every process trains; rank 0 alone evaluates and reports
+        return {}
 
     ev = dict(spec.get("eval") or {})
     unknown = set(ev) - EVAL_KEYS

@@ -1,0 +1,134 @@
+"""Data-parallel training (distributed.py): two processes over gloo learn what one process learns.
+
+`torchrun --nproc_per_node 2 -m tunelab.cli train` on the tiny model (CPU, fp32, LoRA
+dropout 0, packed rows) against an in-process single-process run with the same global
+batch: the same losses, held-out loss and adapter within fp32 rounding; metrics written
+once; and a checkpoint the two processes wrote resumed by one process finishing on the
+single-process weights. The epoch's last step has one row, so one rank has none (it must
+join the all-reduce with zero gradients, not hang).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from faults import ROWS, adapter_tensors, data_file, metrics, one_thread  # noqa: F401
+from tunelab.config import DataConfig, ModelConfig, TrainConfig
+from tunelab.data.template import Rendered
+from tunelab.distributed import SINGLE, buckets, split_rows
+from tunelab.methods import MethodConfig
+from tunelab.methods.lora import LoraConfig
+from tunelab.train import train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# 12 rows, 3 held out: 9 train rows at 4 a step are steps of 4, 4 and 1 rows (an epoch).
+TRAIN = dict(epochs=1, batch_size=4, micro_batch_size=2, micro_batch_tokens=48, lr=1e-2, save_every=1,
+             keep_checkpoints=3, packing="on", seed=3)
+VAL_SIZE = 3
+ATOL = 1e-5
+
+
+def rows_of(lengths: list[int]) -> list[Rendered]:
+    return [Rendered(list(range(n)), [-100] * n) for n in lengths]
+
+
+def test_split_balances_tokens_not_rows():
+    rows = rows_of([90, 10, 10, 10, 10, 10, 10, 10, 10, 10])
+    shares = split_rows(rows, 2)
+    loads = [sum(len(r.input_ids) for r in share) for share in shares]
+    assert loads == [90, 90]  # by rows it would be 5 and 5: 130 tokens against 50
+    assert [len(share) for share in shares] == [1, 9]
+    assert sorted(map(id, shares[0] + shares[1])) == sorted(map(id, rows))  # each row exactly once
+    assert split_rows(rows, 2) == shares  # deterministic: every rank computes the same split
+
+
+def test_split_with_fewer_rows_than_ranks_leaves_ranks_empty():
+    rows = rows_of([7, 3])
+    assert split_rows(rows, 4) == [[rows[0]], [rows[1]], [], []]
+    assert split_rows([], 2) == [[], []]
+    assert SINGLE.share(rows) is rows  # one process: the step's rows themselves
+
+
+def test_buckets_keep_order_dtype_and_size():
+    tensors = [torch.zeros(100), torch.zeros(100, dtype=torch.bfloat16), torch.zeros(300), torch.zeros(10)]
+    grouped = buckets(tensors, limit=1600)  # 400 float32 values
+    assert [[t.numel() for t in b] for b in grouped] == [[100, 300], [10], [100]]
+    assert all(len({t.dtype for t in b}) == 1 for b in grouped)
+
+
+def method() -> MethodConfig:
+    return MethodConfig(name="lora", lora=LoraConfig(dropout=0.0))
+
+
+def one_process(model_dir: Path, data: Path, out: Path) -> Path:
+    return train(ModelConfig(path=str(model_dir)), DataConfig(path=str(data), val_size=VAL_SIZE), method(),
+                 TrainConfig(**TRAIN), out=str(out))
+
+
+def two_processes(model_dir: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    flags = [f"--train.{key}={value}" for key, value in TRAIN.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tunelab.cli", "train", f"--model.path={model_dir}", f"--data.path={data}",
+               f"--data.val_size={VAL_SIZE}", "--method.name=lora", "--method.lora.dropout=0", *flags,
+               f"--out={out}"]
+    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def assert_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=ATOL), \
+            f"{key}: max difference {(a[key] - b[key]).abs().max():.2e}"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_qwen, tmp_path_factory):
+    """(one-process run, two-process run, the stdout of torchrun)."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = data_file(root)
+    single = one_process(tiny_qwen, data, root / "single")
+    result = two_processes(tiny_qwen, data, root / "double")
+    return single, root / "double", result, data
+
+
+def test_two_processes_learn_what_one_learns(runs):
+    single, double, result, _ = runs
+    mine, theirs = metrics(double), metrics(single)
+    assert [r["step"] for r in mine] == [1, 2, 3]  # written once, by rank 0
+    for a, b in zip(mine, theirs):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+        assert (a["tokens"], a["lr"]) == (b["tokens"], b["lr"])  # the global batch's tokens
+    assert "val_loss" in mine[-1]
+    assert_close(adapter_tensors(double / "adapter"), adapter_tensors(single / "adapter"))
+    summary = json.loads((double / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["skipped_steps"] == 0
+    assert summary["learning_checks"]["probe_loss_reloaded"] is not None  # the invariants ran
+    assert result.stdout.count("done:") == 1  # rank 1 prints nothing
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_qwen):
+    single, double, _, data = runs
+    step1 = double / "checkpoints" / "step-0000001"
+    assert (step1 / "COMPLETE").is_file()
+    for later in ("step-0000002", "step-0000003"):  # as if the run had stopped after step 1
+        shutil.rmtree(double / "checkpoints" / later)
+    shutil.rmtree(double / "adapter")
+    (double / "DONE").unlink()
+    one_process(tiny_qwen, data, double)
+    assert [r["step"] for r in metrics(double)] == [1, 2, 3]
+    assert_close(adapter_tensors(double / "adapter"), adapter_tensors(single / "adapter"))
