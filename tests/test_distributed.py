@@ -1,8 +1,8 @@
 """Data-parallel training (distributed.py): two processes over gloo learn what one process learns.
 
-`torchrun --nproc_per_node 2 -m tunelab.cli train` on the tiny model (CPU, fp32, LoRA
-dropout 0, packed rows) against an in-process single-process run with the same global
-batch: the same losses, held-out loss and adapter within fp32 rounding; metrics written
+`torchrun --nproc_per_node 2 -m tunelab.cli train` on the tiny model (CPU, fp32; LoRA with
+dropout 0 on packed rows, and full fine-tuning on padded rows) against an in-process
+single-process run with the same global batch: the same losses, held-out loss and adapter within fp32 rounding; metrics written
 once; and a checkpoint the two processes wrote resumed by one process finishing on the
 single-process weights. The epoch's last step has one row, so one rank has none (it must
 join the all-reduce with zero gradients, not hang).
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import ROWS, adapter_tensors, data_file, metrics, one_thread  # noqa: F401
+from faults import data_file, metrics, one_thread  # noqa: F401
 from tunelab.config import DataConfig, ModelConfig, TrainConfig
 from tunelab.data.template import Rendered
 from tunelab.distributed import SINGLE, buckets, split_rows
@@ -64,26 +64,39 @@ def test_buckets_keep_order_dtype_and_size():
     assert all(len({t.dtype for t in b}) == 1 for b in grouped)
 
 
-def method() -> MethodConfig:
-    return MethodConfig(name="lora", lora=LoraConfig(dropout=0.0))
+METHODS = {  # LoRA on packed rows; full fine-tuning (every weight all-reduced) on padded ones
+    "lora": (MethodConfig(name="lora", lora=LoraConfig(dropout=0.0)), ["--method.name=lora", "--method.lora.dropout=0"],
+             {}),
+    "full": (MethodConfig(name="full"), ["--method.name=full"], {"packing": "off", "lr": 1e-3}),
+}
 
 
-def one_process(model_dir: Path, data: Path, out: Path) -> Path:
-    return train(ModelConfig(path=str(model_dir)), DataConfig(path=str(data), val_size=VAL_SIZE), method(),
-                 TrainConfig(**TRAIN), out=str(out))
+def one_process(model_dir: Path, data: Path, out: Path, name: str = "lora") -> Path:
+    method, _, train_overrides = METHODS[name]
+    return train(ModelConfig(path=str(model_dir)), DataConfig(path=str(data), val_size=VAL_SIZE), method,
+                 TrainConfig(**{**TRAIN, **train_overrides}), out=str(out))
 
 
-def two_processes(model_dir: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
-    flags = [f"--train.{key}={value}" for key, value in TRAIN.items()]
+def two_processes(model_dir: Path, data: Path, out: Path, name: str = "lora") -> subprocess.CompletedProcess:
+    _, method_flags, train_overrides = METHODS[name]
+    flags = [f"--train.{key}={value}" for key, value in {**TRAIN, **train_overrides}.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tunelab.cli", "train", f"--model.path={model_dir}", f"--data.path={data}",
-               f"--data.val_size={VAL_SIZE}", "--method.name=lora", "--method.lora.dropout=0", *flags,
-               f"--out={out}"]
+               f"--data.val_size={VAL_SIZE}", *method_flags, *flags, f"--out={out}"]
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    found = {}
+    for file in sorted((run / "adapter").glob("*.safetensors")):
+        found.update(load_file(str(file)))
+    return found
 
 
 def assert_close(a: dict, b: dict) -> None:
@@ -93,18 +106,18 @@ def assert_close(a: dict, b: dict) -> None:
             f"{key}: max difference {(a[key] - b[key]).abs().max():.2e}"
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_qwen, tmp_path_factory):
-    """(one-process run, two-process run, the stdout of torchrun)."""
-    root = tmp_path_factory.mktemp("ddp")
+@pytest.fixture(scope="module", params=list(METHODS))
+def runs(request, tiny_qwen, tmp_path_factory):
+    """(method, one-process run, two-process run, torchrun's output, data file)."""
+    root = tmp_path_factory.mktemp(f"ddp-{request.param}")
     data = data_file(root)
-    single = one_process(tiny_qwen, data, root / "single")
-    result = two_processes(tiny_qwen, data, root / "double")
-    return single, root / "double", result, data
+    single = one_process(tiny_qwen, data, root / "single", request.param)
+    result = two_processes(tiny_qwen, data, root / "double", request.param)
+    return request.param, single, root / "double", result, data
 
 
 def test_two_processes_learn_what_one_learns(runs):
-    single, double, result, _ = runs
+    name, single, double, result, _ = runs
     mine, theirs = metrics(double), metrics(single)
     assert [r["step"] for r in mine] == [1, 2, 3]  # written once, by rank 0
     for a, b in zip(mine, theirs):
@@ -114,7 +127,7 @@ def test_two_processes_learn_what_one_learns(runs):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
         assert (a["tokens"], a["lr"]) == (b["tokens"], b["lr"])  # the global batch's tokens
     assert "val_loss" in mine[-1]
-    assert_close(adapter_tensors(double / "adapter"), adapter_tensors(single / "adapter"))
+    assert_close(weights(double), weights(single))
     summary = json.loads((double / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3 and summary["skipped_steps"] == 0
     assert summary["learning_checks"]["probe_loss_reloaded"] is not None  # the invariants ran
@@ -122,13 +135,13 @@ def test_two_processes_learn_what_one_learns(runs):
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_qwen):
-    single, double, _, data = runs
+    name, single, double, _, data = runs
     step1 = double / "checkpoints" / "step-0000001"
     assert (step1 / "COMPLETE").is_file()
     for later in ("step-0000002", "step-0000003"):  # as if the run had stopped after step 1
         shutil.rmtree(double / "checkpoints" / later)
     shutil.rmtree(double / "adapter")
     (double / "DONE").unlink()
-    one_process(tiny_qwen, data, double)
+    one_process(tiny_qwen, data, double, name)
     assert [r["step"] for r in metrics(double)] == [1, 2, 3]
-    assert_close(adapter_tensors(double / "adapter"), adapter_tensors(single / "adapter"))
+    assert_close(weights(double), weights(single))

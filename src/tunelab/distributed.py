@@ -97,8 +97,7 @@ class World:
         for bucket in buckets([p.grad for p in reduced] + [summed]):
             flat = torch.cat([t.reshape(-1) for t in bucket])
             dist.all_reduce(flat)
-            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
-                t.copy_(part.view_as(t))
+            unflatten_into(bucket, flat)
         return summed.reshape(())
 
     def sum(self, *values: float) -> list[float]:
@@ -121,8 +120,7 @@ class World:
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])
             dist.broadcast(flat, 0)
             with torch.no_grad():
-                for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
-                    t.copy_(part.view_as(t))
+                unflatten_into(bucket, flat)
 
     def agreed_signal(self, signum: int | None) -> int | None:
         """A stop signal any rank has received (torchrun forwards SIGTERM to every process, but
@@ -206,6 +204,13 @@ def buckets(tensors: list[torch.Tensor], limit: int = BUCKET_BYTES) -> list[list
         groups[key][-1].append(t)
         size[key] += nbytes
     return [bucket for lists in groups.values() for bucket in lists]
+
+
+def unflatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy the consecutive parts of `flat` back into `tensors` (one foreach copy, not one
+    kernel launch per tensor: a LoRA on a 1.5B model has ~400 gradient tensors)."""
+    parts = flat.split([t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
 
 
 def launched() -> bool:
