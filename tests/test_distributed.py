@@ -145,3 +145,56 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_qwen):
     one_process(tiny_qwen, data, double, name)
     assert [r["step"] for r in metrics(double)] == [1, 2, 3]
     assert_close(weights(double), weights(single))
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of `rank` (a child of the launcher), if it has started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_qwen, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks agree to stop after the same step and rank 0 saves its
+    checkpoint (no rank is left waiting in a collective the other never joins)."""
+    import signal
+    import time
+
+    data = data_file(tmp_path)
+    out = tmp_path / "run"
+    settings = {**TRAIN, "epochs": 200, "save_every": 0, "check_learning": False}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tunelab.cli", "train", f"--model.path={tiny_qwen}", f"--data.path={data}",
+               f"--data.val_size={VAL_SIZE}", "--method.name=lora", "--method.lora.dropout=0",
+               *[f"--train.{key}={value}" for key, value in settings.items()], f"--out={out}"]
+    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        os.kill(worker_pid(launcher.pid, 1), signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    stopped = [line for line in stderr.splitlines() if "error: stopped by SIGTERM after step" in line]
+    assert len(stopped) == 2, stderr[-3000:]  # both ranks, each with the same step
+    assert len({line.split("after step")[1].split()[0] for line in stopped}) == 1, stopped
+    step = int(stopped[0].split("after step")[1].split()[0])
+    assert step < 200 * 3
+    (checkpoint,) = sorted((out / "checkpoints").iterdir())
+    assert checkpoint.name == f"step-{step:07d}" and (checkpoint / "COMPLETE").is_file()
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 1))

@@ -39,6 +39,11 @@ BUCKET_BYTES = 25 * 2**20
 """Gradients are all-reduced in flat buckets of about this size (DDP's default)."""
 
 
+class RankFailed(RuntimeError):
+    """Rank 0 failed at something every rank waited for (a save, the run directory's checks);
+    the other ranks stop with its message."""
+
+
 def split_rows(rows: list, parts: int, size=lambda row: len(row.input_ids)) -> list[list]:
     """`rows` dealt into `parts` lists of near-equal total `size` (tokens): each row, longest
     first, goes to the lightest part so far (ties: the lower part). Deterministic; a part may
@@ -136,7 +141,8 @@ class World:
     def on_main(self, work, what: str = "rank 0"):
         """Run `work()` on rank 0 only (writing files); every rank waits for it, and an error
         there is raised on the other ranks too (a RuntimeError naming it), so none is left
-        waiting at the next collective. Returns `work()`'s result on rank 0, None elsewhere."""
+        waiting at the next collective (`RankFailed`, naming it). Returns `work()`'s result on
+        rank 0, None elsewhere."""
         if self.size == 1:
             return work()
         import torch.distributed as dist
@@ -152,7 +158,7 @@ class World:
         if failure is not None:
             raise failure
         if message[0] is not None:
-            raise RuntimeError(f"{what} failed on rank 0, so rank {self.rank} stops too: {message[0]}")
+            raise RankFailed(f"{what} failed on rank 0, so rank {self.rank} stops too: {message[0]}")
         return result
 
     @contextmanager
