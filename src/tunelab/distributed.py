@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -176,13 +176,16 @@ class World:
             if lock is not None:
                 lock.release()
 
+    @contextmanager
     def quiet(self):
         """Silence print() on ranks other than 0 (their errors and warnings still show)."""
         if self.main:
-            return nullcontext()
+            yield
+            return
         from contextlib import redirect_stdout
 
-        return redirect_stdout(open(os.devnull, "w"))
+        with open(os.devnull, "w") as sink, redirect_stdout(sink):
+            yield
 
     def seed_dropout(self, seed: int, step: int) -> None:
         """Give ranks other than 0 their own random stream (dropout masks), so the ranks do not
