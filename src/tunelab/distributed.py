@@ -66,7 +66,8 @@ class World:
     device: torch.device | None = None
     """cuda:LOCAL_RANK or cpu; None for a single process (the caller resolves it)."""
     control: object = None
-    """A gloo group for host-side agreements (the stop signal) when the main group is NCCL."""
+    """A gloo group for what the hosts agree on (which gradients exist, a stop signal, rank 0's
+    errors) when the main group is NCCL; None: the main group (gloo) itself."""
 
     @property
     def main(self) -> bool:
@@ -140,9 +141,8 @@ class World:
 
     def on_main(self, work, what: str = "rank 0"):
         """Run `work()` on rank 0 only (writing files); every rank waits for it, and an error
-        there is raised on the other ranks too (a RuntimeError naming it), so none is left
-        waiting at the next collective (`RankFailed`, naming it). Returns `work()`'s result on
-        rank 0, None elsewhere."""
+        there stops the other ranks too (`RankFailed`, naming it), so none is left waiting at
+        the next collective. Returns `work()`'s result on rank 0, None elsewhere."""
         if self.size == 1:
             return work()
         import torch.distributed as dist
