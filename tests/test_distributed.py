@@ -189,7 +189,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_qwen, tm
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode != 0
+    assert launcher.returncode != 0, (len(metrics(out)), stderr[-3000:])
     stopped = [line for line in stderr.splitlines() if "error: stopped by SIGTERM after step" in line]
     assert len(stopped) == 2, stderr[-3000:]  # both ranks, each with the same step
     assert len({line.split("after step")[1].split()[0] for line in stopped}) == 1, stopped

@@ -130,7 +130,8 @@ class World:
 
     def agreed_signal(self, signum: int | None) -> int | None:
         """A stop signal any rank has received (torchrun forwards SIGTERM to every process, but
-        not at one instant), so all ranks stop after the same step."""
+        not at one instant), so all ranks stop after the same step. The caller keeps its own
+        flag apart from the answer: a signal that arrives during this call is agreed next step."""
         if self.size == 1:
             return signum
         import torch.distributed as dist

@@ -244,11 +244,13 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
             evaluate_now = bool(prepared.val) and (end_of_epoch if cfg.eval_every == 0 else
                                                    state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
             save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
-            stop["signal"] = world.agreed_signal(stop["signal"])  # every rank stops after this step
+            # Read once: a signal arriving later in this step stops after the next one (under several
+            # processes, every rank decides on the same value: the agreed one).
+            stopping = world.agreed_signal(stop["signal"])
             queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
             settled = [settle(pending)] if pending else []
             pending = queued
-            if not lagged or evaluate_now or save_now or stop["signal"] or state["step"] == total_steps:
+            if not lagged or evaluate_now or save_now or stopping or state["step"] == total_steps:
                 settled.append(settle(pending))
                 pending = None
             for record in settled:
@@ -269,14 +271,14 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
                         f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
                         f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
             # No checkpoint inside a run of skipped steps: resuming should start before it.
-            if (save_now and not state["bad_in_row"]) or stop["signal"]:
+            if (save_now and not state["bad_in_row"]) or stopping:
                 world.on_main(lambda: save_checkpoint(run, state["step"], net, the_method, optimizer, scheduler,
                                                       state, cfg.keep_checkpoints), "saving a checkpoint")
-            if stop["signal"]:
-                raise Interrupted(f"stopped by {signal.Signals(stop['signal']).name} after step "
+            if stopping:
+                raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
                                   f"{state['step']} of {total_steps}; checkpoint saved in "
                                   f"{run.complete_checkpoints()[-1]}. Resume with: "
-                                  f"tunelab train --config {run.config}", stop["signal"])
+                                  f"tunelab train --config {run.config}", stopping)
     except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
         raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
                                                 state["step"], data.max_length)) from None
