@@ -5,7 +5,8 @@ dropout 0 on packed rows, and full fine-tuning on padded rows) against an in-pro
 single-process run with the same global batch: the same losses, held-out loss and adapter within fp32 rounding; metrics written
 once; and a checkpoint the two processes wrote resumed by one process finishing on the
 single-process weights. The epoch's last step has one row, so one rank has none (it must
-join the all-reduce with zero gradients, not hang).
+join the all-reduce with zero gradients, not hang). A SIGTERM to one rank stops both after
+the same step with rank 0's checkpoint.
 """
 
 from __future__ import annotations

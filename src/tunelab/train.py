@@ -4,7 +4,8 @@ The loss is the mean over every supervised token of an optimizer step (not the m
 micro-batch means), so gradient accumulation and micro-batch size do not change what is
 learned. Before each optimizer step the gradients themselves are checked: a non-finite
 step is skipped and counted, and too many in a row stop the run with the last good
-checkpoint intact.
+checkpoint intact. Under torchrun every process runs this loop on its own share of each
+step's rows and rank 0 writes (distributed.py; with one process its calls change nothing).
 """
 
 from __future__ import annotations
