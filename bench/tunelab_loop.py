@@ -82,15 +82,17 @@ def profile_steps(path: str, steps, count: int) -> None:
     print(summary, flush=True)
 
 
-def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, params, optimizer):
+def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, params, optimizer, world=None):
     """(tokens, last loss, seconds the host waited for the GPU) of these optimizer steps, as
-    train() runs them: a step's loss is read after the next step is queued."""
+    train() runs them: a step's loss is read after the next step is queued. `world`: this
+    process's `distributed.World` under torchrun (bench/scaling.py); None: one process."""
+    from tunelab.distributed import SINGLE
     from tunelab.train import Readback, apply_update, queue_step, step_rows
 
     tokens, pending, loss, waited = 0, None, float("nan"), 0.0
     for step in indices:
         values, n_tokens = queue_step(net, step_rows(rows, cfg, step, steps_per_epoch), cfg, fast, device,
-                                      autocast, params)
+                                      autocast, params, world or SINGLE)
         readback = Readback(values)
         apply_update(optimizer, values)
         optimizer.zero_grad(set_to_none=True)

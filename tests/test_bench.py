@@ -65,3 +65,20 @@ def test_reference_rendering_appends_pad_and_masks_the_prompt(bench_inputs, monk
     assert tok.decode(supervised[:-1]) == "我是甄嬛，家父是大理寺少卿甄远道。"
     assert tok.decode(feature["input_ids"][:len(feature["input_ids"]) - len(supervised)]).endswith(
         "<|im_start|>assistant\n")
+
+
+def test_scaling_harness_on_one_cpu_process(bench_inputs, tmp_path, monkeypatch):
+    """bench/scaling.py without torchrun (one process); the GPU runs use the same code under
+    `torchrun --nproc_per_node N`, whose training path tests/test_distributed.py checks."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scaling
+
+    out = tmp_path / "scaling.json"
+    result = scaling.main(["--cpu", "--data", str(bench_inputs / "data.json"), "--tokenizer",
+                           str(bench_inputs / "tok"), "--steps", "2", "--warmup", "1", "--batch-size", "8",
+                           "--micro-batch-size", "4", "--val-rows", "8", "--lr", "1e-2", "--dropout", "0",
+                           "--json", str(out)])
+    assert result["gpus"] == 1 and result["tokens"] > 0 and result["tokens_per_s"] > 0
+    assert result["held_out_loss_after"] < result["held_out_loss_before"]
+    assert json.loads(out.read_text())["held_out_rows"] == 8
+    assert "| tiny | 1 |" in scaling.table([result])

@@ -76,6 +76,7 @@ EXPECTED_ERRORS = {
         "tunelab.runs": ["ResumeRefused", "AdapterMismatch", "RunLocked", "NotWritable"],
         "builtins": ["FileNotFoundError"]},
     1: {"tunelab.train": ["Interrupted", "TrainingDiverged", "OutOfMemory"], "tunelab.runs": ["DiskFull"],
+        "tunelab.distributed": ["RankFailed"],
         "tunelab.merge": ["ExportMismatch"], "tunelab.invariants": ["InvariantBroken"],
         "builtins": ["FloatingPointError"]},
 }

@@ -71,18 +71,24 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
                               f"`label:`")
         planned[label] = (method_cfg, train_cfg)
 
+    from .distributed import init
+
+    world = init(model.device)  # under torchrun every process trains; rank 0 alone evaluates and reports
     runs = {}
     for label, (method_cfg, train_cfg) in planned.items():
         resolved = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
                     "train": to_dict(train_cfg)}
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
         run_dir = root / "runs" / f"{label}-{digest}"
-        if RunDir(run_dir).done.exists():
-            print(f"[{label}] finished earlier: {run_dir} (skipped)")
-        else:
-            print(f"[{label}] training -> {run_dir}")
-            train(model, data, method_cfg, train_cfg, out=str(run_dir))
+        with world.quiet():
+            if RunDir(run_dir).done.exists():
+                print(f"[{label}] finished earlier: {run_dir} (skipped)")
+            else:
+                print(f"[{label}] training -> {run_dir}")
+                train(model, data, method_cfg, train_cfg, out=str(run_dir))
         runs[label] = run_dir
+    if not world.main:
+        return {}
 
     ev = dict(spec.get("eval") or {})
     unknown = set(ev) - EVAL_KEYS

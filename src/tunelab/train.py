@@ -4,7 +4,8 @@ The loss is the mean over every supervised token of an optimizer step (not the m
 micro-batch means), so gradient accumulation and micro-batch size do not change what is
 learned. Before each optimizer step the gradients themselves are checked: a non-finite
 step is skipped and counted, and too many in a row stop the run with the last good
-checkpoint intact.
+checkpoint intact. Under torchrun every process runs this loop on its own share of each
+step's rows and rank 0 writes (distributed.py; with one process its calls change nothing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from .config import DataConfig, ModelConfig, TrainConfig, check, to_dict
 from .data import ChatFormat, Rendered, prepare
 from . import fastpath, kernels
+from .distributed import SINGLE, World, init as init_world
 from .fastpath import FastPath
 from .invariants import InvariantBroken, Invariants, probe_rows
 from .methods import MethodConfig, count_parameters, lora_kernels, selected
@@ -71,17 +74,19 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         allow_config_change: resume even though settings differ from those the checkpoints
             were trained with (the differences are listed when this is off).
     """
+    # Under torchrun each process trains on its own device; rank 0 writes (distributed.py).
+    world = init_world(model.device)
     # Before anything is read or written: a directory that is not a tunelab run is refused,
     # and the run is locked against a second `tunelab train` while this one lives.
-    with RunDir(Path(out)).claim():
-        return _train(model, data, method, train, out, resume, allow_config_change)
+    with world.claimed(RunDir(Path(out))), world.quiet():
+        return _train(model, data, method, train, out, resume, allow_config_change, world)
 
 
 def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: TrainConfig, out: str,
-           resume: bool, allow_config_change: bool) -> Path:
+           resume: bool, allow_config_change: bool, world: World = SINGLE) -> Path:
     method_cfg, cfg = method, train
     run = RunDir(Path(out))
-    device = resolve_device(model.device)  # `--model.device cuda` on a CPU machine fails here
+    device = world.place(resolve_device(model.device))  # `--model.device cuda` on a CPU machine fails here
     the_method, options = selected(method_cfg)
     check(not cfg.gradient_checkpointing or the_method.capabilities.supports_checkpointing,
           "train.gradient_checkpointing", f"false for {the_method.name} (it cannot recompute activations)",
@@ -96,7 +101,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     print(prepared.summary(data))  # how many rows were skipped, cut or dropped, and why
     # Compared with what the checkpoints were trained on before anything is overwritten.
     inputs = {"base_model": fingerprint(model), "data": file_fingerprint(data.path)}
-    run.recover()
+    world.on_main(run.recover)
     checkpoints = run.complete_checkpoints() if resume else []
     latest = checkpoints[-1] if checkpoints else None
     if latest or (resume and run.done.is_file()):
@@ -104,15 +109,17 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         if run.done.is_file() and not changes:
             print(f"{run.root} has already finished with these settings (--resume false trains it again)")
             return run.root
-    if latest:
-        run.done.unlink(missing_ok=True)
-        truncate_metrics(run.metrics, int(latest.name.split("-")[1]))  # steps after it are redone
-    elif gone := run.start_over():
-        print(f"starting {run.root} over: removed {', '.join(gone)}")
-    write_text(run.config, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
-    write_json(run.inputs, inputs)
-    write_json(run.data_stats, prepared.stats)
-    tokenizer.save_pretrained(run.tokenizer)
+    def write_run() -> None:
+        if latest:
+            run.done.unlink(missing_ok=True)
+            truncate_metrics(run.metrics, int(latest.name.split("-")[1]))  # steps after it are redone
+        elif gone := run.start_over():
+            print(f"starting {run.root} over: removed {', '.join(gone)}")
+        write_text(run.config, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+        write_json(run.inputs, inputs)
+        write_json(run.data_stats, prepared.stats)
+        tokenizer.save_pretrained(run.tokenizer)
+    world.on_main(write_run)
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -127,6 +134,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     net.train()
     trainable, total = count_parameters(net)
     params = [p for p in net.parameters() if p.requires_grad]
+    world.broadcast(params)  # every rank starts from rank 0's weights
     # Fused on the CPU as on CUDA: one update path, whose in-place writes leave the weights'
     # version counters alone on both (the CPU tests see what the GPU does).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -150,6 +158,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
             cfg = replace(cfg, micro_batch_size=state["micro_batch_size"],
                           micro_batch_tokens=state["micro_batch_tokens"])
         print(f"resuming from {latest} (step {state['step']} of {total_steps})")
+    world.seed_dropout(cfg.seed, state["step"])
     checks = None
     if cfg.check_learning:
         checks = Invariants(net, fast, probe_rows(prepared.val, prepared.train),
@@ -160,7 +169,8 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
 
     print(f"{the_method.name}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f}%); {len(prepared.train)} train rows, "
-          f"{len(prepared.val)} held-out; {total_steps} optimizer steps on {device}")
+          f"{len(prepared.val)} held-out; {total_steps} optimizer steps on {device}"
+          + (f" (rank 0 of {world.size} processes)" if world.size > 1 else ""))
 
     # -- fit ----------------------------------------------------------------------------
     stop = {"signal": None}
@@ -177,10 +187,10 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
                 if threading.current_thread() is threading.main_thread() else {})
     longest = max(len(r.input_ids) for r in prepared.train)
     record: dict = {}
-    metrics = open(run.metrics, "a", encoding="utf-8")
-    writer = tensorboard_writer(run) if cfg.tensorboard else None
+    metrics = open(run.metrics if world.main else os.devnull, "a", encoding="utf-8")  # rank 0 logs
+    writer = tensorboard_writer(run) if cfg.tensorboard and world.main else None
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {the_method.name}",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not world.main)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - state["elapsed"]
@@ -219,7 +229,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
             rng = rng_state() if cfg.auto_micro_batch else None
             while True:  # more than once only after an out-of-memory error
                 try:
-                    values, n_tokens = queue_step(net, rows, cfg, fast, device, autocast, params)
+                    values, n_tokens = queue_step(net, rows, cfg, fast, device, autocast, params, world)
                     break
                 except torch.cuda.OutOfMemoryError as err:  # leaving this block frees the step's tensors
                     why = str(err).split("\n")[0]
@@ -239,15 +249,18 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
             evaluate_now = bool(prepared.val) and (end_of_epoch if cfg.eval_every == 0 else
                                                    state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
             save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
+            # Read once: a signal arriving later in this step stops after the next one (under several
+            # processes, every rank decides on the same value: the agreed one).
+            stopping = world.agreed_signal(stop["signal"])
             queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
             settled = [settle(pending)] if pending else []
             pending = queued
-            if not lagged or evaluate_now or save_now or stop["signal"] or state["step"] == total_steps:
+            if not lagged or evaluate_now or save_now or stopping or state["step"] == total_steps:
                 settled.append(settle(pending))
                 pending = None
             for record in settled:
                 if record["step"] == state["step"] and evaluate_now:
-                    record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast)
+                    record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast, world)
                     net.train()
                 if checks and record["step"] == state["step"] and (evaluate_now or save_now
                                                                   or state["step"] == total_steps):
@@ -263,14 +276,14 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
                         f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
                         f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
             # No checkpoint inside a run of skipped steps: resuming should start before it.
-            if (save_now and not state["bad_in_row"]) or stop["signal"]:
-                save_checkpoint(run, state["step"], net, the_method, optimizer, scheduler, state,
-                                cfg.keep_checkpoints)
-            if stop["signal"]:
-                raise Interrupted(f"stopped by {signal.Signals(stop['signal']).name} after step "
+            if (save_now and not state["bad_in_row"]) or stopping:
+                world.on_main(lambda: save_checkpoint(run, state["step"], net, the_method, optimizer, scheduler,
+                                                      state, cfg.keep_checkpoints), "saving a checkpoint")
+            if stopping:
+                raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
                                   f"{state['step']} of {total_steps}; checkpoint saved in "
                                   f"{run.complete_checkpoints()[-1]}. Resume with: "
-                                  f"tunelab train --config {run.config}", stop["signal"])
+                                  f"tunelab train --config {run.config}", stopping)
     except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
         raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
                                                 state["step"], data.max_length)) from None
@@ -292,7 +305,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
 
     # -- save -----------------------------------------------------------------------------
     assert_finite(net, "the adapter")
-    write_atomically(run.adapter, lambda tmp: the_method.save(net, tmp))
+    world.on_main(lambda: write_atomically(run.adapter, lambda tmp: the_method.save(net, tmp)), "saving the adapter")
     checked = None
     if checks:  # the saved adapter reloaded alone: free the training model first
         checks.net = checks.fast = checks.training_loss = None
@@ -300,7 +313,7 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        checked = check_saved(run, checks, device)
+        checked = world.on_main(lambda: check_saved(run, checks, device), "the reload check")
     summary = {
         "method": the_method.name, "trainable_params": trainable, "total_params": total,
         "steps": state["step"], "skipped_steps": state["skipped_steps"], "tokens": state["tokens"],
@@ -312,9 +325,13 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         "device": str(device),
         "micro_batch_size": cfg.micro_batch_size, "micro_batch_tokens": cfg.micro_batch_tokens,
         "learning_checks": checked,
+        **({"processes": world.size} if world.size > 1 else {}),
     }
-    write_json(run.summary, summary)
-    run.done.write_text("ok\n")
+
+    def finish() -> None:
+        write_json(run.summary, summary)
+        run.done.write_text("ok\n")
+    world.on_main(finish, "writing the summary")
     print(f"done: {run.root} ({summary['wall_time_s']} s, {summary['tokens_per_s']} tokens/s)")
     return run.root
 
@@ -400,20 +417,24 @@ def token_loss_sum(net, batch: dict, fast: FastPath, device, autocast) -> torch.
     return fastpath.token_loss_sum(net, batch, fast.loss, device, autocast)
 
 
-def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tuple[float, int, float]:
+def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params,
+                   world: World = SINGLE) -> tuple[float, int, float]:
     """Forward/backward every micro-batch of one step; (mean loss, tokens, grad norm)."""
-    values, tokens = queue_step(net, rows, cfg, fast, device, autocast, params)
+    values, tokens = queue_step(net, rows, cfg, fast, device, autocast, params, world)
     loss, grad_norm = values.tolist()
     return loss, tokens, grad_norm
 
 
-def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tuple[torch.Tensor, int]:
+def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params,
+               world: World = SINGLE) -> tuple[torch.Tensor, int]:
     """`optimizer_step` without reading anything back: ([mean loss, grad norm] on the device,
-    tokens). The host queues the work and goes on."""
+    tokens). The host queues the work and goes on. Under several processes `rows` are the
+    whole step's, this rank computes its share (`world.share`) and the gradients and loss are
+    summed over the ranks before clipping (`world.sum_gradients`): the step's own."""
     supervised = sum(r.num_supervised for r in rows)
     tokens = sum(len(r.input_ids) for r in rows)
     total = torch.zeros((), device=device)
-    batches = micro_batches(rows, cfg, fast)
+    batches = micro_batches(world.share(rows), cfg, fast)
     for batch in batches:
         loss = (fast.graphs.run(batch, 1 / supervised, alone=len(batches) == 1)  # CUDA graph replay
                 if fast.graphs else None)
@@ -421,6 +442,7 @@ def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params) -> tupl
             loss = token_loss_sum(net, batch, fast, device, autocast) / supervised
             loss.backward()
         total += loss.detach()  # no .item() per micro-batch: the host never waits mid-step
+    total = world.sum_gradients(params, total)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.stack([total.float(), grad_norm.float()]), tokens
@@ -476,13 +498,15 @@ def apply_update(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def evaluate_loss(net, rows: list[Rendered], cfg: TrainConfig, fast: FastPath, device, autocast) -> float:
-    """Mean loss per supervised token over `rows`."""
+def evaluate_loss(net, rows: list[Rendered], cfg: TrainConfig, fast: FastPath, device, autocast,
+                  world: World = SINGLE) -> float:
+    """Mean loss per supervised token over `rows` (under several processes each rank takes
+    its share and the sums are added up)."""
     net.eval()
     total = torch.zeros((), device=device)
-    for batch in micro_batches(rows, cfg, fast):
+    for batch in micro_batches(world.share(rows), cfg, fast):
         total += token_loss_sum(net, batch, fast, device, autocast)
-    return total.item() / max(sum(r.num_supervised for r in rows), 1)
+    return world.sum(total.item())[0] / max(sum(r.num_supervised for r in rows), 1)
 
 
 def log(stream, writer, record: dict) -> None:
