@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from tunelab import train as train_module  # noqa: E402
-from tunelab.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from tunelab.config import DataConfig, MitigateConfig, ModelConfig, TrainConfig  # noqa: E402
 from tunelab.data import ChatFormat, prepare  # noqa: E402
 from tunelab.data.collate import pad_batch  # noqa: E402
 from tunelab.data.template import IGNORE  # noqa: E402
@@ -75,8 +75,17 @@ PATHS = {
     "bits": {"lora_dropout_kernel": "bits"},
     "oom": {"auto_micro_batch": True},
     "resume": {},
+    "kl": {},                      # the mitigation cells (docs/MITIGATION.md): their options are in MITIGATE
+    "kl_padded": {"packing": "off"},
+    "replay_kl": {},
 }
 LORA_ONLY = {"bits", "compile"}
+MITIGATE = {  # path -> --mitigate options. These cells pass when they learn (held-out below the base):
+    # the KL term holds the model back by design, so the reference's tolerance does not apply.
+    "kl": {"kl": 0.1, "kl_on": "all"},
+    "kl_padded": {"kl": 0.1, "kl_on": "all"},
+    "replay_kl": {"replay": 0.2, "replay_prompts": 64, "replay_max_new_tokens": 64, "kl": 0.1},
+}
 
 
 class _Stop(Exception):
@@ -100,6 +109,8 @@ def applicable(method: str, path: str, device: torch.device) -> str | None:
         return "the method does not pack (no graphs either)"
     if path in ("eager", "compile", "bits", "oom") and device.type != "cuda":
         return "a CUDA lever"
+    if MITIGATE.get(path, {}).get("kl") and caps.adapter_kind == "whole_model":
+        return "KL needs the base back (adapter off); refused for methods that train the base's weights"
     return None
 
 
@@ -186,6 +197,7 @@ def cell(args, method: str, path: str, seed: int, work: Path) -> dict:
         train_module.queue_step = flaky
         restore.append(lambda: setattr(train_module, "queue_step", real))
     cfg = TrainConfig(**{**asdict(cfg), **options})
+    mitigate = MitigateConfig(**MITIGATE.get(path, {}))
     started = time.perf_counter()
     try:
         if path == "resume":  # crash right after the mid-run checkpoint, then rerun the command
@@ -199,12 +211,12 @@ def cell(args, method: str, path: str, seed: int, work: Path) -> dict:
                     raise _Stop()
             train_module.save_checkpoint = save_then_crash
             try:
-                train_module.train(model_cfg, data, method_cfg, cfg, out=str(out))
+                train_module.train(model_cfg, data, method_cfg, cfg, mitigate, out=str(out))
             except _Stop:
                 pass
             finally:
                 train_module.save_checkpoint = real_save
-        root = train_module.train(model_cfg, data, method_cfg, cfg, out=str(out))
+        root = train_module.train(model_cfg, data, method_cfg, cfg, mitigate, out=str(out))
     finally:
         for undo in restore:
             undo()
@@ -276,7 +288,8 @@ def main() -> None:
                 got = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
             if "held_out" in got:
                 learned = base is None or got["held_out"] < base
-                got["passed"] = bool(abs(got["held_out"] - values[0]) <= entry["tolerance"] and learned)
+                close = abs(got["held_out"] - values[0]) <= entry["tolerance"]
+                got["passed"] = bool(learned and (close or path in MITIGATE))
             entry["cells"][path] = got
             print(f"  {path}: {got}", flush=True)
             Path(args.json).write_text(json.dumps(report, indent=1))

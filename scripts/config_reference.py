@@ -63,12 +63,13 @@ def verb_table(verb: str, function) -> list[str]:
 
 
 def render() -> str:
-    from tunelab.config import DataConfig, GenerationConfig, ModelConfig, TrainConfig
+    from tunelab.config import DataConfig, GenerationConfig, MitigateConfig, ModelConfig, TrainConfig
     from tunelab.export import export
     from tunelab.methods import METHODS
     from tunelab.serve import ServerConfig
 
-    sections = [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("gen", GenerationConfig)]
+    sections = [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("mitigate", MitigateConfig),
+                ("gen", GenerationConfig)]
     sections += [(f"method.{name}", m.config_cls) for name, m in METHODS.items()]
     sections += [("server", ServerConfig)]
     out = []

@@ -144,3 +144,17 @@ def test_svg_edge_cases():
     assert "nan" not in flat.lower().replace('class="nan"', "")
     only_nan = svg_line_plot({"a": [(0, math.nan), (1, math.inf)]})
     assert "2 non-finite" in only_nan
+
+
+def test_trade_plot_draws_one_dot_per_run_with_its_intervals(tmp_path):
+    from tunelab.report import svg_trade_plot
+
+    rows = [{"model": "lora", "persona_delta": 0.4, "persona_ci_low": 0.2, "persona_ci_high": 0.6,
+             "general_kept_pct": 75.0, "general_kept_low": 60.0, "general_kept_high": 88.0},
+            {"model": "lora-mitigated", "persona_delta": 0.35, "persona_ci_low": 0.1, "persona_ci_high": 0.5,
+             "general_kept_pct": 97.0, "general_kept_low": 90.0, "general_kept_high": 104.0},
+            {"model": "no-scores", "persona_delta": None}]
+    svg = svg_trade_plot(rows)
+    assert svg.count("<circle") == 2 and "lora-mitigated" in svg and "no-scores" not in svg
+    assert svg.count("<line") >= 2 * 2 + 1  # two whiskers a dot, and the 95% line
+    assert "no run has both scores" in svg_trade_plot([{"model": "x"}])

@@ -185,6 +185,63 @@ class TrainConfig:
 
 
 @dataclass
+class MitigateConfig:
+    replay: float = 0.0
+    """Self-replay: the fraction of each optimizer step's rows that are general rows answered
+    by the base model itself (0.2: a step of `batch_size` training rows gains
+    round(batch_size * 0.2 / 0.8) replay rows). 0 turns replay off."""
+    replay_data: Optional[str] = None
+    """Your own general data file (.json/.jsonl, any layout `--data.path` reads) to replay
+    instead of the base model's answers to the bundled prompts; needs `replay` > 0."""
+    replay_prompts: Optional[int] = None
+    """Use only the first N bundled general prompts (assets/replay/general_prompts.jsonl,
+    560 prompts, Chinese and English); None: all. Fewer prompts: less generation time."""
+    replay_max_new_tokens: int = 128
+    """Longest base-model answer generated for a replay prompt (greedy)."""
+    kl: float = 0.0
+    """Weight of KL(base || tuned) of the next-token distributions, added to the loss on each
+    `kl_on` answer token; the base is the same model with the adapter off. 0 turns it off."""
+    kl_on: Literal["replay", "all"] = "replay"
+    """Tokens the KL term covers: the replay rows' answer tokens, or the training rows' too."""
+    select: Literal["last", "persona_keep_general"] = "last"
+    """Which weights become RUN/adapter: `last` (the final step's), or `persona_keep_general`:
+    of the saved checkpoints and the final weights, the one with the highest persona score
+    whose general score under the persona prompt is >= `select_keep` x the base's (else the
+    one keeping the most general ability)."""
+    select_keep: float = 0.95
+    """`persona_keep_general`: the share of the base's general score a choice must keep."""
+    select_persona_probes: Optional[str] = None
+    """Persona probe file the choice is scored on (`persona_keep_general` needs one). Use a
+    set other than the final evaluation's, or the final comparison is biased."""
+    select_limit: int = 24
+    """Items of each probe set scored per candidate (evenly spaced; fewer: faster, noisier)."""
+
+    def __post_init__(self) -> None:
+        check(math.isfinite(self.replay) and 0 <= self.replay < 1, "mitigate.replay", "in [0, 1)", self.replay)
+        check(self.replay_data is None or self.replay > 0, "mitigate.replay",
+              "> 0 when --mitigate.replay_data is given (the share of each step's rows it fills)", self.replay)
+        check(self.replay_prompts is None or self.replay_prompts > 0, "mitigate.replay_prompts", "> 0 or null",
+              self.replay_prompts)
+        check(self.replay_max_new_tokens > 0, "mitigate.replay_max_new_tokens", "> 0", self.replay_max_new_tokens)
+        check(math.isfinite(self.kl) and self.kl >= 0, "mitigate.kl", ">= 0", self.kl)
+        check(self.kl_on in ("replay", "all"), "mitigate.kl_on", "replay or all", self.kl_on)
+        if self.kl > 0 and self.kl_on == "replay" and self.replay == 0:
+            raise ConfigError("`--mitigate.kl` acts on the replay rows' tokens (--mitigate.kl_on replay), but "
+                              "--mitigate.replay is 0: set --mitigate.replay > 0, or --mitigate.kl_on all")
+        check(self.select in ("last", "persona_keep_general"), "mitigate.select", "last or persona_keep_general",
+              self.select)
+        check(0 < self.select_keep <= 1, "mitigate.select_keep", "in (0, 1]", self.select_keep)
+        check(self.select == "last" or bool(self.select_persona_probes), "mitigate.select_persona_probes",
+              "a persona probe file when --mitigate.select is persona_keep_general", self.select_persona_probes)
+        check(self.select_limit > 0, "mitigate.select_limit", "> 0", self.select_limit)
+
+    @property
+    def active(self) -> bool:
+        """Whether any option changes training (the default changes nothing)."""
+        return self.replay > 0 or self.kl > 0 or self.select != "last"
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
     """Longest answer in tokens."""
@@ -237,5 +294,5 @@ def from_dict(cls: type, values: dict) -> Any:
     return cls(**kwargs)
 
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "GenerationConfig",
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "MitigateConfig", "GenerationConfig",
            "to_dict", "from_dict", "asdict", "check"]

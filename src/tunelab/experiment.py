@@ -13,6 +13,7 @@ config) and continues an interrupted one from its last checkpoint.
     methods:
       - {name: lora}
       - {name: ptuning, train: {lr: 1e-3}}
+      - {name: lora, label: lora-mitigated, mitigate: {replay: 0.2, kl: 0.1}}
     eval: {suites: [in_domain, persona, general], persona_probes: probes.yaml}
     out: runs/demo
 """
@@ -27,7 +28,8 @@ from typing import Optional
 
 import yaml
 
-from .config import ConfigError, DataConfig, GenerationConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .config import (ConfigError, DataConfig, GenerationConfig, MitigateConfig, ModelConfig, TrainConfig,
+                     from_dict, to_dict)
 from .methods import MethodConfig, get
 from .runs import RunDir
 
@@ -65,19 +67,22 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
 
     planned = {}  # every entry is checked before the first one trains
     for i, entry in enumerate(methods):
-        label, method_cfg, train_cfg = resolve_method(entry, spec.get("train") or {}, f"{path}: methods[{i}]")
+        label, method_cfg, train_cfg, mitigate_cfg = resolve_method(entry, spec.get("train") or {},
+                                                                    f"{path}: methods[{i}]", here)
         if label in planned:
             raise ConfigError(f"{path}: methods[{i}]: label {label!r} is used twice; give each entry its own "
                               f"`label:`")
-        planned[label] = (method_cfg, train_cfg)
+        planned[label] = (method_cfg, train_cfg, mitigate_cfg)
 
     from .distributed import init
 
     world = init(model.device)  # under torchrun every process trains; rank 0 alone evaluates and reports
     runs = {}
-    for label, (method_cfg, train_cfg) in planned.items():
+    for label, (method_cfg, train_cfg, mitigate_cfg) in planned.items():
         resolved = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
                     "train": to_dict(train_cfg)}
+        if mitigate_cfg.active:  # absent when off: unmitigated runs keep their directories
+            resolved["mitigate"] = to_dict(mitigate_cfg)
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
         run_dir = root / "runs" / f"{label}-{digest}"
         with world.quiet():
@@ -85,7 +90,7 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
                 print(f"[{label}] finished earlier: {run_dir} (skipped)")
             else:
                 print(f"[{label}] training -> {run_dir}")
-                train(model, data, method_cfg, train_cfg, out=str(run_dir))
+                train(model, data, method_cfg, train_cfg, mitigate_cfg, out=str(run_dir))
         runs[label] = run_dir
     if not world.main:
         return {}
@@ -164,9 +169,10 @@ def resolve_path(section: dict, key: str, here: Path) -> dict:
     return section
 
 
-def resolve_method(entry: dict, shared_train: dict, where: str):
-    """(label, MethodConfig, TrainConfig) of one `methods:` entry: the shared budget plus
-    the entry's own `train:` overrides and its method options."""
+def resolve_method(entry: dict, shared_train: dict, where: str, here: Path = Path(".")):
+    """(label, MethodConfig, TrainConfig, MitigateConfig) of one `methods:` entry: the shared
+    budget plus the entry's own `train:` overrides, its method options and its `mitigate:`
+    options (files in them relative to the YAML file)."""
     if "name" not in entry:
         raise ConfigError(f"{where}: needs `name` (one of the methods `tunelab methods` lists)")
     try:
@@ -174,14 +180,21 @@ def resolve_method(entry: dict, shared_train: dict, where: str):
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     label = plain_name(entry.get("label", entry["name"]), f"{where}: `label`")
-    allowed = {"name", "label", "train", method.name}
+    allowed = {"name", "label", "train", "mitigate", method.name}
     unknown = set(entry) - allowed
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
     options = from_dict(method.config_cls, entry.get(method.name) or {})
     method_cfg = MethodConfig(name=method.name, **{method.name: options})
     train_cfg = from_dict(TrainConfig, {**shared_train, **(entry.get("train") or {})})
-    return label, method_cfg, train_cfg
+    mitigate = dict(entry.get("mitigate") or {})
+    for key in ("replay_data", "select_persona_probes"):
+        resolve_path(mitigate, key, here)
+    try:
+        mitigate_cfg = from_dict(MitigateConfig, mitigate)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: mitigate: {err}") from None
+    return label, method_cfg, train_cfg, mitigate_cfg
 
 
 def link_labels(root: Path, runs: dict[str, Path]) -> dict[str, Path]:
@@ -217,11 +230,14 @@ def methods_table(report: dict, runs: dict[str, Path]) -> list[dict]:
                 f"{prefix}_ci_high": d.get("ci_high"), f"{prefix}_decision": d.get("decision"),
                 f"{prefix}_p_adjusted": d.get("p_adjusted")}
 
+    base_general = ((suites.get(general_suite, {}).get("scores") or {}).get("base") or {}).get("mean")
     rows = []
     for label, run_dir in runs.items():
         summary = json.loads(RunDir(run_dir).summary.read_text())
+        general = outcome("general", general_suite, label)
         rows.append({
             "model": label, "method": summary["method"],
+            "mitigation": mitigation_text(RunDir(run_dir).read_config().get("mitigate"), summary),
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "wall_time_s": summary["wall_time_s"], "tokens_per_s": summary["tokens_per_s"],
             "peak_memory_gb": summary.get("peak_memory_gib"),
@@ -229,9 +245,36 @@ def methods_table(report: dict, runs: dict[str, Path]) -> list[dict]:
             "final_val_loss": summary.get("final_val_loss"),
             **outcome("persona", "persona", label),
             "general_suite": general_suite if general_suite in suites else None,
-            **outcome("general", general_suite, label),
+            **general,
+            **kept_share(general, base_general),
+            **(outcome("general_plain", "general", label) if general_suite == "general_persona" else {}),
         })
     return rows
+
+
+def mitigation_text(mitigate: Optional[dict], summary: dict) -> str:
+    """The run's mitigation options in a few words (`-`: none)."""
+    if not mitigate:
+        return "-"
+    parts = []
+    if mitigate.get("replay"):
+        parts.append(f"replay {mitigate['replay']:g}" + (" (own data)" if mitigate.get("replay_data") else ""))
+    if mitigate.get("kl"):
+        parts.append(f"kl {mitigate['kl']:g} on {mitigate.get('kl_on', 'replay')}")
+    if mitigate.get("select", "last") != "last":
+        chosen = (summary.get("selection") or {}).get("chosen")
+        parts.append(f"select {mitigate['select']}" + (f": {chosen}" if chosen else ""))
+    return ", ".join(parts) or "-"
+
+
+def kept_share(general: dict, base: Optional[float]) -> dict:
+    """General ability kept, as % of the base's score, with the delta's interval mapped alike."""
+    if not base or general.get("general_score") is None:
+        return {"general_kept_pct": None, "general_kept_low": None, "general_kept_high": None}
+    pct = lambda delta: None if delta is None else round(100 * (base + delta) / base, 1)  # noqa: E731
+    return {"general_kept_pct": round(100 * general["general_score"] / base, 1),
+            "general_kept_low": pct(general.get("general_ci_low")),
+            "general_kept_high": pct(general.get("general_ci_high"))}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -241,11 +284,12 @@ def print_table(rows: list[dict]) -> None:
         return (f"{row[f'{key}_delta']:+.2f} [{row[f'{key}_ci_low']:+.2f}, {row[f'{key}_ci_high']:+.2f}] "
                 f"{row.get(f'{key}_decision') or ''}").rstrip()
 
-    columns = [("model", "method", "{}"), ("trainable_params", "trainable", "{:,}"),
+    columns = [("model", "method", "{}"), ("mitigation", "mitigation", "{}"), ("trainable_params", "trainable", "{:,}"),
                ("wall_time_s", "wall s", "{:.0f}"), ("tokens_per_s", "tok/s", "{:.0f}"),
                ("final_train_loss", "train loss", "{:.3f}"), ("final_val_loss", "val loss", "{:.3f}"),
                ("persona_score", "persona", "{:.2f}"), ("persona", "persona Δ [CI] decision", None),
-               ("general_score", "general", "{:.2f}"), ("general", "general Δ [CI] decision", None)]
+               ("general_score", "general", "{:.2f}"), ("general", "general Δ [CI] decision", None),
+               ("general_kept_pct", "kept %", "{:.0f}")]
     cells = [[h for _, h, _ in columns]]
     for row in rows:
         cells.append([change(row, k) if fmt is None else fmt.format(row[k]) if row.get(k) is not None else "-"

@@ -389,6 +389,8 @@ class FastPath:
     """`graphs.GraphedSteps` replaying packed micro-batches as CUDA graphs, or None (eager)."""
     attention_before: str | None = None
     """The model's own attention implementation, before `varlen_attention` replaced it."""
+    kl: float = 0.0
+    """Weight of the KL-to-base term on marked rows (`mitigate.py`); 0: none."""
 
     def micro_batches(self, rows: list[Rendered], micro_batch_size: int, micro_batch_tokens: int) -> list[dict]:
         """Model inputs for `rows`, split so each forward pass stays within budget.

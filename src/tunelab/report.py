@@ -32,7 +32,10 @@ The `results` dict (keys marked ? are optional):
     methods?  [{model: str, method?: str, trainable_params?: int, total_params?: int,
                 wall_time_s?: float, tokens_per_s?: float, peak_memory_gb?: float,
                 final_train_loss?: float, final_val_loss?: float, general_suite?: str,
-                persona_* / general_*?: score, delta, ci_low, ci_high: float, decision: str}]
+                persona_* / general_* / general_plain_*?: score, delta, ci_low, ci_high: float,
+                decision: str, mitigation?: str, general_kept_pct / _low / _high?: float}]
+              # general_* is asked under the persona prompt where there is one, general_plain_*
+              # without; general_kept_* is general as % of the base's, with its interval
 
 A delta counts as a gain or a loss only when its `decision` says so: a paired test (exact
 sign test or permutation test) whose Holm-adjusted p is below alpha (`compare.py`); the
@@ -54,16 +57,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-__all__ = ["render_html", "render_markdown", "svg_line_plot", "validate_results", "write_report"]
+__all__ = ["render_html", "render_markdown", "svg_line_plot", "svg_trade_plot", "validate_results",
+           "write_report"]
 
 _TOP_KEYS = {"title", "created", "notes", "base", "models", "suites", "answers", "curves", "configs", "methods"}
 _METHOD_COLUMNS = [  # key, header, format
-    ("method", "method", "text"), ("trainable_params", "trainable params", "int"),
+    ("method", "method", "text"), ("mitigation", "mitigation", "text"),
+    ("trainable_params", "trainable params", "int"),
     ("total_params", "total params", "int"), ("wall_time_s", "wall time", "duration"),
     ("tokens_per_s", "tokens/s", "1"), ("peak_memory_gb", "peak memory (GB)", "2"),
     ("final_train_loss", "final train loss", "4"), ("final_val_loss", "final val loss", "4"),
     ("persona_score", "persona score", "3"), ("persona", "persona Δ (CI), decision", "delta"),
     ("general_score", "general score", "3"), ("general", "general Δ (CI), decision", "delta"),
+    ("general_kept_pct", "general kept (% of base)", "1"),
+    ("general_plain", "general Δ without system prompt (CI), decision", "delta"),
 ]
 _PALETTE = ["#0969da", "#d1242f", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#6e7781"]
 _LEGEND = ("Δ = run minus base, with its paired-bootstrap confidence interval (CI). A Δ counts as a gain "
@@ -344,6 +351,61 @@ def svg_line_plot(
     return "\n".join(out)
 
 
+def svg_trade_plot(rows: Sequence[Mapping[str, Any]], width: int = 560, height: int = 320) -> str:
+    """The trade of each run in one look: x = general ability kept (% of the base's), y =
+    persona gain (Δ vs the base), each dot with its two intervals as whiskers; the dashed
+    line is 95% of the base's general ability."""
+    dots = [r for r in rows if r.get("general_kept_pct") is not None and r.get("persona_delta") is not None]
+    left, right, top, bottom = 62, 16, 34, 44
+    plot_w, plot_h = width - left - right, height - top - bottom
+    title = "persona gain vs general ability kept"
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
+           f'{height}" role="img" class="plot" font-family="sans-serif" font-size="11"><title>{title}</title>',
+           f'<rect width="{width}" height="{height}" fill="#fff"/>',
+           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{title}</text>']
+    if not dots:
+        out.append(f'<text x="{left}" y="{top + plot_h / 2}">no run has both scores</text></svg>')
+        return "\n".join(out)
+    value = lambda r, k, d: float(r[k]) if r.get(k) is not None and math.isfinite(float(r[k])) else d  # noqa: E731
+    xs = [v for r in dots for v in (value(r, "general_kept_low", r["general_kept_pct"]),
+                                    value(r, "general_kept_high", r["general_kept_pct"]))] + [95.0, 100.0]
+    ys = [v for r in dots for v in (value(r, "persona_ci_low", r["persona_delta"]),
+                                    value(r, "persona_ci_high", r["persona_delta"]))] + [0.0]
+    x_lo, x_hi = min(xs) - 3, max(xs) + 3
+    pad = (max(ys) - min(ys)) * 0.08 or 0.1
+    y_lo, y_hi = min(ys) - pad, max(ys) + pad
+    px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * plot_w  # noqa: E731
+    py = lambda y: top + (y_hi - y) / (y_hi - y_lo) * plot_h  # noqa: E731
+    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>')
+    for tick in _nice_ticks(y_lo, y_hi):
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eaeef2"/>'
+                   f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:+g}</text>')
+    for tick in _nice_ticks(x_lo, x_hi):
+        out.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}%</text>')
+    out.append(f'<line x1="{px(95):.1f}" x2="{px(95):.1f}" y1="{top}" y2="{top + plot_h}" stroke="#8c959f" '
+               f'stroke-dasharray="4 3"/><text x="{px(95) + 3:.1f}" y="{top + 12}" fill="#57606a">95%</text>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">general ability kept '
+               f'(% of base)</text><text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + plot_h / 2})">persona gain (Δ vs base)</text>')
+    esc = html.escape
+    for i, r in enumerate(dots):
+        color = _PALETTE[i % len(_PALETTE)]
+        x, y = float(r["general_kept_pct"]), float(r["persona_delta"])
+        x1, x2 = value(r, "general_kept_low", x), value(r, "general_kept_high", x)
+        y1, y2 = value(r, "persona_ci_low", y), value(r, "persona_ci_high", y)
+        out.append(f'<line x1="{px(x1):.1f}" x2="{px(x2):.1f}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="{color}"/>'
+                   f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{py(y1):.1f}" y2="{py(y2):.1f}" stroke="{color}"/>'
+                   f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{color}"/>'
+                   f'<text x="{px(x) + 6:.1f}" y="{py(y) - 6:.1f}" fill="{color}">{esc(str(r["model"]))}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _has_trade(results: Mapping[str, Any]) -> bool:
+    return any(r.get("general_kept_pct") is not None and r.get("persona_delta") is not None
+               for r in results.get("methods") or [])
+
+
 # ---------------------------------------------------------------- shared content
 
 
@@ -415,6 +477,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += ["## Methods", ""] + _md_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
             [_md(row["model"])] + [_md(_method_cell(row, k, f)) for k, _, f in _METHOD_COLUMNS]
             for row in results["methods"]])
+        if _has_trade(results):
+            out += ["", "![persona gain vs general ability kept](trade.svg)", ""]
     out += ["## Models", ""] + _md_table(["model", "kind", "summary"], [
         [_md(m["name"]), m["kind"], _md(m.get("summary", ""))] for m in results["models"]])
     if suites:
@@ -511,6 +575,8 @@ def render_html(results: Mapping[str, Any]) -> str:
         body += ["<h2>Methods</h2>", _html_table(["model"] + [h for _, h, _ in _METHOD_COLUMNS], [
             [td(row["model"])] + [td(_method_cell(row, k, f)) for k, _, f in _METHOD_COLUMNS]
             for row in results["methods"]])]
+        if _has_trade(results):
+            body.append(svg_trade_plot(results["methods"]))
     body += ["<h2>Models</h2>", _html_table(["model", "kind", "summary"], [
         [td(m["name"]), td(m["kind"]), td(m.get("summary", ""))] for m in results["models"]])]
     if suites:
@@ -585,4 +651,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
                              encoding="utf-8")
     paths["md"].write_text(render_markdown(results), encoding="utf-8")
     paths["html"].write_text(render_html(results), encoding="utf-8")
+    if _has_trade(results):  # the chart report.md links to
+        paths["svg"] = out / "trade.svg"
+        paths["svg"].write_text(svg_trade_plot(results["methods"]), encoding="utf-8")
     return paths

@@ -28,9 +28,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import DataConfig, ModelConfig, TrainConfig, check, to_dict
+from .config import DataConfig, MitigateConfig, ModelConfig, TrainConfig, check, to_dict
 from .data import ChatFormat, Rendered, prepare
-from . import fastpath, kernels
+from .data.replay import mix
+from . import fastpath, kernels, mitigate as mitigation
 from .distributed import SINGLE, World, init as init_world
 from .fastpath import FastPath
 from .invariants import InvariantBroken, Invariants, probe_rows
@@ -58,8 +59,8 @@ class OutOfMemory(RuntimeError):
 
 
 def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodConfig(),
-          train: TrainConfig = TrainConfig(), out: str = "runs/run", resume: bool = True,
-          allow_config_change: bool = False) -> Path:
+          train: TrainConfig = TrainConfig(), mitigate: MitigateConfig = MitigateConfig(),
+          out: str = "runs/run", resume: bool = True, allow_config_change: bool = False) -> Path:
     """Fine-tune `model` on `data` with `method`; write a self-describing run directory.
 
     Args:
@@ -67,6 +68,8 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         data: the training data and how it is rendered.
         method: the fine-tuning method and its options.
         train: optimisation, checkpointing and logging.
+        mitigate: keeping general ability: self-replay, KL to the base, checkpoint choice
+            (docs/MITIGATION.md); the defaults change nothing.
         out: the run directory.
         resume: continue from the newest complete checkpoint in `out`, if any (exactly: the
             same losses and weights as an uninterrupted run). A changed base model or data
@@ -79,11 +82,12 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     # Before anything is read or written: a directory that is not a tunelab run is refused,
     # and the run is locked against a second `tunelab train` while this one lives.
     with world.claimed(RunDir(Path(out))), world.quiet():
-        return _train(model, data, method, train, out, resume, allow_config_change, world)
+        return _train(model, data, method, train, mitigate, out, resume, allow_config_change, world)
 
 
-def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: TrainConfig, out: str,
-           resume: bool, allow_config_change: bool, world: World = SINGLE) -> Path:
+def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: TrainConfig,
+           mitigate: MitigateConfig, out: str, resume: bool, allow_config_change: bool,
+           world: World = SINGLE) -> Path:
     method_cfg, cfg = method, train
     run = RunDir(Path(out))
     device = world.place(resolve_device(model.device))  # `--model.device cuda` on a CPU machine fails here
@@ -93,6 +97,8 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
           cfg.gradient_checkpointing)
     config = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
               "train": to_dict(cfg), "out": str(out)}
+    if mitigate.active:  # absent when off: runs made before mitigation existed still resume
+        config["mitigate"] = to_dict(mitigate)
 
     # -- setup: data first (fails fast), then the model -----------------------------------
     tokenizer = load_tokenizer(model)
@@ -124,6 +130,10 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     base = load_model(model, device)
+    replay = []
+    if mitigate.replay > 0:  # the base answers before any adapter exists
+        replay, replay_stats = mitigation.replay_rows(mitigate, data, fmt, inputs["base_model"], base, device)
+        world.on_main(lambda: write_json(run.data_stats, {**prepared.stats, "replay": replay_stats}))
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -146,6 +156,12 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
                 if device.type == "cuda" and base.dtype == torch.bfloat16 else nullcontext())
     fast = fastpath.setup(net, cfg.packing, the_method.capabilities.supports_packing, device, autocast,
                           tokenizer.pad_token_id, model.attn_implementation, cfg.cuda_graphs)
+    if mitigate.kl > 0:
+        mitigation.check_kl_possible(mitigate, net, the_method.capabilities.adapter_kind)
+        fast.kl = mitigate.kl
+        if fast.graphs is not None:  # the graphed step computes the plain loss only
+            fast.graphs = None
+            print("--mitigate.kl: CUDA graphs are off for this run (the KL term runs eagerly)")
     if cfg.compile:
         fastpath.compile_layers(fast.loss.trunk or fastpath.model_parts(net)[0])
     if latest:
@@ -226,6 +242,9 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         while state["step"] < total_steps:
             step = state["step"]
             rows = step_rows(prepared.train, cfg, step, steps_per_epoch)
+            if replay or fast.kl:
+                rows = mix(rows, replay, mitigate.replay, cfg.batch_size, step, cfg.seed,
+                           mitigate.kl_on if fast.kl else None)
             rng = rng_state() if cfg.auto_micro_batch else None
             while True:  # more than once only after an out-of-memory error
                 try:
@@ -314,6 +333,15 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         if device.type == "cuda":
             torch.cuda.empty_cache()
         checked = world.on_main(lambda: check_saved(run, checks, device), "the reload check")
+    selection = None
+    if mitigate.select != "last":  # scored on an engine of its own: the training model goes first
+        net = base = params = optimizer = scheduler = fast = checks = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        selection = world.on_main(
+            lambda: mitigation.select_checkpoint(run.root, mitigate, model, data.system_prompt),
+            "choosing the checkpoint")
     summary = {
         "method": the_method.name, "trainable_params": trainable, "total_params": total,
         "steps": state["step"], "skipped_steps": state["skipped_steps"], "tokens": state["tokens"],
@@ -327,6 +355,8 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         "learning_checks": checked,
         **({"processes": world.size} if world.size > 1 else {}),
     }
+    if selection:
+        summary["selection"] = selection
 
     def finish() -> None:
         write_json(run.summary, summary)
@@ -408,12 +438,16 @@ def out_of_memory_message(cfg: TrainConfig, packed: bool, longest: int, why: str
 
 def micro_batches(rows: list[Rendered], cfg: TrainConfig, fast: FastPath) -> list[dict]:
     """Model inputs for one step's rows: packed within `micro_batch_tokens`, or padded
-    `micro_batch_size` rows at a time (sorted by length: less padding, same gradient)."""
-    return fast.micro_batches(rows, cfg.micro_batch_size, cfg.micro_batch_tokens)
+    `micro_batch_size` rows at a time (sorted by length: less padding, same gradient). Rows
+    marked for the KL-to-base term go in micro-batches of their own (mitigate.py)."""
+    return mitigation.kl_micro_batches(rows, fast, cfg.micro_batch_size, cfg.micro_batch_tokens)
 
 
 def token_loss_sum(net, batch: dict, fast: FastPath, device, autocast) -> torch.Tensor:
-    """Summed cross-entropy over the supervised tokens of one micro-batch (fastpath.py)."""
+    """Summed cross-entropy over the supervised tokens of one micro-batch (fastpath.py), plus
+    the KL-to-base term where the micro-batch carries one (mitigate.py)."""
+    if "kl" in batch:
+        return mitigation.loss_sum_with_kl(net, batch, fast.loss, device, autocast)
     return fastpath.token_loss_sum(net, batch, fast.loss, device, autocast)
 
 

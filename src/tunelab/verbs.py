@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from .config import DataConfig, ModelConfig, TrainConfig
+from .config import DataConfig, MitigateConfig, ModelConfig, TrainConfig
 from .methods import MethodConfig
 
 
 def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodConfig(),
-          train: TrainConfig = TrainConfig(), out: str = "runs/run", resume: bool = True,
-          allow_config_change: bool = False) -> Path:
+          train: TrainConfig = TrainConfig(), mitigate: MitigateConfig = MitigateConfig(),
+          out: str = "runs/run", resume: bool = True, allow_config_change: bool = False) -> Path:
     """Fine-tune `model` on `data` with `method`; write a self-describing run directory.
 
     Args:
@@ -27,6 +27,8 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
         data: the training data and how it is rendered.
         method: the fine-tuning method and its options.
         train: optimisation, checkpointing and logging.
+        mitigate: keeping general ability: self-replay, KL to the base, checkpoint choice
+            (docs/MITIGATION.md); the defaults change nothing.
         out: the run directory.
         resume: continue from the newest complete checkpoint in `out`, if any (exactly: the
             same losses and weights as an uninterrupted run). A changed base model or data
@@ -36,7 +38,8 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
     """
     from .train import train as run
 
-    return run(model, data, method, train, out=out, resume=resume, allow_config_change=allow_config_change)
+    return run(model, data, method, train, mitigate, out=out, resume=resume,
+               allow_config_change=allow_config_change)
 
 
 def merge(run: str, out: Optional[str] = None, bake: bool = False,
