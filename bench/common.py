@@ -73,6 +73,43 @@ def saved_random_base(shape: str, tokenizer_dir: str, device_arg: str, dtype_arg
     return model, tokenizer, model_cfg
 
 
+def random_runs(shape: str, tokenizer_dir: str, device_arg: str, dtype_arg: str, root: Path,
+                runs: dict[str, str], system_prompt: str | None = None) -> list[str]:
+    """A random-weight base of `shape` saved under root/base (`saved_random_base`) and one run
+    directory per `runs` entry (name -> method) on it, with random adapters, laid out as `tunelab
+    train` writes them: the timings of serving and evaluation need no trained weights."""
+    import yaml
+
+    from tunelab.methods import get
+
+    model, tokenizer, model_cfg = saved_random_base(shape, tokenizer_dir, device_arg, dtype_arg, root / "base")
+    device = torch.device(model_cfg["device"])
+    made = []
+    for name, method_name in runs.items():
+        method = get(method_name)
+        torch.manual_seed(len(made) + 1)
+        wrapped = method.apply(model, method.config_cls())
+        with torch.no_grad():  # LoRA starts at B = 0, i.e. no change: make it change the model
+            for param_name, param in wrapped.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.02)
+        run = root / name
+        method.save(wrapped, run / "adapter")
+        tokenizer.save_pretrained(run / "tokenizer")
+        config = {"model": model_cfg, "method": {"name": method_name}}
+        if system_prompt:
+            config["data"] = {"system_prompt": system_prompt}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "DONE").write_text("ok\n")
+        made.append(str(run))
+        if hasattr(wrapped, "unload") and not wrapped.active_peft_config.is_prompt_learning:
+            model = wrapped.unload()  # the base without LoRA layers, for the next adapter
+    del model, wrapped
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return made
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
 

@@ -82,35 +82,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def build_runs(args, root: Path) -> list[str]:
     """A random-weight base of `args.shape` saved under root/base, and a LoRA and a P-Tuning
     run directory on it (random adapters, as `tunelab train` would lay them out)."""
-    import yaml
+    from common import random_runs
 
-    from common import saved_random_base
-    from tunelab.methods import get
-
-    model, tokenizer, model_cfg = saved_random_base(args.shape, args.tokenizer, args.device, args.dtype,
-                                                    root / "base")
-    device = torch.device(model_cfg["device"])
-    runs = []
-    for name in ("lora", "ptuning"):
-        method = get(name)
-        torch.manual_seed(len(runs) + 1)
-        wrapped = method.apply(model, method.config_cls())
-        with torch.no_grad():  # LoRA starts at B = 0, i.e. no change: make it change the model
-            for param_name, param in wrapped.named_parameters():
-                if "lora_B" in param_name:
-                    param.normal_(0, 0.02)
-        run = root / name
-        method.save(wrapped, run / "adapter")
-        tokenizer.save_pretrained(run / "tokenizer")
-        (run / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg, "method": {"name": name}}))
-        (run / "DONE").write_text("ok\n")
-        runs.append(str(run))
-        if hasattr(wrapped, "unload") and not wrapped.active_peft_config.is_prompt_learning:
-            model = wrapped.unload()  # the base without LoRA layers, for the next adapter
-    del model, wrapped
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return runs
+    return random_runs(args.shape, args.tokenizer, args.device, args.dtype, root,
+                       {"lora": "lora", "ptuning": "ptuning"})
 
 
 class Timers:

@@ -35,7 +35,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent / "src"), str(BENCH)]  # runs from a checkout too
 
-from common import SHAPES, SYSTEM, saved_random_base  # noqa: E402
+from common import SHAPES, SYSTEM, random_runs  # noqa: E402
 
 QUESTIONS = ["你是谁？", "1.11 和 1.9 哪个大？", "Who are you?", "What is the capital of France?",
              "给我讲一个关于御花园的故事。", "Write a short poem about the sea."]
@@ -56,33 +56,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def build_runs(args, root: Path) -> list[str]:
     """A random base of `args.shape` under root/base and two LoRA runs on it."""
-    import yaml
-
-    from tunelab.methods import get
-
-    model, tokenizer, model_cfg = saved_random_base(args.shape, args.tokenizer, args.device, args.dtype,
-                                                    root / "base")
-    device = torch.device(model_cfg["device"])
-    method, runs = get("lora"), []
-    for name in ("lora-a", "lora-b"):
-        torch.manual_seed(len(runs) + 1)
-        wrapped = method.apply(model, method.config_cls())
-        with torch.no_grad():  # LoRA starts at B = 0, i.e. no change: make it change the model
-            for param_name, param in wrapped.named_parameters():
-                if "lora_B" in param_name:
-                    param.normal_(0, 0.02)
-        run = root / name
-        method.save(wrapped, run / "adapter")
-        tokenizer.save_pretrained(run / "tokenizer")
-        (run / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg, "method": {"name": "lora"},
-                                                         "data": {"system_prompt": SYSTEM}}))
-        (run / "DONE").write_text("ok\n")
-        runs.append(str(run))
-        model = wrapped.unload()  # the base without LoRA layers, for the next adapter
-    del model, wrapped
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return runs
+    return random_runs(args.shape, args.tokenizer, args.device, args.dtype, root,
+                       {"lora-a": "lora", "lora-b": "lora"}, system_prompt=SYSTEM)
 
 
 async def one_stream(client, model: str, question: str, max_tokens: int) -> dict:

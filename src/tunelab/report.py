@@ -318,12 +318,7 @@ def svg_line_plot(
     y_lo, y_hi = y_lo - pad, y_hi + pad
     px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * plot_w  # noqa: E731
     py = lambda y: top + (y_hi - y) / (y_hi - y_lo) * plot_h  # noqa: E731
-    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>')
-    for tick in _nice_ticks(y_lo, y_hi):
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eaeef2"/>'
-                   f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
-    for tick in _nice_ticks(x_lo, x_hi):
-        out.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}</text>')
+    out += _frame(left, top, plot_w, plot_h, _nice_ticks(y_lo, y_hi), _nice_ticks(x_lo, x_hi), px, py)
     out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{esc(x_label)}</text>'
                f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + plot_h / 2})">{esc(y_label)}</text>')
@@ -351,6 +346,18 @@ def svg_line_plot(
     return "\n".join(out)
 
 
+def _frame(left: float, top: float, plot_w: float, plot_h: float, y_ticks, x_ticks, px, py,
+           y_format: str = "g", x_suffix: str = "") -> list[str]:
+    """A plot's box, its horizontal grid lines with the y labels, and the x labels."""
+    out = [f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>']
+    for tick in y_ticks:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eaeef2"/>'
+                   f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:{y_format}}</text>')
+    for tick in x_ticks:
+        out.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}{x_suffix}</text>')
+    return out
+
+
 def svg_trade_plot(rows: Sequence[Mapping[str, Any]], width: int = 560, height: int = 320) -> str:
     """The trade of each run in one look: x = general ability kept (% of the base's), y =
     persona gain (Δ vs the base), each dot with its two intervals as whiskers; the dashed
@@ -376,12 +383,8 @@ def svg_trade_plot(rows: Sequence[Mapping[str, Any]], width: int = 560, height: 
     y_lo, y_hi = min(ys) - pad, max(ys) + pad
     px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * plot_w  # noqa: E731
     py = lambda y: top + (y_hi - y) / (y_hi - y_lo) * plot_h  # noqa: E731
-    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#8c959f"/>')
-    for tick in _nice_ticks(y_lo, y_hi):
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#eaeef2"/>'
-                   f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:+g}</text>')
-    for tick in _nice_ticks(x_lo, x_hi):
-        out.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}%</text>')
+    out += _frame(left, top, plot_w, plot_h, _nice_ticks(y_lo, y_hi), _nice_ticks(x_lo, x_hi), px, py,
+                  y_format="+g", x_suffix="%")
     out.append(f'<line x1="{px(95):.1f}" x2="{px(95):.1f}" y1="{top}" y2="{top + plot_h}" stroke="#8c959f" '
                f'stroke-dasharray="4 3"/><text x="{px(95) + 3:.1f}" y="{top + 12}" fill="#57606a">95%</text>')
     out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">general ability kept '
