@@ -54,7 +54,7 @@ def median_us(fn, repeats: int = 20, per_timing: int = 10) -> float:
 
 
 def cross_entropy_cases(rows: int, vocab: int) -> dict:
-    from tunelab.cross_entropy import rows_loss_torch, rows_loss_triton
+    from tunelab.accel.kernels.cross_entropy import rows_loss_torch, rows_loss_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(rows, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
@@ -80,7 +80,7 @@ def dropout_cases(tokens: int) -> dict:
     fused LoRA's dropout for each group shape of Qwen2-1.5B: the default Triton pair
     (`copies`), the `FUSED` pair (`fused`) and torch ops (`torch`); errors against torch ops
     given the same masks."""
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     out = {}
     for copies, width in ((3, 1536), (2, 1536), (1, 1536), (1, 8960)):
@@ -90,24 +90,23 @@ def dropout_cases(tokens: int) -> dict:
         add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
         case = {}
         for name, use_triton, fused in (("copies", True, False), ("fused", True, True), ("torch", False, False)):
-            k.USE_TRITON, k.FUSED = use_triton, fused
-            low, drawn = k.dropout_low(rows, a, 0.1)
-            case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1))
-            case[f"{name}_backward_us"] = median_us(
-                lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add))
-            if name == "torch":
-                continue
-            masks = k.unpack(drawn[0], width) if fused else drawn[1]
-            case[f"{name}_keep_rate"] = masks.float().mean().item()
-            want_low = torch.bmm(rows.float() * masks / 0.9, a.float().transpose(1, 2))
-            case[f"{name}_low_rel_error"] = ((low.float() - want_low).norm() / want_low.norm()).item()
-            got_x, got_a = k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add)
-            k.USE_TRITON, k.FUSED = False, False
-            dropped = (rows.float() * masks / 0.9).to(rows.dtype)
-            want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add)
+            with k.dropout_kernel("bits" if fused else "copies", use_triton):
+                low, drawn = k.dropout_low(rows, a, 0.1)
+                case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1))
+                case[f"{name}_backward_us"] = median_us(
+                    lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add))
+                if name == "torch":
+                    continue
+                masks = k.unpack(drawn[0], width) if fused else drawn[1]
+                case[f"{name}_keep_rate"] = masks.float().mean().item()
+                want_low = torch.bmm(rows.float() * masks / 0.9, a.float().transpose(1, 2))
+                case[f"{name}_low_rel_error"] = ((low.float() - want_low).norm() / want_low.norm()).item()
+                got_x, got_a = k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add)
+            with k.dropout_kernel("copies", False):
+                dropped = (rows.float() * masks / 0.9).to(rows.dtype)
+                want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add)
             case[f"{name}_grad_x_rel_error"] = ((got_x.float() - want_x.float()).norm() / want_x.float().norm()).item()
             case[f"{name}_grad_a_rel_error"] = ((got_a - want_a).norm() / want_a.norm()).item()
-        k.USE_TRITON, k.FUSED = True, False
         out[f"{copies}x{width}"] = case
     return out
 
@@ -132,7 +131,7 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
     timed under each launch setting of `SWEEP`, for every group shape of Qwen2-1.5B; the
     totals over the four shapes (one of each a layer) and the fastest setting. Stops trying
     new settings after `seconds`."""
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     shapes = ((3, 1536), (2, 1536), (1, 1536), (1, 8960))
     inputs = {}
@@ -211,7 +210,7 @@ def norm_cases(tokens: int) -> dict:
     the largest differences from liger's output and input gradient."""
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
-    from tunelab import rms_norm
+    from tunelab.accel.kernels import rms_norm
 
     out, default = {}, (rms_norm._ROWS, rms_norm._WARPS)
     for width in (1536, 3584):
@@ -243,7 +242,8 @@ def norm_cases(tokens: int) -> dict:
 def refresh_case() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import build_model
-    from tunelab.methods import get, lora_fused
+    from tunelab.methods import get
+    from tunelab.accel import lora as lora_fused
 
     base = build_model("qwen2-1.5b", torch.device("cuda"), torch.bfloat16, vocab_size=151936)
     net = get("lora").apply(base, get("lora").config_cls())

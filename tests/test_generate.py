@@ -479,7 +479,7 @@ def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monke
     are packed into fewer places, and every answer is still the one-at-a-time answer: for
     the base with a repetition penalty (left padding never counts as a seen token) and for
     each adapter."""
-    from tunelab import dynamic_decode
+    from tunelab.generate import ring as dynamic_decode
 
     engine = Engine.from_runs(runs)
     questions = QUESTIONS + [q * 3 for q in QUESTIONS]  # long prompts join after short ones

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import run_interpreted
-from tunelab.methods import lora_kernels
+from tunelab.accel.kernels import lora_dropout as lora_kernels
 
 COPIES_CHECK = textwrap.dedent("""
     import torch
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     k.usable = lambda x: True  # CPU tensors through the interpreted kernels
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ COPIES_CHECK = textwrap.dedent("""
 
 FUSED_CHECK = textwrap.dedent("""
     import torch
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     k.usable = lambda x: True  # CPU tensors through the interpreted kernels
     k.FUSED = True
@@ -147,7 +147,9 @@ def test_unpack_reads_bit_j_of_a_byte_as_column_j_sub_blocks_on():
 END_TO_END = textwrap.dedent("""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from tunelab.methods import get, lora_fused, lora_kernels as k
+    from tunelab.methods import get
+    from tunelab.accel import lora as lora_fused
+    from tunelab.accel.kernels import lora_dropout as k
     from tunelab.methods.lora import LoraConfig
 
     k.usable = lambda x: True  # the fused path's dropout through the interpreted kernels
@@ -211,7 +213,9 @@ def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks(fused):
 SAVED = textwrap.dedent("""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from tunelab.methods import get, lora_fused, lora_kernels as k
+    from tunelab.methods import get
+    from tunelab.accel import lora as lora_fused
+    from tunelab.accel.kernels import lora_dropout as k
     from tunelab.methods.lora import LoraConfig
 
     k.usable = lambda x: True

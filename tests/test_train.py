@@ -146,7 +146,8 @@ def test_lora_dropout_kernel_choice_holds_for_the_run_only(tiny_qwen, tmp_path, 
     """`--train.lora_dropout_kernel bits` switches fused LoRA's dropout to the mask-bits pair
     for the run's forwards, and the module is as it was afterwards; a bad value names the field."""
     from conftest import MEMORIZE, write_jsonl
-    from tunelab.methods import lora_fused, lora_kernels
+    from tunelab.accel import lora as lora_fused
+    from tunelab.accel.kernels import lora_dropout as lora_kernels
 
     seen, real = [], lora_fused.dropout_low
     monkeypatch.setattr(lora_fused, "dropout_low", lambda *a: (seen.append(lora_kernels.FUSED), real(*a))[1])

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .accel import with_prompt
 from .config import ConfigError, DataConfig, GenerationConfig, MitigateConfig
 from .data import ChatFormat, Rendered, render_all
 from .data.formats import Example, load_examples
@@ -50,7 +51,7 @@ def ce_kl_sum(logits: torch.Tensor, base_logits: torch.Tensor, targets: torch.Te
 
 
 def without_virtual_tokens(batch: dict, positions: torch.Tensor, prefix: int) -> tuple[dict, torch.Tensor]:
-    """A packed batch whose rows carry `prefix` placeholder positions (fastpath.packed_inputs),
+    """A packed batch whose rows carry `prefix` placeholder positions (data.packing.packed_inputs),
     without them, and `positions` mapped to the new flat indices (what the base, which has
     no virtual tokens, sees)."""
     keep = batch["position_ids"][0] >= prefix
@@ -64,11 +65,9 @@ def without_virtual_tokens(batch: dict, positions: torch.Tensor, prefix: int) ->
 
 
 def loss_sum_with_kl(net: torch.nn.Module, batch: dict, plan, device, autocast) -> torch.Tensor:
-    """`fastpath.token_loss_sum` of a micro-batch of `KLRow`s (`batch["kl"]` holds the weight)
+    """`accel.loss.token_loss_sum` of a micro-batch of `KLRow`s (`batch["kl"]` holds the weight)
     plus the KL term on the same supervised positions. The tuned logits of those positions
     are computed whole (no chunked cross-entropy): the KL term needs them."""
-    from .fastpath import with_prompt
-
     weight = batch["kl"]
     labels = batch["labels"].flatten()
     positions = (labels != IGNORE).nonzero().squeeze(1)

@@ -14,11 +14,11 @@ found by watching one probe forward, so no architecture is named here),
     y_g = x W_g^T + b_g + s_g * (dropout_g(x) A_g^T) B_g^T
 
 with every dropout mask of the group drawn by one kernel (each projection its own mask,
-as PEFT draws them; `lora_kernels.py`), the G low-rank products as one batched matmul, the
+as PEFT draws them; `kernels/lora_dropout.py`), the G low-rank products as one batched matmul, the
 adapter product added by the matmul that computes it (`addmm_`), and a hand-written
 backward: the adapters' part of the input gradient of all G projections in one kernel,
 the base part added by the matmuls themselves, A's gradients in one batched matmul,
-written in fp32 by the matmul where torch can. (`lora_kernels.FUSED`, on with
+written in fp32 by the matmul where torch can. (`lora_dropout.FUSED`, on with
 `--train.lora_dropout_kernel bits`, draws the masks and computes the low-rank products in
 one kernel and keeps only mask bits for a backward kernel that gives both gradients: less
 memory, a little slower.)
@@ -51,7 +51,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .lora_kernels import dropout_low, dropout_low_backward, fp32_product
+from .kernels.lora_dropout import dropout_low, dropout_low_backward, fp32_product
 
 
 FOLD_RATIO = 4
@@ -185,11 +185,11 @@ class LoraGroup:
         self.pending = None  # (input, its version, outputs, members served) of the forward under way
         self.bypass = False  # `bypassed`: PEFT's own forward for a while
 
-    def foldable(self) -> bool:
-        """Worth folding B into the base matmul: outputs together `FOLD_RATIO` times as wide
-        as the input, so the adapter's passes over the outputs (adding its product, and in
-        backward reading their gradient for grad_low) cost more than building [x | low]."""
-        return (sum(self.out_features) >= FOLD_RATIO * self.in_features
+    def foldable(self, ratio: float | None = None) -> bool:
+        """Worth folding B into the base matmul: outputs together `ratio` (`FOLD_RATIO`) times
+        as wide as the input, so the adapter's passes over the outputs (adding its product, and
+        in backward reading their gradient for grad_low) cost more than building [x | low]."""
+        return (sum(self.out_features) >= (FOLD_RATIO if ratio is None else ratio) * self.in_features
                 and all(base.weight.is_contiguous() for base in self.bases))
 
     def fold(self) -> None:
@@ -322,10 +322,10 @@ def shared_input_groups(model: torch.nn.Module, layers: list) -> list[list]:
     return groups
 
 
-def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True) -> int:
+def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True, fold_ratio: float | None = None) -> int:
     """Route every fusable LoRA projection of `model` through `_LoraGroup`; returns how many.
     `group=False` computes every projection alone, `fold=False` never folds B into the base
-    matmul (benchmark levers)."""
+    matmul, `fold_ratio` replaces `FOLD_RATIO` (benchmark levers, `accel.Levers`)."""
     layers = [m for m in model.modules() if fusable(m) and not hasattr(m, "_peft_forward")
               and _plain(m) is not None]
     if not layers:
@@ -333,7 +333,7 @@ def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True) -> int:
     members_of = shared_input_groups(model, layers) if group else [[layer] for layer in layers]
     groups = [LoraGroup(members, [_plain(m) for m in members]) for members in members_of]
     for g in groups:
-        if fold and g.foldable():
+        if fold and g.foldable(fold_ratio):
             g.fold()
     by_store: dict[tuple, list] = {}
     for group in groups:

@@ -1,4 +1,4 @@
-"""The dropout of fused LoRA (`lora_fused.py`) as Triton kernels on CUDA; torch ops elsewhere.
+"""The dropout of fused LoRA (`accel/lora.py`) as Triton kernels on CUDA; torch ops elsewhere.
 
 A group of G projections reading one input x [T, in] needs, with LoRA's dropout p and G
 independent masks m_g,
@@ -52,7 +52,7 @@ except ImportError:
     triton = None
 
 USE_TRITON = True
-"""Off: torch ops everywhere (a benchmark lever)."""
+"""Off: torch ops everywhere (`Levers.triton_lora_dropout`, set for a run by `dropout_kernel`)."""
 
 FUSED = False
 """On: the fused pair (`_dropout_low`, `_dropout_low_backward`: no kept copies, masks as bits;
@@ -248,14 +248,18 @@ if triton is not None:
 
 
 @contextmanager
-def dropout_kernel(kind: str):
-    """`FUSED` on for `bits`, off for `copies`, inside the block; as it was after."""
-    global FUSED
-    before, FUSED = FUSED, kind == "bits"
+def dropout_kernel(kind: str, triton_kernels: bool = True):
+    """`FUSED` on for `bits`, off for `copies`, and `USE_TRITON` as `triton_kernels`, inside the
+    block; as they were after. `accel.prepare` is the one caller that sets them for a run: the
+    autograd backward that reads them may run on another thread, so they cannot be passed down
+    as a context variable, and they are read inside `_LoraGroup` where no argument reaches."""
+    global FUSED, USE_TRITON
+    before = FUSED, USE_TRITON
+    FUSED, USE_TRITON = kind == "bits", triton_kernels
     try:
         yield
     finally:
-        FUSED = before
+        FUSED, USE_TRITON = before
 
 
 def _threshold(p: float) -> int:

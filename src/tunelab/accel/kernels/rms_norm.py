@@ -30,9 +30,6 @@ try:
 except ImportError:
     triton = None
 
-USE_TRITON = True
-"""Off: liger's own RMSNorm kernels stay (a benchmark lever)."""
-
 _ROWS, _WARPS = 1, 4  # rows a program, warps (`bench/kernels_bench.py --norm` on an H200: 1-8 rows, 2-8 warps tried)
 
 if triton is not None:
@@ -120,8 +117,9 @@ def eligible(module: torch.nn.Module) -> bool:
 @contextmanager
 def fast_norms(model: torch.nn.Module, enabled: bool = True):
     """Within the block, `model`'s liger llama-cast RMSNorms with a frozen weight run
-    `rms_norm`; yields how many norms were routed."""
-    norms = [m for m in model.modules() if eligible(m)] if enabled and USE_TRITON and triton is not None else []
+    `rms_norm`; yields how many norms were routed. `enabled` False (`Levers.triton_rms_norm`):
+    liger's own RMSNorm kernels stay."""
+    norms = [m for m in model.modules() if eligible(m)] if enabled and triton is not None else []
     for norm in norms:
         norm._liger_forward = norm.forward
         norm.forward = types.MethodType(_fast_forward, norm)

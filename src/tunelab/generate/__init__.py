@@ -5,8 +5,8 @@ first, left-padded into batches and decoded with a KV cache until the template's
 token, never through a model-specific chat helper. `complete` decodes by a short loop over
 the model's forward that does what `generate` does, plus: the prompts' shared beginning
 (system prompt, template header) is computed once per batch; on a CPU a row leaves the batch
-once it has ended its turn and a waiting prompt takes its place (`dynamic_decode.py`); on a
-GPU every step is one CUDA graph over fixed buffers (`static_decode.py`). Streaming (chat)
+once it has ended its turn and a waiting prompt takes its place (`ring.py`); on a
+GPU every step is one CUDA graph over fixed buffers (`static.py`). Streaming (chat)
 and prefix tuning go through the model's own `generate`.
 
 One base model stays in memory and several adapters share it, switched by name:
@@ -42,11 +42,12 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .config import GenerationConfig
-from . import dynamic_decode
-from .data.template import ChatFormat
-from .methods.virtual_tokens import virtual_token_embeddings
-from .static_decode import StaticDecoder, decodable, static_attention_in
+from ..config import GenerationConfig
+from ..data.template import ChatFormat
+from ..methods.virtual_tokens import virtual_token_embeddings
+from . import ring
+from .prefill import left_pad, shared_prefix_length
+from .static import StaticDecoder, decodable, static_attention_in
 
 BASE = "base"
 """The adapter name that means: the base model alone."""
@@ -85,7 +86,7 @@ class Engine:
         accepted = inspect.signature(self.base.forward).parameters
         self.cache_name = "cache" if "cache" in accepted else "past_key_values"
         self.keeps_logits = "logits_to_keep" in accepted  # else the head runs on every position
-        # On a GPU, batches decode through fixed buffers, each step one CUDA graph (static_decode.py)
+        # On a GPU, batches decode through fixed buffers, each step one CUDA graph (static.py)
         self.static = self.device.type == "cuda" and decodable(self.base)
         self.decoder = StaticDecoder(self, graphs=self.device.type == "cuda")
 
@@ -106,8 +107,8 @@ class Engine:
         """
         from transformers import AutoTokenizer
 
-        from .models import load_model, load_tokenizer
-        from .runs import RunDir, run_model_config
+        from ..models import load_model, load_tokenizer
+        from ..runs import RunDir, run_model_config
 
         if model is None:
             if not runs:
@@ -134,8 +135,8 @@ class Engine:
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
         """Load a finished run's adapter onto the base, under `name` (weights are not reloaded);
         a freeze or full run's weights replace the base's, on an engine holding nothing else."""
-        from .methods import get
-        from .runs import RunDir, check_adapter, check_adapter_files, check_base
+        from ..methods import get
+        from ..runs import RunDir, check_adapter, check_adapter_files, check_base
 
         if name in self.adapters:
             raise ValueError(f"adapter name {name!r} is taken (names in use: {self.adapters})")
@@ -341,8 +342,8 @@ class Engine:
         """The new token ids for each prompt (already rendered ids), cut before the stop token.
 
         Prompts are taken shortest first. On a CPU, one batch of at most `batch_size` rows
-        refills itself as answers end (dynamic_decode.py); on a GPU, batches of `batch_size`
-        decode through fixed buffers and CUDA graphs (static_decode.py). Sampled decoding is
+        refills itself as answers end (ring.py); on a GPU, batches of `batch_size`
+        decode through fixed buffers and CUDA graphs (static.py). Sampled decoding is
         reproducible: the same prompts, batch size and device give the same answers.
         """
         gen = gen or GenerationConfig()
@@ -371,7 +372,7 @@ class Engine:
                 else:
                     seed = gen.seed if gen.temperature > 0 else None
                     with self._serving(adapter) as model:
-                        new = dynamic_decode.decode(self, model, adapter, [prompts[i] for i in order], gen,
+                        new = ring.decode(self, model, adapter, [prompts[i] for i in order], gen,
                                                     batch_size, seed, ignore_eos, bar.update if bar else None)
                 for row, i in enumerate(order):
                     answers[i] = new[row] if ignore_eos else self.cut_at_stop(new[row])
@@ -441,7 +442,7 @@ class Engine:
     def _decode(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig, seed: Optional[int],
                 ignore_eos: bool = False) -> list[list[int]]:
         """The new tokens of one batch of prompts (stop token included): through fixed buffers
-        and CUDA graphs (static_decode.py), or, for prefix tuning, its own `generate`."""
+        and CUDA graphs (static.py), or, for prefix tuning, its own `generate`."""
         if adapter in self.prefix:  # its keys and values: only its own generate places them
             ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
             return self._run(ids, mask, adapter, seed, **self._generate_kwargs(gen, ignore_eos)).tolist()
@@ -510,26 +511,6 @@ class Engine:
         worker.join()
         if failed:
             raise failed[0]
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each at least one token of its own."""
-    shortest = min(len(p) for p in prompts)
-    first = prompts[0]
-    for n in range(shortest - 1):
-        if any(p[n] != first[n] for p in prompts):
-            return n
-    return max(shortest - 1, 0)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt)
-        mask[i, width - len(prompt):] = 1
-    return ids, mask
 
 
 def column_major_weights(model: torch.nn.Module) -> None:

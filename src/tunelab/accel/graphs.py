@@ -23,7 +23,10 @@ from contextlib import nullcontext
 
 import torch
 
-IGNORE = -100
+from ..data.template import IGNORE
+from .kernels.cross_entropy import linear_cross_entropy
+from .loss import with_prompt
+
 TOKEN_BUCKET, SUPERVISED_BUCKET, BOUNDARY_BUCKET, LENGTH_BUCKET = 128, 512, 16, 128
 
 
@@ -75,7 +78,6 @@ class GraphedSteps:
 
     # -- the captured computation -------------------------------------------------------
     def _body(self, static: dict, longest: int):
-        from .fastpath import linear_cross_entropy, with_prompt
         # Fused LoRA's compute copies are rebuilt by the forward itself (`lora_fused`), so the
         # capture holds that rebuild and every replay reads the weights the optimizer left.
         with self.autocast:
@@ -86,7 +88,7 @@ class GraphedSteps:
                                 max_length_q=longest, max_length_k=longest, use_cache=False).last_hidden_state
             hidden = hidden[0].index_select(0, static["positions"])
             loss = linear_cross_entropy(hidden, self.head.weight, static["targets"], self.head.bias,
-                                        static["row_weights"]) * static["scale"]
+                                        static["row_weights"], self.plan.triton_cross_entropy) * static["scale"]
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss.detach(), grads
 
