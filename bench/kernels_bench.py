@@ -4,13 +4,13 @@
 
 - `cross_entropy`: a chunk of logits -> (loss, gradient): the Triton kernel at several
   block sizes against the torch path, same inputs, with the largest difference;
-- `dropout`: fused LoRA's dropout kernels (`methods/lora_kernels.py`: a group's G masks and
+- `dropout`: fused LoRA's dropout kernels (`accel/kernels/lora_dropout.py`: a group's G masks and
   low-rank products in one kernel, its input and A gradients in another) against torch ops;
-- `norm` (`--norm`): RMSNorm with a frozen weight, liger's kernels against `rms_norm.py`'s;
+- `norm` (`--norm`): RMSNorm with a frozen weight, liger's kernels against `accel/kernels/rms_norm.py`'s;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
 `--sweep SECONDS` instead times each LoRA dropout kernel under the launch settings of
-`SWEEP` (tile sizes, warps), to choose lora_kernels' constants.
+`SWEEP` (tile sizes, warps), to choose lora_dropout's constants.
 
 Times are medians of CUDA-graph replays timed with CUDA events, in microseconds.
 """
@@ -111,7 +111,7 @@ def dropout_cases(tokens: int) -> dict:
     return out
 
 
-# launch settings of lora_kernels to try: module constants -> values
+# launch settings of lora_dropout to try: module constants -> values
 SWEEP = {
     "dropout_copies": (("_BLOCK", "_COPIES_WARPS"),
                        [(4096, 4), (4096, 8), (8192, 4), (8192, 8), (8192, 16), (16384, 8), (16384, 16)]),

@@ -83,9 +83,8 @@ class Batcher:
                              f"serve them alone with `tunelab chat --run RUN`")
         self.engine = engine
         self.max_rows, self.max_prompt_tokens, self.max_new_tokens = max_rows, max_prompt_tokens, max_new_tokens
-        lora = engine.lora
         # PEFT's mixed-adapter forward exists for LoRA (and its variants: DoRA, ...) only
-        self.mixes = lora is None or next(iter(lora.peft_config.values())).peft_type.value == "LORA"
+        self.mixes = engine.delta_type in (None, "LORA")
         self.ring = self._empty_ring()
         self.rows: list[Optional[Request]] = []  # the request in each ring place
         self.waiting: list[Request] = []

@@ -161,7 +161,7 @@ def load_merged(run: str, bake: Optional[bool], precision: Literal["fp32", "run"
         raise FileNotFoundError(f"{run_dir.root} has no adapter/ yet: the run has not finished "
                                 f"(resume it with `tunelab train --config {run_dir.config}`)")
     method = get(config["method"]["name"])
-    virtual = _adds_virtual_tokens(run_dir.adapter)
+    virtual = method.capabilities.adapter_kind == "input_embeddings"  # bakeable into a vocabulary
     if bake is None:
         bake = not method.capabilities.mergeable and virtual
     if method.capabilities.mergeable and bake:
@@ -402,14 +402,3 @@ def _refusal(method) -> str:
     except Exception:
         pass
     return "it changes no weight of the base model, so there is nothing to fold into it"
-
-
-def _adds_virtual_tokens(adapter: Path) -> bool:
-    """Whether the adapter's virtual tokens are input embeddings (bakeable into a vocabulary)."""
-    try:
-        from peft import PeftConfig, PeftType
-
-        config = PeftConfig.from_pretrained(str(adapter))
-    except Exception:  # not a PEFT directory: nothing we can bake
-        return False
-    return config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING

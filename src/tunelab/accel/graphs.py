@@ -78,7 +78,7 @@ class GraphedSteps:
 
     # -- the captured computation -------------------------------------------------------
     def _body(self, static: dict, longest: int):
-        # Fused LoRA's compute copies are rebuilt by the forward itself (`lora_fused`), so the
+        # Fused LoRA's compute copies are rebuilt by the forward itself (`lora.py`), so the
         # capture holds that rebuild and every replay reads the weights the optimizer left.
         with self.autocast:
             inputs = {"input_ids": static["input_ids"], "position_ids": static["position_ids"]}

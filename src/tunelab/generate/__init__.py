@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+from peft import PeftModel
 
 from ..config import GenerationConfig
 from ..data.template import ChatFormat
@@ -63,6 +64,7 @@ class Engine:
         self.format = ChatFormat(tokenizer)
         self.base = model
         self.lora = None  # the PEFT model holding every weight-delta adapter, once there is one
+        self.delta_type: Optional[str] = None  # their PEFT type (a method's declared `peft_type`)
         self.virtual: dict[str, torch.Tensor] = {}  # name -> [n_virtual, hidden] input embeddings
         self.prefix: dict = {}  # name -> its prefix-tuning PEFT model around `self.base`
         self.active = BASE
@@ -73,8 +75,10 @@ class Engine:
         if _is_peft(model):
             name = model.active_adapter
             self.base = model.get_base_model()
+            # No method is named here, so the model handed in says what it holds.
             if not model.active_peft_config.is_prompt_learning:
                 self.lora = model
+                self.delta_type = model.active_peft_config.peft_type.value
             else:
                 self._keep_prompt(name, model)
             self.active = name
@@ -167,7 +171,7 @@ class Engine:
         if kind == "whole_model":
             self._replace_base_weights(name, method, run_dir.adapter)
         elif kind == "weight_delta":
-            self._add_weight_delta(name, run_dir.adapter)
+            self._add_weight_delta(name, method, run_dir.adapter)
         else:
             self._add_virtual_tokens(name, method, run_dir.adapter)
         self.base.eval()
@@ -175,18 +179,17 @@ class Engine:
             column_major_weights(self.base)
         self.decoder.clear()  # graphs captured before hold the modules of before
 
-    def _add_weight_delta(self, name: str, adapter: Path) -> None:
-        """Weight deltas of one PEFT type share the injected layers of one PEFT model."""
-        from peft import PeftConfig, PeftModel
-
+    def _add_weight_delta(self, name: str, method, adapter: Path) -> None:
+        """Weight deltas of one PEFT type (the method's declared `peft_type`) share the injected
+        layers of one PEFT model."""
+        kind = method.capabilities.peft_type
         if self.lora is None:
             self.lora = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+            self.delta_type = kind
             return
-        kind = PeftConfig.from_pretrained(str(adapter)).peft_type
-        held = next(iter(self.lora.peft_config.values())).peft_type
-        if kind != held:
-            raise ValueError(f"this engine holds {held.value} adapters and PEFT cannot switch between "
-                             f"those and {kind.value} on one model; use a second Engine for {name!r}")
+        if kind != self.delta_type:
+            raise ValueError(f"this engine holds {self.delta_type} adapters and PEFT cannot switch between "
+                             f"those and {kind} on one model; use a second Engine for {name!r}")
         self.lora.load_adapter(str(adapter), adapter_name=name)
 
     def _replace_base_weights(self, name: str, method, adapter: Path) -> None:
@@ -525,8 +528,4 @@ def column_major_weights(model: torch.nn.Module) -> None:
 
 
 def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
     return isinstance(model, PeftModel)

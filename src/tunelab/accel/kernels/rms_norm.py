@@ -1,6 +1,6 @@
 """RMSNorm with a frozen weight as two Triton kernels, one program a row.
 
-liger-kernel's RMSNorm (`kernels.py`) runs its backward, for fewer than 32,768 rows, as one
+liger-kernel's RMSNorm (`accel/liger.py`) runs its backward, for fewer than 32,768 rows, as one
 program per SM that walks its rows one at a time and sums the weight's gradient: on a packed
 step of ~2,800 tokens of the 1.5B shape that is 16 us a call (H200), three times what reading
 dY and x and writing dx takes, 56 calls a step. Every PEFT method here freezes the norms, so
