@@ -559,8 +559,8 @@ class Readback:
 
     Reading it waits for that step only. `values.tolist()` would queue its copy behind all
     the work queued since, so the host would wait for the next step too, and the GPU would
-    then idle while the host prepares the step after (2-4 ms a step on an H200, measured
-    with `bench/throughput.py --profile`).
+    then idle while the host prepares the step after (measured with `bench/throughput.py
+    --profile`: docs/PERFORMANCE.md).
     """
 
     def __init__(self, values: torch.Tensor):

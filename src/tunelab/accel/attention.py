@@ -47,7 +47,7 @@ class _FlashGQA(torch.autograd.Function):
     aten's FlashAttention ops, which take them as they are (FlashAttention sums the key and
     value gradients of each group itself). torch's `varlen_attn` before `enable_gqa` only
     passes equal head counts, so keys and values were repeated to every query head: a copy
-    of each forward and a sum of each backward, ~1 ms a step on the 1.5B shape (H200)."""
+    of each forward and a sum of each backward (what that cost: docs/PERFORMANCE.md)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu, longest: int, scale):

@@ -1,8 +1,8 @@
 """CUDA-graph replay of packed training micro-batches: the step without the launch overhead.
 
-A LoRA step on a 1.5B model issues some 35,000 PyTorch operations (every adapter adds a
-dozen small ones per projection) for ~2,700 tokens, so eager mode spends most of the step
-launching kernels, not running them. `GraphedSteps` captures the forward and backward of
+A LoRA step issues tens of thousands of PyTorch operations (every adapter adds a dozen
+small ones per projection) for a few thousand tokens, so eager mode spends most of the step
+launching kernels, not running them (docs/PERFORMANCE.md). `GraphedSteps` captures the forward and backward of
 one packed micro-batch as a CUDA graph and replays it: one launch instead of thousands.
 
 A graph needs fixed shapes, so each micro-batch is padded up to buckets (tokens to a

@@ -4,8 +4,7 @@ Eager PyTorch runs a decoder layer's RMSNorm as eight kernels forward and a doze
 RoPE as a dozen, SwiGLU as five: on a packed LoRA step of a few thousand tokens those small
 kernels, not the matmuls, set the speed. liger-kernel (the optional extra `tunelab[liger]`)
 has one Triton kernel for each, forward and backward; they run inside tunelab's CUDA graphs
-like any other kernel and need no compilation step (docs/PERFORMANCE.md: +28% tokens/s for
-LoRA on a 1.5B shape).
+like any other kernel and need no compilation step (the gain: docs/PERFORMANCE.md).
 
 liger applies itself by patching the model instance (its norms and MLPs) and the model's
 modeling module (RoPE is a module-level function there, and the norm and MLP classes are

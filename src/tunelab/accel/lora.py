@@ -56,9 +56,9 @@ from .kernels.lora_dropout import dropout_low, dropout_low_backward, fp32_produc
 
 FOLD_RATIO = 4
 """A group folds B into its base matmuls when its outputs are together at least this many
-times as wide as its input: gate/up on Qwen2 shapes. 1 folds q/k/v and o too: 0.5% slower on
-an H200 (docs/PERFORMANCE.md), as building [x | low] costs what the adapter's passes over
-outputs that narrow saved."""
+times as wide as its input: gate/up on Qwen2 shapes. 1 folds q/k/v and o too: slower
+(docs/PERFORMANCE.md), as building [x | low] costs what the adapter's passes over outputs
+that narrow saved."""
 
 
 class _LoraGroup(torch.autograd.Function):

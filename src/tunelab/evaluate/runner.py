@@ -52,9 +52,9 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         data: the data set whose held-out split is the in-domain suite (default: the first run's).
         system_prompt: the persona system prompt (default: the first run's data.system_prompt).
         gen: decoding options; greedy by default, so a rerun gives the same answers.
-        batch_size: prompts per generation (and scoring) batch. Large batches pay: a CPU decoding
-            step of a 135M model costs ~150 ms for 16 rows and ~440 ms for 128; a GPU step of a
-            1.5B model ~4 ms for 1 row and ~6 ms for 256 (docs/PERFORMANCE.md).
+        batch_size: prompts per generation (and scoring) batch. Large batches pay: a decoding
+            step reads every weight once whatever the rows, so many rows cost little more than
+            a few (docs/PERFORMANCE.md, "Figures the code refers to").
         limit: score at most N items of each suite, evenly spaced over it (quicker, wider intervals).
         out: where results.json, report.md and report.html are written.
         title: the report's title.

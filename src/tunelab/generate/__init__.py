@@ -518,7 +518,7 @@ class Engine:
 
 def column_major_weights(model: torch.nn.Module) -> None:
     """Store every fp32 Linear weight [out, in] column-major: the same values, transposed in
-    memory. On a CPU, MKL multiplies a few rows (a decoding step's) by that layout 2-4x faster
+    memory. On a CPU, MKL multiplies a few rows (a decoding step's) by that layout faster
     than by the row-major one (docs/PERFORMANCE.md, Evaluation); many rows, as fast."""
     for module in model.modules():
         weight = getattr(module, "weight", None)

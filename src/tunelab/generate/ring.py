@@ -1,7 +1,7 @@
 """Decoding with a batch that refills itself (continuous batching): the CPU's decoding path.
 
-A CPU decoding step of a small model costs a fixed part (every weight read once: ~100 ms for
-a 135M model in fp32 on two cores) plus a part per row (docs/PERFORMANCE.md). A batch that
+A CPU decoding step of a small model costs a fixed part (every weight read once) plus a part
+per row (docs/PERFORMANCE.md). A batch that
 waits for its longest answer pays the fixed part for a few rows at its end. Here a row that
 ends its turn frees its place at once and a waiting prompt takes it, so the batch stays full
 until the prompts run out; then the rows still answering are packed into a smaller batch.

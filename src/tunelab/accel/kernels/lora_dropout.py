@@ -56,7 +56,7 @@ USE_TRITON = True
 
 FUSED = False
 """On: the fused pair (`_dropout_low`, `_dropout_low_backward`: no kept copies, masks as bits;
-less memory, 4% slower on an H200); off: `_dropout_copies` and `_masked_low_rank_sum` with
+less memory, a little slower: docs/PERFORMANCE.md); off: `_dropout_copies` and `_masked_low_rank_sum` with
 batched matmuls. `--train.lora_dropout_kernel bits` turns it on for a run (`dropout_kernel`)."""
 
 # launch settings (`bench/kernels_bench.py --sweep` times the alternatives):

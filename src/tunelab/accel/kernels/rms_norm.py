@@ -2,10 +2,10 @@
 
 liger-kernel's RMSNorm (`accel/liger.py`) runs its backward, for fewer than 32,768 rows, as one
 program per SM that walks its rows one at a time and sums the weight's gradient: on a packed
-step of ~2,800 tokens of the 1.5B shape that is 16 us a call (H200), three times what reading
-dY and x and writing dx takes, 56 calls a step. Every PEFT method here freezes the norms, so
-no weight gradient is needed, and a grid of one program a row keeps the card's memory busy:
-5.7 us (hidden 3,584: 27.8 -> 13.9 us; the forward as liger's, 4.8 and 11.7 us).
+step of a few thousand tokens that takes several times what reading dY and x and writing dx
+takes, twice a layer. Every PEFT method here freezes the norms, so no weight gradient is
+needed, and a grid of one program a row keeps the card's memory busy (the timings:
+docs/PERFORMANCE.md, "Figures the code refers to").
 
     y = (x * rstd).to(dtype) * (w + offset),   rstd = 1 / sqrt(mean(x^2) + eps)
     dx = rstd * m - rstd^3 / n * sum(m * x) * x,   m = dy * (w + offset)   (fp32 inside)
