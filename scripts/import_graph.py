@@ -207,7 +207,9 @@ def main() -> int:
     for component in hidden:
         print("  " + " <-> ".join(component))
     local = local_imports()
-    print(f"function-local imports: {len(local)}")
+    internal = [entry for entry in local if entry[3].startswith("from .") or PACKAGE in entry[3].split()[1]]
+    print(f"function-local imports: {len(local)} ({len(internal)} of tunelab modules, "
+          f"{len(local) - len(internal)} of torch, optional or third-party packages)")
     if args.locals:
         for module, owner, line, text in local:
             print(f"  {module}:{line} {owner}(): {text}")

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from .accel import plain_forward
 from .data.template import IGNORE, Rendered
+from .generate import Engine
+from .runs import load_run
 
 PROBE_ROWS = 8
 
@@ -160,9 +162,6 @@ class Invariants:
     def reloaded(self, run_root, device) -> dict:
         """Invariant 3: the saved adapter, loaded as chat/eval/merge load it, gives the
         training-time probe loss. Call after the training model is freed (one model in memory)."""
-        from .generate import Engine
-        from .runs import load_run
-
         started = time.perf_counter()
         model, tokenizer, _ = load_run(run_root, device)
         engine = Engine(model, tokenizer, device)

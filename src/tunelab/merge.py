@@ -31,8 +31,10 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .data.template import ChatFormat
-from .methods.virtual_tokens import virtual_token_embeddings
+from .methods import get
 from .methods.registry import NotMergeable as MethodNotMergeable
+from .methods.virtual_tokens import virtual_token_embeddings
+from .models import load_model, locate, resolve_device
 from .runs import (EXPORT_MARKER, RunDir, check_adapter, check_base, check_export_target, run_model_config,
                    write_atomically, write_json)
 
@@ -88,8 +90,6 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
         model: the base model, where it is not at the path the run's config.yaml records (it
             was moved): `--model.path NEW_DIR`. It must be the same model (checked).
     """
-    from .models import locate
-
     run_dir = RunDir(Path(run))
     out = out or str(run_dir.root / ("baked" if bake else "merged"))
     model_cfg = run_model_config(run_dir, run_dir.read_config(), model)
@@ -151,9 +151,6 @@ def load_merged(run: str, bake: Optional[bool], precision: Literal["fp32", "run"
     vocabulary; None: whichever the method allows) and check the result against the adapter
     on its base (ExportMismatch otherwise). `model`: the base, where it was moved."""
     from transformers import AutoTokenizer
-
-    from .methods import get
-    from .models import load_model, resolve_device
 
     run_dir = RunDir(Path(run))
     config = run_dir.read_config()

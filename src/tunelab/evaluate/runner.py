@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import ConfigError, DataConfig, GenerationConfig, ModelConfig, from_dict
+from ..data import load_examples, split
+from ..methods import get
+from ..report import write_report
 from ..runs import RunDir, check_writable, run_model_config
 from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
@@ -60,9 +63,7 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         title: the report's title.
         extra: more report fields (e.g. the experiment's methods table), merged in as they are.
     """
-    from ..generate import Engine
-    from ..methods import get
-    from ..report import write_report
+    from ..generate import Engine  # torch at its top: imported here so `tunelab --help` stays fast (tests/test_cli.py)
 
     started = time.perf_counter()
     check_writable(Path(out), "--out")  # before the models load, not after the work
@@ -238,8 +239,6 @@ def check_same_split(names: dict[str, str], configs: dict[str, dict]) -> None:
 
 def held_out_split(data: Optional[DataConfig], first_run: dict, engine):
     """(examples, rendered rows) of the held-out split, drawn exactly as training drew it."""
-    from ..data import load_examples, split
-
     if data is None:
         if not first_run.get("data"):
             return None

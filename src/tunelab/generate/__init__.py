@@ -45,7 +45,10 @@ from peft import PeftModel
 
 from ..config import GenerationConfig
 from ..data.template import ChatFormat
+from ..methods import get
 from ..methods.virtual_tokens import virtual_token_embeddings
+from ..models import load_model, load_tokenizer
+from ..runs import RunDir, check_adapter, check_adapter_files, check_base, run_model_config
 from . import ring
 from .prefill import left_pad, shared_prefix_length
 from .static import StaticDecoder, decodable, static_attention_in
@@ -111,9 +114,6 @@ class Engine:
         """
         from transformers import AutoTokenizer
 
-        from ..models import load_model, load_tokenizer
-        from ..runs import RunDir, run_model_config
-
         if model is None:
             if not runs:
                 raise ValueError("Engine.from_runs needs runs or a base model config")
@@ -139,9 +139,6 @@ class Engine:
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
         """Load a finished run's adapter onto the base, under `name` (weights are not reloaded);
         a freeze or full run's weights replace the base's, on an engine holding nothing else."""
-        from ..methods import get
-        from ..runs import RunDir, check_adapter, check_adapter_files, check_base
-
         if name in self.adapters:
             raise ValueError(f"adapter name {name!r} is taken (names in use: {self.adapters})")
         run_dir = RunDir(Path(run))
