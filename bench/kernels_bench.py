@@ -78,7 +78,7 @@ def cross_entropy_cases(rows: int, vocab: int) -> dict:
 def dropout_cases(tokens: int) -> dict:
     """Forward (masks + low-rank products) and backward (input gradient + A's gradients) of
     fused LoRA's dropout for each group shape of Qwen2-1.5B: the default Triton pair
-    (`copies`), the `FUSED` pair (`fused`) and torch ops (`torch`); errors against torch ops
+    (`copies`), the mask-bits pair (`fused`) and torch ops (`torch`); errors against torch ops
     given the same masks."""
     from tunelab.accel.kernels import lora_dropout as k
 
@@ -90,21 +90,21 @@ def dropout_cases(tokens: int) -> dict:
         add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
         case = {}
         for name, use_triton, fused in (("copies", True, False), ("fused", True, True), ("torch", False, False)):
-            with k.dropout_kernel("bits" if fused else "copies", use_triton):
-                low, drawn = k.dropout_low(rows, a, 0.1)
-                case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1))
-                case[f"{name}_backward_us"] = median_us(
-                    lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add))
-                if name == "torch":
-                    continue
-                masks = k.unpack(drawn[0], width) if fused else drawn[1]
-                case[f"{name}_keep_rate"] = masks.float().mean().item()
-                want_low = torch.bmm(rows.float() * masks / 0.9, a.float().transpose(1, 2))
-                case[f"{name}_low_rel_error"] = ((low.float() - want_low).norm() / want_low.norm()).item()
-                got_x, got_a = k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add)
-            with k.dropout_kernel("copies", False):
-                dropped = (rows.float() * masks / 0.9).to(rows.dtype)
-                want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add)
+            choice = {"bits": fused, "triton_kernels": use_triton}
+            low, drawn = k.dropout_low(rows, a, 0.1, **choice)
+            case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1, **choice))
+            case[f"{name}_backward_us"] = median_us(
+                lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add, triton_kernels=use_triton))
+            if name == "torch":
+                continue
+            masks = k.unpack(drawn[0], width) if fused else drawn[1]
+            case[f"{name}_keep_rate"] = masks.float().mean().item()
+            want_low = torch.bmm(rows.float() * masks / 0.9, a.float().transpose(1, 2))
+            case[f"{name}_low_rel_error"] = ((low.float() - want_low).norm() / want_low.norm()).item()
+            got_x, got_a = k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add)
+            dropped = (rows.float() * masks / 0.9).to(rows.dtype)
+            want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add,
+                                                    triton_kernels=False)
             case[f"{name}_grad_x_rel_error"] = ((got_x.float() - want_x.float()).norm() / want_x.float().norm()).item()
             case[f"{name}_grad_a_rel_error"] = ((got_a - want_a).norm() / want_a.norm()).item()
         out[f"{copies}x{width}"] = case
@@ -140,8 +140,7 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
         a = (torch.randn(copies, 8, width, device="cuda") / width ** 0.5).to(torch.bfloat16)
         grad_low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
         add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-        with k.dropout_kernel("bits"):
-            bits = k.dropout_low(rows, a, 0.1)[1]
+        bits = k.dropout_low(rows, a, 0.1, bits=True)[1]
         mask = k.dropout_copies(rows, 0.1, copies)[1]
         inputs[(copies, width)] = rows, a, grad_low, add, bits, mask
 
@@ -151,10 +150,9 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
             return median_us(lambda: k.dropout_copies(rows, 0.1, copies))
         if kernel == "masked_low_rank_sum":
             return median_us(lambda: k.masked_low_rank_sum(grad_low, a, mask, 0.1, add=add))
-        with k.dropout_kernel("bits"):
-            if kernel == "fused_forward":
-                return median_us(lambda: k.dropout_low(rows, a, 0.1))
-            return median_us(lambda: k.dropout_low_backward(grad_low, a, bits, rows, 0.1, 2.0, add=add))
+        if kernel == "fused_forward":
+            return median_us(lambda: k.dropout_low(rows, a, 0.1, bits=True))
+        return median_us(lambda: k.dropout_low_backward(grad_low, a, bits, rows, 0.1, 2.0, add=add))
 
     start, out = time.perf_counter(), {}
     for kernel, (names, settings) in SWEEP.items():

@@ -115,7 +115,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
     one group, B folded into wide groups' base matmul), "unfolded" (no folding), "alone"
     (each projection alone), False (PEFT's forward); `ce_kernel`:
     the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
-    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair;
+    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their mask-bits pair;
     `fast_norm`: tunelab's RMSNorm kernels for frozen norms (False: liger's); `flash_gqa`:
     grouped-query attention in FlashAttention's kernels (False: keys and values repeated);
     `fold_ratio`: `accel.lora.FOLD_RATIO` for this run; `gc_freeze`: Python's garbage collector told to skip every object made before training.

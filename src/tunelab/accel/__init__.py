@@ -31,7 +31,6 @@ from ..data.template import Rendered
 from . import liger, lora
 from .attention import ATTENTION, ATTENTION_PADDED, set_attention, use_varlen_attention, varlen_available
 from .graphs import GraphedSteps
-from .kernels import lora_dropout
 from .loss import LossPlan, model_parts, plan_loss, token_loss_sum, with_prompt
 
 __all__ = ["Levers", "FastPath", "prepare", "setup", "plain_forward", "compile_layers", "model_parts",
@@ -122,7 +121,9 @@ def prepare(net: torch.nn.Module, supports_packing: bool, device: torch.device, 
         if levers.fuse_lora:
             undo.callback(lora.unfuse, net)  # after the fused layers of a failed setup too
         fast = setup(net, levers.packing, supports_packing, device, autocast, pad_id, attn_implementation,
-                     cuda_graphs=levers.cuda_graphs, fuse_lora=levers.fuse_lora, fold_ratio=levers.fold_ratio)
+                     cuda_graphs=levers.cuda_graphs, fuse_lora=levers.fuse_lora, fold_ratio=levers.fold_ratio,
+                     dropout_bits=levers.lora_dropout_kernel == "bits",
+                     triton_dropout=levers.triton_lora_dropout)
         fast.loss.triton_cross_entropy = levers.triton_cross_entropy
         if kl > 0:
             fast.kl = kl
@@ -138,13 +139,13 @@ def prepare(net: torch.nn.Module, supports_packing: bool, device: torch.device, 
         # (compile: inductor fuses these itself, and liger's autograd functions break its graphs)
         fast.liger = undo.enter_context(liger.liger(_base(net), "torch" if levers.compile else levers.kernels,
                                                     device, fast_norm=levers.triton_rms_norm))
-        undo.enter_context(lora_dropout.dropout_kernel(levers.lora_dropout_kernel, levers.triton_lora_dropout))
         yield fast
 
 
 def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: torch.device,
           autocast, pad_id: int, attn_implementation: str | None = None, cuda_graphs: bool = True,
-          fuse_lora: bool | str = True, fold_ratio: float | None = None) -> FastPath:
+          fuse_lora: bool | str = True, fold_ratio: float | None = None, dropout_bits: bool = False,
+          triton_dropout: bool = True) -> FastPath:
     """Decide packing, attention and graphs for one run and switch the model over (`prepare`
     does this, then the kernels, and undoes all of it after).
 
@@ -155,7 +156,8 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
     replay as CUDA graphs (`graphs.py`) when `cuda_graphs`, the loss has the trunk + head
     form and activations are not checkpointed (recomputation saves and restores RNG state,
     which a graph cannot). Plain LoRA projections train through `lora.py` (same values and
-    gradients as PEFT's forward, fewer kernels) when `fuse_lora` (see `Levers.fuse_lora`).
+    gradients as PEFT's forward, fewer kernels) when `fuse_lora` (see `Levers.fuse_lora`), their
+    dropout by the mask-bits kernels when `dropout_bits`, by torch ops unless `triton_dropout`.
     """
     model = _base(net)
     dtype = next(model.parameters()).dtype
@@ -166,7 +168,7 @@ def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: to
           f"need tunelab's varlen attention to stay apart)", packing)
     if fuse_lora:
         lora.fuse(net, group=fuse_lora != "alone", fold=fuse_lora not in ("alone", "unfolded"),
-                  fold_ratio=fold_ratio)
+                  fold_ratio=fold_ratio, dropout_bits=dropout_bits, triton_kernels=triton_dropout)
     fast_kernel = varlen_available(device, dtype)
     packed = packing == "on" or (packing == "auto" and supports_packing and fast_kernel
                                  and attn_implementation in (None, ATTENTION, ATTENTION_PADDED))
