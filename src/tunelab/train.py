@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -256,18 +256,6 @@ def fit(job: Job, fast: FastPath, checks: Invariants | None) -> dict:
           f"({100 * job.trainable / job.total:.3f}%); {len(prepared.train)} train rows, "
           f"{len(prepared.val)} held-out; {total_steps} optimizer steps on {device}"
           + (f" (rank 0 of {world.size} processes)" if world.size > 1 else ""))
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt  # a second signal stops at once; checkpoints on disk are whole
-        stop["signal"] = signum
-        print(f"\n{signal.Signals(signum).name}: finishing step {state['step'] + 1}, then saving a "
-              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    # Python delivers signals to the main thread only (a UI may run training in another one).
-    handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-                if threading.current_thread() is threading.main_thread() else {})
     longest = max(len(r.input_ids) for r in prepared.train)
     record: dict = {}
     metrics = open(run.metrics if world.main else os.devnull, "a", encoding="utf-8")  # rank 0 logs
@@ -301,80 +289,106 @@ def fit(job: Job, fast: FastPath, checks: Invariants | None) -> dict:
     # at once, and a step still unread when the run fails is read (and logged) on the way out.
     lagged = read_late(device)
     pending = None
+    with stop_requests(state) as stop:
+        try:
+            while state["step"] < total_steps:
+                step = state["step"]
+                rows = step_rows(prepared.train, job.cfg, step, steps_per_epoch)
+                if job.replay or fast.kl:
+                    rows = mix(rows, job.replay, mitigate.replay, job.cfg.batch_size, step, job.cfg.seed,
+                               mitigate.kl_on if fast.kl else None)
+                values, n_tokens = queue_step_fitting(job, fast, rows, step, longest)
+                readback = Readback(values)  # queued now: reading it later waits for this step only
+                apply_update(optimizer, values)  # skipped when the loss or the gradients are not finite
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]  # the LR this step used; after step() it is the next one's
+                scheduler.step()
+                cfg = job.cfg
+                state["step"] = step + 1
+                state["tokens"] += n_tokens
+                state["elapsed"] = time.perf_counter() - started
+                end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
+                evaluate_now = bool(prepared.val) and (
+                    end_of_epoch if cfg.eval_every == 0
+                    else state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
+                save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
+                # Read once: a signal arriving later in this step stops after the next one (under several
+                # processes, every rank decides on the same value: the agreed one).
+                stopping = world.agreed_signal(stop["signal"])
+                queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
+                settled = [settle(pending)] if pending else []
+                pending = queued
+                if not lagged or evaluate_now or save_now or stopping or state["step"] == total_steps:
+                    settled.append(settle(pending))
+                    pending = None
+                for record in settled:
+                    if record["step"] == state["step"] and evaluate_now:
+                        record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast, world)
+                        net.train()
+                    if checks and record["step"] == state["step"] and (evaluate_now or save_now
+                                                                      or state["step"] == total_steps):
+                        record.update(checks.check(record["step"], applied["steps"]))  # before any save
+                    if record["step"] % cfg.log_every == 0 or "val_loss" in record or record["step"] == total_steps:
+                        log(metrics, writer, record)
+                    if state["bad_in_row"] >= cfg.max_bad_steps:
+                        raise diverged(run, state["bad_in_row"], record["step"])
+                # No checkpoint inside a run of skipped steps: resuming should start before it.
+                if (save_now and not state["bad_in_row"]) or stopping:
+                    world.on_main(lambda: save_checkpoint(run, state["step"], net, job.method, optimizer, scheduler,
+                                                          state, cfg.keep_checkpoints), "saving a checkpoint")
+                if stopping:
+                    raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
+                                      f"{state['step']} of {total_steps}; checkpoint saved in "
+                                      f"{run.complete_checkpoints()[-1]}. Resume with: "
+                                      f"tunelab train --config {run.config}", stopping)
+        except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
+            raise OutOfMemory(out_of_memory_message(job.cfg, fast.packed, longest, str(err).split("\n")[0],
+                                                    state["step"], job.data_cfg.max_length)) from None
+        finally:
+            if pending is not None:  # the run failed after queueing this step: keep its record
+                try:
+                    record = settle(pending)
+                    if record["step"] % job.cfg.log_every == 0:
+                        log(metrics, writer, record)
+                except Exception:  # noqa: BLE001 - the device may be what failed; the first error wins
+                    pass
+            bar.close()
+            metrics.close()
+            if writer:
+                writer.close()
+    return record
+
+
+@contextmanager
+def stop_requests(state: dict):
+    """Within the block SIGTERM / Ctrl-C ask the loop to stop after the step under way (the
+    yielded dict's `signal`); a second one stops at once. Handlers are put back after."""
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt  # a second signal stops at once; checkpoints on disk are whole
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: finishing step {state['step'] + 1}, then saving a "
+              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    # Python delivers signals to the main thread only (a UI may run training in another one).
+    handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
-        while state["step"] < total_steps:
-            step = state["step"]
-            rows = step_rows(prepared.train, job.cfg, step, steps_per_epoch)
-            if job.replay or fast.kl:
-                rows = mix(rows, job.replay, mitigate.replay, job.cfg.batch_size, step, job.cfg.seed,
-                           mitigate.kl_on if fast.kl else None)
-            values, n_tokens = queue_step_fitting(job, fast, rows, step, longest)
-            readback = Readback(values)  # queued now: reading it later waits for this step only
-            apply_update(optimizer, values)  # skipped when the loss or the gradients are not finite
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]  # the LR this step used; after step() it is the next one's
-            scheduler.step()
-            cfg = job.cfg
-            state["step"] = step + 1
-            state["tokens"] += n_tokens
-            state["elapsed"] = time.perf_counter() - started
-            end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-            evaluate_now = bool(prepared.val) and (end_of_epoch if cfg.eval_every == 0 else
-                                                   state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
-            save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
-            # Read once: a signal arriving later in this step stops after the next one (under several
-            # processes, every rank decides on the same value: the agreed one).
-            stopping = world.agreed_signal(stop["signal"])
-            queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
-            settled = [settle(pending)] if pending else []
-            pending = queued
-            if not lagged or evaluate_now or save_now or stopping or state["step"] == total_steps:
-                settled.append(settle(pending))
-                pending = None
-            for record in settled:
-                if record["step"] == state["step"] and evaluate_now:
-                    record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast, world)
-                    net.train()
-                if checks and record["step"] == state["step"] and (evaluate_now or save_now
-                                                                  or state["step"] == total_steps):
-                    record.update(checks.check(record["step"], applied["steps"]))  # before any save
-                if record["step"] % cfg.log_every == 0 or "val_loss" in record or record["step"] == total_steps:
-                    log(metrics, writer, record)
-                if state["bad_in_row"] >= cfg.max_bad_steps:
-                    good = run.complete_checkpoints()
-                    raise TrainingDiverged(
-                        f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
-                        f"gradients (steps {record['step'] - state['bad_in_row'] + 1}-{record['step']}, "
-                        f"all skipped); the last good checkpoint is "
-                        f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
-                        f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
-            # No checkpoint inside a run of skipped steps: resuming should start before it.
-            if (save_now and not state["bad_in_row"]) or stopping:
-                world.on_main(lambda: save_checkpoint(run, state["step"], net, job.method, optimizer, scheduler,
-                                                      state, cfg.keep_checkpoints), "saving a checkpoint")
-            if stopping:
-                raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
-                                  f"{state['step']} of {total_steps}; checkpoint saved in "
-                                  f"{run.complete_checkpoints()[-1]}. Resume with: "
-                                  f"tunelab train --config {run.config}", stopping)
-    except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
-        raise OutOfMemory(out_of_memory_message(job.cfg, fast.packed, longest, str(err).split("\n")[0],
-                                                state["step"], job.data_cfg.max_length)) from None
+        yield stop
     finally:
-        if pending is not None:  # the run failed after queueing this step: keep its record
-            try:
-                record = settle(pending)
-                if record["step"] % job.cfg.log_every == 0:
-                    log(metrics, writer, record)
-            except Exception:  # noqa: BLE001 - the device may be what failed; the first error wins
-                pass
-        bar.close()
-        metrics.close()
-        if writer:
-            writer.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    return record
+
+
+def diverged(run: RunDir, bad_in_row: int, step: int) -> TrainingDiverged:
+    good = run.complete_checkpoints()
+    return TrainingDiverged(
+        f"{bad_in_row} optimizer steps in a row had non-finite loss or gradients (steps "
+        f"{step - bad_in_row + 1}-{step}, all skipped); the last good checkpoint is "
+        f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
+        f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
 
 
 def queue_step_fitting(job: Job, fast: FastPath, rows: list[Rendered], step: int,
