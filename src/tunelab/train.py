@@ -88,7 +88,7 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
 def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: TrainConfig,
            mitigate: MitigateConfig, out: str, resume: bool, allow_config_change: bool,
            world: World = SINGLE) -> Path:
-    """open the run -> set up -> fit (inside the fast path) -> save."""
+    """The run, once claimed: set up -> fit (inside the fast path) -> save."""
     run = RunDir(Path(out))
     job = set_up(model, data, method, train, mitigate, out, resume, allow_config_change, world)
     if job is None:  # finished before, with these settings
