@@ -18,7 +18,6 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 ATTENTION = "tunelab_varlen"
 """`varlen_attention` for packed batches: no mask is built at all (the rows' boundaries
@@ -166,6 +165,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 def register_attention(flash_gqa: bool = True) -> None:
     """Make both `varlen_attention` names known to transformers (idempotent); `flash_gqa` as
     in `attend_segments`."""
+    # transformers (and peft) load where accel/ first needs them, so the kernels in accel/kernels/
+    # import with torch alone (the interpreter tests start a process for each)
+    from transformers import AttentionInterface
+
     attend = varlen_attention if flash_gqa else functools.partial(varlen_attention, flash_gqa=False)
     AttentionInterface.register(ATTENTION, attend)
     AttentionInterface.register(ATTENTION_PADDED, attend)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.template import IGNORE
-from ..methods.virtual_tokens import trainable_prompt
 from .kernels.cross_entropy import linear_cross_entropy
 
 @dataclass
@@ -61,6 +60,9 @@ def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
                 return LossPlan(None, None, prefix)
             prompt = None
             if prefix:
+                # peft loads here, not when accel/ is imported (see attention.register_attention)
+                from ..methods.virtual_tokens import trainable_prompt
+
                 prompt = trainable_prompt(net)
                 if prompt is None:
                     return LossPlan(None, None, prefix)
