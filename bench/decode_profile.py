@@ -25,7 +25,7 @@ sys.path[:0] = [str(BENCH.parent / "src"), str(BENCH)]  # runs from a checkout t
 from common import SYSTEM, build_model  # noqa: E402
 from tunelab.config import GenerationConfig  # noqa: E402
 from tunelab.generate import Engine  # noqa: E402
-from tunelab.static_decode import capacity_for, static_attention_in  # noqa: E402
+from tunelab.generate.static import capacity_for, static_attention_in  # noqa: E402
 
 
 def parse(argv):

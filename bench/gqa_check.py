@@ -1,4 +1,4 @@
-"""Grouped-query attention through FlashAttention's own kernels (`fastpath._FlashGQA`)
+"""Grouped-query attention through FlashAttention's own kernels (`accel.attention._FlashGQA`)
 against keys and values repeated to every query head (GPU): outputs and all three input
 gradients on packed rows of the Qwen2-1.5B attention shape, and each path's GPU time.
 
@@ -22,7 +22,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from kernels_bench import kernel_us
-    from tunelab import fastpath
+    from tunelab.accel import attention
 
     torch.manual_seed(0)
     lengths = torch.randint(5, 384, (40,))
@@ -35,16 +35,14 @@ def main(argv=None) -> dict:
     grad = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
     results = {}
     for name, flash_gqa in (("flash_gqa", True), ("repeat", False)):
-        fastpath.FLASH_GQA = flash_gqa
 
         def both():
-            out = fastpath.attend_segments(q, k, v, cu, longest, None)
+            out = attention.attend_segments(q, k, v, cu, longest, None, flash_gqa)
             return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
         results[name] = {"values": both(), "kernels_us": kernel_us(both)}
-    fastpath.FLASH_GQA = True
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
-              "native_enable_gqa": fastpath._VARLEN[2]}
+              "native_enable_gqa": attention._VARLEN[2]}
     for i, what in enumerate(("out", "dq", "dk", "dv")):
         a, b = results["flash_gqa"]["values"][i].float(), results["repeat"]["values"][i].float()
         report[f"max_{what}_diff"] = (a - b).abs().max().item()

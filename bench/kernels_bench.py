@@ -4,13 +4,13 @@
 
 - `cross_entropy`: a chunk of logits -> (loss, gradient): the Triton kernel at several
   block sizes against the torch path, same inputs, with the largest difference;
-- `dropout`: fused LoRA's dropout kernels (`methods/lora_kernels.py`: a group's G masks and
+- `dropout`: fused LoRA's dropout kernels (`accel/kernels/lora_dropout.py`: a group's G masks and
   low-rank products in one kernel, its input and A gradients in another) against torch ops;
-- `norm` (`--norm`): RMSNorm with a frozen weight, liger's kernels against `rms_norm.py`'s;
+- `norm` (`--norm`): RMSNorm with a frozen weight, liger's kernels against `accel/kernels/rms_norm.py`'s;
 - `refresh`: rebuilding the compute copies of every LoRA weight of a Qwen2-1.5B shape.
 
 `--sweep SECONDS` instead times each LoRA dropout kernel under the launch settings of
-`SWEEP` (tile sizes, warps), to choose lora_kernels' constants.
+`SWEEP` (tile sizes, warps), to choose lora_dropout's constants.
 
 Times are medians of CUDA-graph replays timed with CUDA events, in microseconds.
 """
@@ -54,7 +54,7 @@ def median_us(fn, repeats: int = 20, per_timing: int = 10) -> float:
 
 
 def cross_entropy_cases(rows: int, vocab: int) -> dict:
-    from tunelab.cross_entropy import rows_loss_torch, rows_loss_triton
+    from tunelab.accel.kernels.cross_entropy import rows_loss_torch, rows_loss_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(rows, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
@@ -78,9 +78,9 @@ def cross_entropy_cases(rows: int, vocab: int) -> dict:
 def dropout_cases(tokens: int) -> dict:
     """Forward (masks + low-rank products) and backward (input gradient + A's gradients) of
     fused LoRA's dropout for each group shape of Qwen2-1.5B: the default Triton pair
-    (`copies`), the `FUSED` pair (`fused`) and torch ops (`torch`); errors against torch ops
+    (`copies`), the mask-bits pair (`fused`) and torch ops (`torch`); errors against torch ops
     given the same masks."""
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     out = {}
     for copies, width in ((3, 1536), (2, 1536), (1, 1536), (1, 8960)):
@@ -90,11 +90,11 @@ def dropout_cases(tokens: int) -> dict:
         add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
         case = {}
         for name, use_triton, fused in (("copies", True, False), ("fused", True, True), ("torch", False, False)):
-            k.USE_TRITON, k.FUSED = use_triton, fused
-            low, drawn = k.dropout_low(rows, a, 0.1)
-            case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1))
+            choice = {"bits": fused, "triton_kernels": use_triton}
+            low, drawn = k.dropout_low(rows, a, 0.1, **choice)
+            case[f"{name}_forward_us"] = median_us(lambda: k.dropout_low(rows, a, 0.1, **choice))
             case[f"{name}_backward_us"] = median_us(
-                lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add))
+                lambda: k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add, triton_kernels=use_triton))
             if name == "torch":
                 continue
             masks = k.unpack(drawn[0], width) if fused else drawn[1]
@@ -102,17 +102,16 @@ def dropout_cases(tokens: int) -> dict:
             want_low = torch.bmm(rows.float() * masks / 0.9, a.float().transpose(1, 2))
             case[f"{name}_low_rel_error"] = ((low.float() - want_low).norm() / want_low.norm()).item()
             got_x, got_a = k.dropout_low_backward(grad_low, a, drawn, rows, 0.1, 2.0, add=add)
-            k.USE_TRITON, k.FUSED = False, False
             dropped = (rows.float() * masks / 0.9).to(rows.dtype)
-            want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add)
+            want_x, want_a = k.dropout_low_backward(grad_low, a, (dropped, masks), rows, 0.1, 2.0, add=add,
+                                                    triton_kernels=False)
             case[f"{name}_grad_x_rel_error"] = ((got_x.float() - want_x.float()).norm() / want_x.float().norm()).item()
             case[f"{name}_grad_a_rel_error"] = ((got_a - want_a).norm() / want_a.norm()).item()
-        k.USE_TRITON, k.FUSED = True, False
         out[f"{copies}x{width}"] = case
     return out
 
 
-# launch settings of lora_kernels to try: module constants -> values
+# launch settings of lora_dropout to try: module constants -> values
 SWEEP = {
     "dropout_copies": (("_BLOCK", "_COPIES_WARPS"),
                        [(4096, 4), (4096, 8), (8192, 4), (8192, 8), (8192, 16), (16384, 8), (16384, 16)]),
@@ -132,7 +131,7 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
     timed under each launch setting of `SWEEP`, for every group shape of Qwen2-1.5B; the
     totals over the four shapes (one of each a layer) and the fastest setting. Stops trying
     new settings after `seconds`."""
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     shapes = ((3, 1536), (2, 1536), (1, 1536), (1, 8960))
     inputs = {}
@@ -141,8 +140,7 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
         a = (torch.randn(copies, 8, width, device="cuda") / width ** 0.5).to(torch.bfloat16)
         grad_low = torch.randn(copies, tokens, 8, device="cuda", dtype=torch.bfloat16)
         add = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-        with k.dropout_kernel("bits"):
-            bits = k.dropout_low(rows, a, 0.1)[1]
+        bits = k.dropout_low(rows, a, 0.1, bits=True)[1]
         mask = k.dropout_copies(rows, 0.1, copies)[1]
         inputs[(copies, width)] = rows, a, grad_low, add, bits, mask
 
@@ -152,10 +150,9 @@ def sweep_cases(tokens: int, seconds: float) -> dict:
             return median_us(lambda: k.dropout_copies(rows, 0.1, copies))
         if kernel == "masked_low_rank_sum":
             return median_us(lambda: k.masked_low_rank_sum(grad_low, a, mask, 0.1, add=add))
-        with k.dropout_kernel("bits"):
-            if kernel == "fused_forward":
-                return median_us(lambda: k.dropout_low(rows, a, 0.1))
-            return median_us(lambda: k.dropout_low_backward(grad_low, a, bits, rows, 0.1, 2.0, add=add))
+        if kernel == "fused_forward":
+            return median_us(lambda: k.dropout_low(rows, a, 0.1, bits=True))
+        return median_us(lambda: k.dropout_low_backward(grad_low, a, bits, rows, 0.1, 2.0, add=add))
 
     start, out = time.perf_counter(), {}
     for kernel, (names, settings) in SWEEP.items():
@@ -211,7 +208,7 @@ def norm_cases(tokens: int) -> dict:
     the largest differences from liger's output and input gradient."""
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
-    from tunelab import rms_norm
+    from tunelab.accel.kernels import rms_norm
 
     out, default = {}, (rms_norm._ROWS, rms_norm._WARPS)
     for width in (1536, 3584):
@@ -243,7 +240,8 @@ def norm_cases(tokens: int) -> dict:
 def refresh_case() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import build_model
-    from tunelab.methods import get, lora_fused
+    from tunelab.methods import get
+    from tunelab.accel import lora as lora_fused
 
     base = build_model("qwen2-1.5b", torch.device("cuda"), torch.bfloat16, vocab_size=151936)
     net = get("lora").apply(base, get("lora").config_cls())

@@ -42,9 +42,9 @@ CROSS_ENTROPY = {"logits_ptr": "*bf16", "stride": "i32", "targets_ptr": "*i64", 
 
 def configurations(quick: bool = False) -> list[tuple[str, object, dict, dict, int]]:
     """(label, kernel, signature, constexprs, warps) as the code launches them."""
-    from tunelab import cross_entropy as ce
-    from tunelab import rms_norm as norm
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import cross_entropy as ce
+    from tunelab.accel.kernels import rms_norm as norm
+    from tunelab.accel.kernels import lora_dropout as k
 
     out = []
     for copies in ((3, 1) if quick else (3, 2, 1)):

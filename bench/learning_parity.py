@@ -40,7 +40,8 @@ CPU = torch.device("cpu")
 def per_token_losses(net, rows, fast_or_plan, device, autocast, packed: bool, pad_id: int,
                      leak: bool = False) -> torch.Tensor:
     """Per-token loss of `rows` in one micro-batch, in row order (packed or padded)."""
-    from tunelab.fastpath import LossPlan, packed_inputs, padded_inputs, token_loss_sum
+    from tunelab.accel.loss import LossPlan, token_loss_sum
+    from tunelab.data.packing import packed_inputs, padded_inputs
 
     plan = fast_or_plan if isinstance(fast_or_plan, LossPlan) else fast_or_plan.loss
     batch = packed_inputs(rows) if packed else padded_inputs(rows, pad_id)
@@ -53,7 +54,8 @@ def per_token_losses(net, rows, fast_or_plan, device, autocast, packed: bool, pa
 
 def token_hidden(net, rows, device, autocast, packed: bool, pad_id: int, leak: bool = False) -> torch.Tensor:
     """Final hidden state of every real token, [tokens, hidden], row order."""
-    from tunelab.fastpath import model_parts, packed_inputs, padded_inputs
+    from tunelab.accel.loss import model_parts
+    from tunelab.data.packing import packed_inputs, padded_inputs
 
     trunk, _ = model_parts(net)
     batch = packed_inputs(rows) if packed else padded_inputs(rows, pad_id)
@@ -86,7 +88,7 @@ def tokens_check(args) -> dict:
     from transformers import AutoTokenizer
 
     from common import tunelab_rows
-    from tunelab import fastpath
+    from tunelab import accel
     from tunelab.methods import get
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -109,7 +111,7 @@ def tokens_check(args) -> dict:
         return net.eval()
 
     fp32 = model(torch.float32)
-    plan32 = fastpath.plan_loss(fp32, device, nullcontext())
+    plan32 = accel.loss.plan_loss(fp32, device, nullcontext())
     truth_loss = per_token_losses(fp32, rows, plan32, device, nullcontext(), False, pad)
     truth_hidden = token_hidden(fp32, rows, device, nullcontext(), False, pad)
     del fp32
@@ -118,12 +120,12 @@ def tokens_check(args) -> dict:
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     net = model(low)
-    plan = fastpath.plan_loss(net, device, autocast)
+    plan = accel.loss.plan_loss(net, device, autocast)
     results["padded_sdpa"] = {**compare(per_token_losses(net, rows, plan, device, autocast, False, pad), truth_loss),
                               **compare_hidden(token_hidden(net, rows, device, autocast, False, pad), truth_hidden)}
     # transformers' own handling of a packed batch under SDPA, with and without a cache object
     for use_cache in (False, True):
-        from tunelab.fastpath import packed_inputs
+        from tunelab.data.packing import packed_inputs
 
         batch = packed_inputs(rows)
         labels = batch.pop("labels")
@@ -134,18 +136,18 @@ def tokens_check(args) -> dict:
         losses = torch.nn.functional.cross_entropy(logits[0][keep.to(device)], labels[0][keep].to(device),
                                                    reduction="none").cpu()
         results[f"packed_sdpa_use_cache_{use_cache}"] = compare(losses, truth_loss)
-    fast = fastpath.setup(net, "on", True, device, autocast, pad)
+    fast = accel.setup(net, "on", True, device, autocast, pad)
     results["padded_varlen"] = {**compare(per_token_losses(net, rows, fast, device, autocast, False, pad), truth_loss)}
     results["leaky_pack"] = {**compare(per_token_losses(net, rows, fast, device, autocast, True, pad, leak=True),
                                        truth_loss),
                              **compare_hidden(token_hidden(net, rows, device, autocast, True, pad, leak=True),
                                               truth_hidden)}
-    from tunelab import kernels
+    from tunelab.accel import liger
 
-    with kernels.liger(net.get_base_model(), "auto", device) as liger_on:  # the defaults, liger if installed
+    with liger.liger(net.get_base_model(), "auto", device) as liger_on:  # the defaults, liger if installed
         results["fast_path"] = {
             "packed": fast.packed, "varlen": fast.varlen, "fused_loss": fast.loss.trunk is not None,
-            "kernel": "flash varlen" if fastpath.varlen_available(device, low) else "per-row SDPA",
+            "kernel": "flash varlen" if accel.attention.varlen_available(device, low) else "per-row SDPA",
             "liger": liger_on,
             **compare(per_token_losses(net, rows, fast, device, autocast, True, pad), truth_loss),
             **compare_hidden(token_hidden(net, rows, device, autocast, True, pad), truth_hidden)}
@@ -163,7 +165,8 @@ def tokens_check(args) -> dict:
 
 def graph_check(net, rows, fast, device, autocast) -> dict:
     """Loss and gradients of one packed batch, eager vs CUDA-graph replay (dropout off)."""
-    from tunelab.fastpath import packed_inputs, token_loss_sum
+    from tunelab.accel.loss import token_loss_sum
+    from tunelab.data.packing import packed_inputs
 
     params = fast.graphs.params
     batch = packed_inputs(rows)
@@ -188,7 +191,7 @@ def graph_check(net, rows, fast, device, autocast) -> dict:
 # -- CPU: held-out loss after training, 3 seeds -------------------------------------------------
 
 def learn(args) -> dict:
-    from tunelab import fastpath
+    from tunelab import accel
     from tunelab.config import DataConfig, ModelConfig, TrainConfig
     from tunelab.data import ChatFormat, load_examples, render_all
     from tunelab.methods import get
@@ -213,10 +216,10 @@ def learn(args) -> dict:
 
     # per-token parity on real weights, one batch of held-out rows
     net = get("lora").apply(base, get("lora").config_cls()).eval()
-    padded_plan = fastpath.plan_loss(net, CPU, nullcontext())
+    padded_plan = accel.loss.plan_loss(net, CPU, nullcontext())
     batch_rows = val_rows[:args.parity_rows]
     padded = per_token_losses(net, batch_rows, padded_plan, CPU, nullcontext(), False, pad)
-    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad)
+    fast = accel.setup(net, "on", True, CPU, nullcontext(), pad)
     report["per_token"] = {
         "tokens": padded.numel(),
         "fast_vs_padded": compare(per_token_losses(net, batch_rows, fast, CPU, nullcontext(), True, pad), padded),
@@ -237,7 +240,7 @@ def learn(args) -> dict:
             params = [p for p in net.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=cfg.lr)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, args.steps))
-            fast = fastpath.setup(net, packing, True, CPU, nullcontext(), pad)
+            fast = accel.setup(net, packing, True, CPU, nullcontext(), pad)
             before = evaluate_loss(net, val_rows, cfg, fast, CPU, nullcontext())
             net.train()
             steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from tunelab import fastpath, mitigate as M  # noqa: E402
+from tunelab import accel, mitigate as M  # noqa: E402
 from tunelab.config import DataConfig, MitigateConfig, ModelConfig, TrainConfig  # noqa: E402
 from tunelab.data import ChatFormat, prepare  # noqa: E402
 from tunelab.data.replay import mix  # noqa: E402
@@ -53,7 +53,7 @@ for name in ("lora", "ptuning"):
                                       data, fmt, fingerprint(model_cfg), base, cpu)
     m, opts = selected(MethodConfig(name=name))
     net = m.apply(base, opts); net.train()
-    fast = fastpath.setup(net, "auto", m.capabilities.supports_packing, cpu, nullcontext(), tok.pad_token_id)
+    fast = accel.setup(net, "auto", m.capabilities.supports_packing, cpu, nullcontext(), tok.pad_token_id)
     nets[name] = (net, fast, [p for p in net.parameters() if p.requires_grad])
 rows = prepared.train[:16]
 variants = {

@@ -40,7 +40,8 @@ from tunelab_loop import run_steps  # noqa: E402
 def measure(args, world) -> dict:
     from transformers import AutoTokenizer
 
-    from tunelab import fastpath, kernels
+    from tunelab import accel
+    from tunelab.accel import Levers
     from tunelab.config import TrainConfig
     from tunelab.methods import METHODS
     from tunelab.train import evaluate_loss
@@ -69,33 +70,30 @@ def measure(args, world) -> dict:
                                       fused=device.type in ("cuda", "cpu"))
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
-        fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
-                              cuda_graphs=cfg.cuda_graphs)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-        liger = kernels.liger(base, cfg.kernels, device)
-        liger.__enter__()
+        with accel.prepare(net, supports_packing, device, autocast, tokenizer.pad_token_id,
+                           Levers.from_train(cfg)) as fast:  # as train() does
 
-        def loop(indices):
-            return run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, params,
-                             optimizer, world=world)
+            def loop(indices):
+                return run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, params,
+                                 optimizer, world=world)
 
-        before = evaluate_loss(net, held_out, cfg, fast, device, autocast, world)
-        net.train()
-        loop(range(args.warmup))
-        measured = list(range(args.warmup, args.warmup + args.steps))
-        loop(measured)  # untimed: graphs captured, allocator warm
-        clock = Clock(device)
-        world.sum(0.0)  # start the clock on every rank together
-        clock.begin()
-        tokens, loss, waited = loop(measured)
-        clock.end()
-        seconds = max(world.sum(clock.seconds)[0] / world.size, 1e-9)  # mean over the ranks
-        after = evaluate_loss(net, held_out, cfg, fast, device, autocast, world)
-        peak = peak_gib(device)
-        peaks = [0.0] * world.size
-        peaks[world.rank] = peak if math.isfinite(peak) else 0.0
-        peaks = world.sum(*peaks)
-        liger.__exit__(None, None, None)
+            before = evaluate_loss(net, held_out, cfg, fast, device, autocast, world)
+            net.train()
+            loop(range(args.warmup))
+            measured = list(range(args.warmup, args.warmup + args.steps))
+            loop(measured)  # untimed: graphs captured, allocator warm
+            clock = Clock(device)
+            world.sum(0.0)  # start the clock on every rank together
+            clock.begin()
+            tokens, loss, waited = loop(measured)
+            clock.end()
+            seconds = max(world.sum(clock.seconds)[0] / world.size, 1e-9)  # mean over the ranks
+            after = evaluate_loss(net, held_out, cfg, fast, device, autocast, world)
+            peak = peak_gib(device)
+            peaks = [0.0] * world.size
+            peaks[world.rank] = peak if math.isfinite(peak) else 0.0
+            peaks = world.sum(*peaks)
         result = {
             "gpus": world.size, "shape": shape, "method": args.method, "seed": args.seed,
             "dropout": getattr(options, "dropout", None), "params": parameter_count(base),

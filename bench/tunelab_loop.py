@@ -1,6 +1,6 @@
 """tunelab's own training step, timed: the functions `tunelab.train.train` runs, on a
 random-weight model built in memory (same setup order: checkpointing, method, optimizer,
-autocast, fastpath.setup)."""
+autocast, accel.prepare)."""
 
 from __future__ import annotations
 
@@ -115,18 +115,21 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
     one group, B folded into wide groups' base matmul), "unfolded" (no folding), "alone"
     (each projection alone), False (PEFT's forward); `ce_kernel`:
     the Triton cross-entropy kernel (False: the torch path); `lora_triton`: fused LoRA's
-    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their `FUSED` pair;
+    Triton dropout kernels (False: torch ops); `lora_fused_dropout`: their mask-bits pair;
     `fast_norm`: tunelab's RMSNorm kernels for frozen norms (False: liger's); `flash_gqa`:
     grouped-query attention in FlashAttention's kernels (False: keys and values repeated);
-    `fold_ratio`: `lora_fused.FOLD_RATIO` for this run; `gc_freeze`: Python's garbage collector told to skip every object made before training.
+    `fold_ratio`: `accel.lora.FOLD_RATIO` for this run; `gc_freeze`: Python's garbage collector told to skip every object made before training.
     The result has the host's busy time a step of the timed pass (`host_ms_per_step`) and
     its wait for the GPU (`wait_ms_per_step`): a host that never waits sets the speed."""
-    from tunelab import cross_entropy, fastpath, kernels, rms_norm
-    from tunelab.methods import lora_fused, lora_kernels
-    from tunelab.invariants import plain_forward, plain_loss, tolerance
+    from tunelab import accel
+    from tunelab.accel import Levers, plain_forward
+    from tunelab.invariants import plain_loss, tolerance
     from tunelab.train import evaluate_loss, step_rows
 
     cfg = train_cfg
+    levers = Levers.from_train(cfg, fuse_lora=fuse_lora, fold_ratio=fold_ratio, triton_cross_entropy=ce_kernel,
+                               triton_lora_dropout=lora_triton, triton_rms_norm=fast_norm, flash_gqa=flash_gqa,
+                               lora_dropout_kernel="bits" if lora_fused_dropout else "copies")
     clock = Clock(device)
     with fresh_memory(device):
         base = build_model(shape, device, dtype, vocab_size=len(tokenizer))
@@ -141,61 +144,46 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
                                       fused=device.type in ("cuda", "cpu"))
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext())
-        lora_fused.FOLD_RATIO = fold_ratio
-        fast = fastpath.setup(net, cfg.packing, supports_packing, device, autocast, tokenizer.pad_token_id,
-                              cuda_graphs=cfg.cuda_graphs, fuse_lora=bool(fuse_lora))
-        lora_fused.FOLD_RATIO = 4
-        if fuse_lora in ("alone", "unfolded"):
-            lora_fused.unfuse(net)
-            lora_fused.fuse(net, group=fuse_lora != "alone", fold=False)
-        cross_entropy.USE_TRITON, lora_kernels.USE_TRITON = ce_kernel, lora_triton
-        lora_kernels.FUSED = lora_fused_dropout
-        rms_norm.USE_TRITON, fastpath.FLASH_GQA = fast_norm, flash_gqa
-        if cfg.compile:  # as `tunelab train --train.compile true` does
-            fastpath.compile_layers(fast.loss.trunk)
         steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-        fused_kernels = kernels.liger(base, cfg.kernels, device)  # as train() does, for the loop
-        liger_on = fused_kernels.__enter__()
-        # Warm up on `warmup` steps, then pass once over the measured steps (CUDA graphs are
-        # captured there, once per padded size, as they would be early in a run), then time
-        # a second pass over the same steps: the steady state of a long run.
-        measured = list(range(warmup, warmup + steps))
+        # as train() does, for the loop: every lever entered at once, the model restored after
+        with accel.prepare(net, supports_packing, device, autocast, tokenizer.pad_token_id, levers) as fast:
+            liger_on = fast.liger
+            # Warm up on `warmup` steps, then pass once over the measured steps (CUDA graphs are
+            # captured there, once per padded size, as they would be early in a run), then time
+            # a second pass over the same steps: the steady state of a long run.
+            measured = list(range(warmup, warmup + steps))
 
-        # The learning check of this very run: a fixed batch (the first measured step's rows)
-        # before and after, through the training path and through plain PEFT at the end.
-        probe = step_rows(rows, cfg, warmup, steps_per_epoch)[:8]
-        probe_before = evaluate_loss(net, probe, cfg, fast, device, autocast)
-        net.train()
-        loop = partial(run_steps, rows=rows, cfg=cfg, steps_per_epoch=steps_per_epoch, net=net, fast=fast,
-                       device=device, autocast=autocast, params=params, optimizer=optimizer)
-        first_pass = Clock(device)
-        loop(range(warmup))
-        first_pass.begin()
-        loop(measured)
-        first_pass.end()
-        if gc_freeze:
-            gc.collect()
-            gc.freeze()
-        clock.begin()
-        tokens, loss, waited = loop(measured)
-        clock.end()
-        if gc_freeze:
-            gc.unfreeze()
-        peak = peak_gib(device)
-        probe_after = evaluate_loss(net, probe, cfg, fast, device, autocast)
-        with plain_forward(net, fast):
-            probe_plain = plain_loss(net, probe, device, autocast)
-        net.train()
-        learning = {"probe_loss_before": probe_before, "probe_loss_after": probe_after,
-                    "probe_loss_plain_peft": probe_plain,
-                    "learns": bool(probe_after < probe_before - 0.01
-                                   and abs(probe_after - probe_plain) <= tolerance(dtype, probe_plain))}
-        if profile:
-            profile_steps(profile, partial(loop, measured[:5]), 5)
-        fused_kernels.__exit__(None, None, None)
-        cross_entropy.USE_TRITON = lora_kernels.USE_TRITON = True
-        lora_kernels.FUSED = False
-        rms_norm.USE_TRITON = fastpath.FLASH_GQA = True
+            # The learning check of this very run: a fixed batch (the first measured step's rows)
+            # before and after, through the training path and through plain PEFT at the end.
+            probe = step_rows(rows, cfg, warmup, steps_per_epoch)[:8]
+            probe_before = evaluate_loss(net, probe, cfg, fast, device, autocast)
+            net.train()
+            loop = partial(run_steps, rows=rows, cfg=cfg, steps_per_epoch=steps_per_epoch, net=net, fast=fast,
+                           device=device, autocast=autocast, params=params, optimizer=optimizer)
+            first_pass = Clock(device)
+            loop(range(warmup))
+            first_pass.begin()
+            loop(measured)
+            first_pass.end()
+            if gc_freeze:
+                gc.collect()
+                gc.freeze()
+            clock.begin()
+            tokens, loss, waited = loop(measured)
+            clock.end()
+            if gc_freeze:
+                gc.unfreeze()
+            peak = peak_gib(device)
+            probe_after = evaluate_loss(net, probe, cfg, fast, device, autocast)
+            with plain_forward(net, fast):
+                probe_plain = plain_loss(net, probe, device, autocast)
+            net.train()
+            learning = {"probe_loss_before": probe_before, "probe_loss_after": probe_after,
+                        "probe_loss_plain_peft": probe_plain,
+                        "learns": bool(probe_after < probe_before - 0.01
+                                       and abs(probe_after - probe_plain) <= tolerance(dtype, probe_plain))}
+            if profile:
+                profile_steps(profile, partial(loop, measured[:5]), 5)
         forwards = sum(len(fast.micro_batches(step_rows(rows, cfg, step, steps_per_epoch), cfg.micro_batch_size,
                                               cfg.micro_batch_tokens)) for step in range(warmup, warmup + steps))
         result = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_interpreted
-from tunelab import cross_entropy
-from tunelab.cross_entropy import linear_cross_entropy
+from tunelab.accel.kernels import cross_entropy
+from tunelab.accel.kernels.cross_entropy import linear_cross_entropy
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -57,7 +57,7 @@ def test_linear_cross_entropy_row_weights_drop_rows():
 
 TRITON_CHECK = textwrap.dedent("""
     import torch
-    from tunelab.cross_entropy import rows_loss_torch, rows_loss_triton
+    from tunelab.accel.kernels.cross_entropy import rows_loss_torch, rows_loss_triton
 
     g = torch.Generator().manual_seed(0)
     for dtype, vocab, block in ((torch.float32, 1000, 256), (torch.bfloat16, 777, 128), (torch.float32, 64, 64)):

@@ -436,7 +436,7 @@ def test_speed_bench_runs_on_cpu(tmp_path):
 
 def test_static_buffers_decode_as_the_dynamic_cache(runs):
     """The GPU's decoding path (fixed KV buffers, a 4D mask, steps that a CUDA graph can
-    replay; static_decode.py), run eagerly here, gives the dynamic path's greedy answers for
+    replay; generate/static.py), run eagerly here, gives the dynamic path's greedy answers for
     every adapter that shares the base, with and without an end of turn, over batches whose
     prompts share a system prompt or nothing at all."""
     engine = Engine.from_runs(runs)
@@ -474,12 +474,12 @@ def test_static_buffers_decode_as_the_dynamic_cache(runs):
 
 
 def test_a_batch_that_refills_itself_answers_as_one_prompt_at_a_time(runs, monkeypatch):
-    """The CPU's decoding (dynamic_decode.py): 2-3 places for 12 prompts of many lengths;
+    """The CPU's decoding (generate/ring.py): 2-3 places for 12 prompts of many lengths;
     prompts join as answers end, the ring of key/value columns wraps around, the last rows
     are packed into fewer places, and every answer is still the one-at-a-time answer: for
     the base with a repetition penalty (left padding never counts as a seen token) and for
     each adapter."""
-    from tunelab import dynamic_decode
+    from tunelab.generate import ring as dynamic_decode
 
     engine = Engine.from_runs(runs)
     questions = QUESTIONS + [q * 3 for q in QUESTIONS]  # long prompts join after short ones

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import MEMORIZE, write_jsonl
+from tunelab.accel import lora as lora_fused
 from tunelab.config import DataConfig, ModelConfig, TrainConfig
 from tunelab.invariants import InvariantBroken, tolerance
-from tunelab.methods import MethodConfig, lora_fused
+from tunelab.methods import MethodConfig
 from tunelab.runs import RunDir
 from tunelab import train as train_module
 from tunelab.train import train

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import build_model, build_tokenizer
-from tunelab import kernels
+from tunelab.accel import liger as kernels
 from tunelab.config import ConfigError, TrainConfig
 
 CUDA = torch.device("cuda")  # a device object only: nothing runs on it here

@@ -13,7 +13,7 @@ import torch
 
 from conftest import build_model, build_tokenizer
 from tunelab.methods import get
-from tunelab.methods import lora_fused
+from tunelab.accel import lora as lora_fused
 from tunelab.methods.lora import LoraConfig
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import run_interpreted
-from tunelab.methods import lora_kernels
+from tunelab.accel.kernels import lora_dropout as lora_kernels
 
 COPIES_CHECK = textwrap.dedent("""
     import torch
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     k.usable = lambda x: True  # CPU tensors through the interpreted kernels
     torch.manual_seed(0)
@@ -54,17 +54,16 @@ COPIES_CHECK = textwrap.dedent("""
 
 FUSED_CHECK = textwrap.dedent("""
     import torch
-    from tunelab.methods import lora_kernels as k
+    from tunelab.accel.kernels import lora_dropout as k
 
     k.usable = lambda x: True  # CPU tensors through the interpreted kernels
-    k.FUSED = True
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         for copies, rows, width, rank in ((3, 37, 300, 8), (1, 5, 64, 4), (2, 70, 1100, 8), (1, 33, 260, 20)):
             x = torch.randn(rows, width).to(dtype)
             a = (torch.randn(copies, rank, width) / width ** 0.5).to(dtype)
-            low, (bits,) = k.dropout_low(x, a, 0.25)
+            low, (bits,) = k.dropout_low(x, a, 0.25, bits=True)
             assert bits.dtype == torch.uint8 and low.shape == (copies, rows, rank) and low.dtype == dtype
             masks = k.unpack(bits, width)
             assert masks.shape == (copies, rows, width)
@@ -72,10 +71,10 @@ FUSED_CHECK = textwrap.dedent("""
             torch.testing.assert_close(low.float(), torch.bmm(kept, a.float().transpose(1, 2)), rtol=tol, atol=tol)
             if rows * width >= 4096:
                 assert abs(masks.float().mean().item() - 0.75) < 0.03, masks.float().mean()
-                assert abs(k.unpack(k.dropout_low(x, a, 0.1)[1][0], width).float().mean().item() - 0.9) < 0.03
+                assert abs(k.unpack(k.dropout_low(x, a, 0.1, bits=True)[1][0], width).float().mean().item() - 0.9) < 0.03
             if copies > 1:
                 assert not torch.equal(masks[0], masks[1])  # each copy its own mask
-            assert not torch.equal(bits, k.dropout_low(x, a, 0.25)[1][0])  # a fresh seed every call
+            assert not torch.equal(bits, k.dropout_low(x, a, 0.25, bits=True)[1][0])  # a fresh seed every call
 
             grad_low = torch.randn(copies, rows, rank).to(dtype)
             want_x = (torch.bmm(grad_low.float(), a.float()) * masks / 0.75).sum(0)
@@ -147,11 +146,12 @@ def test_unpack_reads_bit_j_of_a_byte_as_column_j_sub_blocks_on():
 END_TO_END = textwrap.dedent("""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from tunelab.methods import get, lora_fused, lora_kernels as k
+    from tunelab.methods import get
+    from tunelab.accel import lora as lora_fused
+    from tunelab.accel.kernels import lora_dropout as k
     from tunelab.methods.lora import LoraConfig
 
     k.usable = lambda x: True  # the fused path's dropout through the interpreted kernels
-    k.FUSED = FUSED_FLAG
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
@@ -167,13 +167,13 @@ END_TO_END = textwrap.dedent("""
     peft_net, fused_net = nets
     drawn = []  # the masks the fused path's kernel draws, one [T, in] per projection, in call order
     real = k.dropout_low
-    def recording(rows, a, p):
-        low, saved = real(rows, a, p)
-        masks = k.unpack(saved[0], rows.shape[1]) if k.FUSED else saved[1]
+    def recording(rows, a, p, **choices):
+        low, saved = real(rows, a, p, **choices)
+        masks = k.unpack(saved[0], rows.shape[1]) if choices["bits"] else saved[1]
         drawn.extend(masks.unbind(0))
         return low, saved
     lora_fused.dropout_low = recording
-    lora_fused.fuse(fused_net)
+    lora_fused.fuse(fused_net, dropout_bits=FUSED_FLAG)
 
     class Scripted(torch.nn.Module):  # PEFT's dropout, replaying those masks in the same order
         p = 0.25
@@ -203,7 +203,7 @@ END_TO_END = textwrap.dedent("""
 @pytest.mark.parametrize("fused", [False, True], ids=["copies", "fused-kernels"])
 def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks(fused):
     """The whole fused path (groups, folded B, the dropout kernels: the default pair or the
-    `FUSED` one) against PEFT's forward given the masks the kernels drew: same loss and the
+    mask-bits one) against PEFT's forward given the masks the kernels drew: same loss and the
     same gradient for every adapter weight."""
     run_interpreted(END_TO_END.replace("FUSED_FLAG", str(fused)), "fused path with kernels ok")
 
@@ -211,7 +211,9 @@ def test_fused_lora_with_the_kernels_matches_peft_on_the_same_masks(fused):
 SAVED = textwrap.dedent("""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from tunelab.methods import get, lora_fused, lora_kernels as k
+    from tunelab.methods import get
+    from tunelab.accel import lora as lora_fused
+    from tunelab.accel.kernels import lora_dropout as k
     from tunelab.methods.lora import LoraConfig
 
     k.usable = lambda x: True
@@ -221,10 +223,9 @@ SAVED = textwrap.dedent("""
     tokens, rank = ids.numel(), 8
     totals = {}
     for fused in (False, True):
-        k.FUSED = fused
         torch.manual_seed(0)
         net = get("lora").apply(Qwen2ForCausalLM(config), LoraConfig(r=rank, dropout=0.1)).train()
-        lora_fused.fuse(net)
+        lora_fused.fuse(net, dropout_bits=fused)
         flat = lora_fused.groups_of(net)[0].store.flat
         loss = net(input_ids=ids, use_cache=False).logits.float().mean()
         nodes, seen, stack = [], set(), [loss.grad_fn]
@@ -259,5 +260,5 @@ SAVED = textwrap.dedent("""
 
 def test_the_fused_pair_keeps_mask_bits_not_copies():
     """What each fused LoRA group keeps for the backward, byte for byte: the kept copies and
-    byte masks with the default pair, the input and the mask bits with `FUSED`."""
+    byte masks with the default pair, the input and the mask bits with the mask-bits pair."""
     run_interpreted(SAVED, "saved")

@@ -66,7 +66,7 @@ def test_mitigate_config_names_the_flag():
 
 
 def test_without_virtual_tokens_drops_the_placeholders_of_each_packed_row():
-    from tunelab.fastpath import packed_inputs
+    from tunelab.data.packing import packed_inputs
 
     rows = [Rendered([5, 6, 7], [IGNORE, 6, 7]), Rendered([8, 9], [IGNORE, 9])]
     packed = packed_inputs(rows, prefix=2)
@@ -153,7 +153,7 @@ def test_the_kl_term_equals_a_plain_kl_against_a_separate_base(tiny_qwen, method
 
     from transformers import AutoModelForCausalLM
 
-    from tunelab import fastpath
+    from tunelab import accel
     from tunelab.data.collate import pad_batch, shift_labels
     from tunelab.methods import selected
     from tunelab.mitigate import loss_sum_with_kl
@@ -169,12 +169,12 @@ def test_the_kl_term_equals_a_plain_kl_against_a_separate_base(tiny_qwen, method
                 p.add_(0.3 * torch.randn_like(p))
     net.eval()  # no dropout: both sides compute fixed functions
     cpu = torch.device("cpu")
-    fast = fastpath.setup(net, packing, the_method.capabilities.supports_packing, cpu, nullcontext(), 0)
+    fast = accel.setup(net, packing, the_method.capabilities.supports_packing, cpu, nullcontext(), 0)
     rows = [Rendered([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]), Rendered([10, 11, 12], [IGNORE, 11, 12])]
     batch = fast.micro_batches(rows, 2, 1024)[0]
     with torch.no_grad():
         combined = loss_sum_with_kl(net, dict(batch, kl=1.0), fast.loss, cpu, nullcontext())
-        ce = fastpath.token_loss_sum(net, batch, fast.loss, cpu, nullcontext())
+        ce = accel.token_loss_sum(net, batch, fast.loss, cpu, nullcontext())
         padded = pad_batch(rows, 0)
         labels = shift_labels(padded["labels"]).flatten()
         keep = labels != IGNORE

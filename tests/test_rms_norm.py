@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import run_interpreted
-from tunelab import rms_norm
+from tunelab.accel.kernels import rms_norm
 
 CHECK = textwrap.dedent("""
     import torch
-    from tunelab.rms_norm import rms_norm
+    from tunelab.accel.kernels.rms_norm import rms_norm
 
     def reference(x, w, eps, offset):  # transformers' Llama/Qwen2 RMSNorm (liger's llama casting)
         xf = x.float()

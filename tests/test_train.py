@@ -144,16 +144,19 @@ def test_readback_holds_a_copy_taken_when_queued():
 
 def test_lora_dropout_kernel_choice_holds_for_the_run_only(tiny_qwen, tmp_path, monkeypatch):
     """`--train.lora_dropout_kernel bits` switches fused LoRA's dropout to the mask-bits pair
-    for the run's forwards, and the module is as it was afterwards; a bad value names the field."""
+    for the run's forwards, and the next run in the same process draws with the default pair
+    again; a bad value names the field."""
     from conftest import MEMORIZE, write_jsonl
-    from tunelab.methods import lora_fused, lora_kernels
+    from tunelab.accel import lora as lora_fused
 
     seen, real = [], lora_fused.dropout_low
-    monkeypatch.setattr(lora_fused, "dropout_low", lambda *a: (seen.append(lora_kernels.FUSED), real(*a))[1])
+    monkeypatch.setattr(lora_fused, "dropout_low", lambda *a, **k: (seen.append(k["bits"]), real(*a, **k))[1])
     data = write_jsonl(tmp_path / "data.jsonl", MEMORIZE)
     quick_train(tiny_qwen, data, tmp_path / "run", max_steps=2, save_every=0, lora_dropout_kernel="bits")
     assert seen[-1] and seen.count(True) >= 4  # every training forward (not the setup's probe)
-    assert lora_kernels.FUSED is False
+    seen.clear()
+    quick_train(tiny_qwen, data, tmp_path / "next", max_steps=2, save_every=0)
+    assert seen and not any(seen)  # the choice held for its run only
     with pytest.raises(ValueError, match="train.lora_dropout_kernel"):
         TrainConfig(lora_dropout_kernel="fused")
 

@@ -1,7 +1,7 @@
 """Continuous batching of requests that arrive over time: the server's decoding loop.
 
-`dynamic_decode.decode` answers a list of prompts known up front; a server's requests come
-and go. Here one worker thread owns the Engine and one `dynamic_decode.Ring`: a request joins
+`generate.ring.decode` answers a list of prompts known up front; a server's requests come
+and go. Here one worker thread owns the Engine and one `generate.ring.Ring`: a request joins
 the running batch as soon as it arrives (prefilled with the others arriving with it, one
 prefill per adapter), every step decodes one token for every row, and a row leaves when its
 answer ends its turn, reaches its `max_new_tokens`, or its client has gone (`Request.cancel`).
@@ -33,9 +33,9 @@ from typing import Callable, Optional
 import torch
 
 from .config import GenerationConfig
-from .dynamic_decode import Ring
 from .generate import BASE, Engine
-from .static_decode import capacity_for
+from .generate.ring import Ring
+from .generate.static import capacity_for
 
 
 @dataclass(eq=False)
@@ -83,9 +83,8 @@ class Batcher:
                              f"serve them alone with `tunelab chat --run RUN`")
         self.engine = engine
         self.max_rows, self.max_prompt_tokens, self.max_new_tokens = max_rows, max_prompt_tokens, max_new_tokens
-        lora = engine.lora
         # PEFT's mixed-adapter forward exists for LoRA (and its variants: DoRA, ...) only
-        self.mixes = lora is None or next(iter(lora.peft_config.values())).peft_type.value == "LORA"
+        self.mixes = engine.delta_type in (None, "LORA")
         self.ring = self._empty_ring()
         self.rows: list[Optional[Request]] = []  # the request in each ring place
         self.waiting: list[Request] = []

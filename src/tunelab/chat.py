@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from .config import ConfigError, GenerationConfig, ModelConfig
+from .runs import load_run
 
 HELP = "commands: /reset (forget the history), /system TEXT (set the system prompt), /quit"
 
@@ -17,17 +18,14 @@ HELP = "commands: /reset (forget the history), /system TEXT (set the system prom
 def open_engine(run: Optional[str], model: Optional[ModelConfig], no_adapter: bool = False) -> tuple[Engine, dict]:
     """An Engine for a run directory (its adapter unless no_adapter) or for a plain model.
     With both, `model.path` points the run at its base where that was moved."""
-    from .generate import Engine
+    from .generate import Engine  # torch at its top: imported here so `tunelab --help` stays fast (tests/test_cli.py)
+    from .models import load_model, load_tokenizer
 
     if run:
-        from .runs import load_run
-
         net, tokenizer, config = load_run(run, adapter=not no_adapter, base=model)
         return Engine(net, tokenizer), config
     if model is None or not model.path:
         raise ConfigError("give a run (--run RUN) or a model (--model.path PATH)")
-    from .models import load_model, load_tokenizer
-
     return Engine(load_model(model), load_tokenizer(model)), {}
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import sys
 
 
+# Every import below sits inside the function that needs it: parsing a command line (and
+# `--help`) imports only what that verb's signature needs, never torch (tests/test_cli.py).
+
+
 def methods() -> None:
     """List the fine-tuning methods with their capabilities and defaults."""
     from dataclasses import asdict

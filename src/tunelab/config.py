@@ -107,7 +107,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third slower."""
+    """Recompute activations in the backward pass: less memory, slower (docs/PERFORMANCE.md)."""
     packing: Literal["auto", "on", "off"] = "auto"
     """Padding-free batches (rows concatenated, attention kept within each row). `auto`:
     on where the model and method support it on a GPU, off on CPU."""
@@ -120,14 +120,14 @@ class TrainConfig:
     launching every kernel from Python; off: eager. Not used with gradient checkpointing."""
     kernels: Literal["auto", "liger", "torch"] = "auto"
     """RMSNorm, RoPE and SwiGLU kernels on CUDA: `liger` (fused Triton kernels from
-    liger-kernel, the `tunelab[liger]` extra: +28% tokens/s for LoRA on a 1.5B shape; norms
-    with a frozen weight then run tunelab's own RMSNorm kernels, +2% more), `torch`
-    (transformers' own), `auto` (liger where it is installed and covers the model)."""
+    liger-kernel, the `tunelab[liger]` extra; norms with a frozen weight then run tunelab's
+    own RMSNorm kernels), `torch` (transformers' own), `auto` (liger where it is installed
+    and covers the model). The gains: docs/PERFORMANCE.md."""
     lora_dropout_kernel: Literal["copies", "bits"] = "copies"
     """Fused LoRA's dropout on CUDA: `copies` keeps each projection's dropped input for the
     backward (fastest); `bits` keeps only the masks, as bits, and one kernel recomputes from
-    the input: on the 1.5B shape 3 GiB less at the default micro-batch for 4% less speed, and
-    the faster choice at a low memory budget (docs/PERFORMANCE.md)."""
+    the input: less memory for a little speed, and the faster choice at a low memory budget
+    (docs/PERFORMANCE.md)."""
     compile: bool = False
     """torch.compile each decoder layer (shapes dynamic) before training, with transformers'
     own norm, RoPE and SwiGLU (not liger's); compilation takes minutes (docs/PERFORMANCE.md)."""

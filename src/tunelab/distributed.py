@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
+from .models import resolve_device
 
 BUCKET_BYTES = 25 * 2**20
 """Gradients are all-reduced in flat buckets of about this size (DDP's default)."""
@@ -241,8 +242,6 @@ def init(device_name: str = "auto") -> World:
     if current() is not SINGLE:
         return current()
     import torch.distributed as dist
-
-    from .models import resolve_device
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -30,7 +30,10 @@ import yaml
 
 from .config import (ConfigError, DataConfig, GenerationConfig, MitigateConfig, ModelConfig, TrainConfig,
                      from_dict, to_dict)
+from .evaluate.benchmarks import Benchmark
+from .evaluate.runner import evaluate
 from .methods import MethodConfig, get
+from .report import write_report
 from .runs import RunDir
 
 TOP_KEYS = {"name", "model", "data", "train", "methods", "eval", "out"}
@@ -44,9 +47,7 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
         file: the experiment's YAML file (paths in it are relative to the file).
         out: the experiment directory (default: the file's `out`, else runs/<name>).
     """
-    from .evaluate.benchmarks import Benchmark
-    from .evaluate.runner import evaluate
-    from .train import train
+    from .train import train  # torch at its top: imported here so `tunelab --help` stays fast (tests/test_cli.py)
 
     path = Path(file)
     spec = read_spec(path)
@@ -74,7 +75,7 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
                               f"`label:`")
         planned[label] = (method_cfg, train_cfg, mitigate_cfg)
 
-    from .distributed import init
+    from .distributed import init  # torch at its top: imported here so `tunelab --help` stays fast (tests/test_cli.py)
 
     world = init(model.device)  # under torchrun every process trains; rank 0 alone evaluates and reports
     runs = {}
@@ -112,8 +113,6 @@ def experiment(file: str, out: Optional[str] = None) -> dict:
         batch_size=ev.get("batch_size", 128), limit=ev.get("limit"), out=str(root / "report"),
         title=f"tunelab experiment: {name}")
     table = methods_table(report, runs)
-    from .report import write_report
-
     report["methods"] = table
     write_report(report, root / "report")
     print_table(table)

@@ -28,7 +28,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, DataConfig, from_dict
+from .data import prepare
 from .data.template import IGNORE, ChatFormat
 from .merge import EXPORT_INFO, ExportMismatch, _logits, load_merged
 from .ollama import ollama_modelfile, ollama_name
@@ -466,9 +467,6 @@ def held_out_rows(config: dict, fmt: ChatFormat, prefix: list[int]) -> tuple[str
     did: up to HELD_OUT_ROWS of the run's held-out split; without one (or its data file gone),
     as many items of the bundled general probe set (question, reference answer), under the
     run's system prompt. Never the model's own answers: those favour the model that chose them."""
-    from .config import DataConfig, from_dict
-    from .data import prepare
-
     data = config.get("data") or {}
     if data.get("val_size") and data.get("path") and Path(data["path"]).is_file():
         rows = [(row.input_ids, row.labels) for row in prepare(from_dict(DataConfig, data), fmt).val[:HELD_OUT_ROWS]]

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .accel import plain_forward
 from .data.template import IGNORE, Rendered
+from .generate import Engine
+from .runs import load_run
 
 PROBE_ROWS = 8
 
@@ -50,26 +52,6 @@ def probe_rows(val: list[Rendered], train: list[Rendered]) -> list[Rendered]:
     rows = val or train
     step = max(1, len(rows) // PROBE_ROWS)
     return [r for r in rows[::step] if any(x != IGNORE for x in r.labels[1:])][:PROBE_ROWS]
-
-
-@contextmanager
-def plain_forward(net: torch.nn.Module, fast):
-    """`net` computing as PEFT and transformers do on their own: fused LoRA bypassed, the
-    model's own attention implementation, compiled layers run eagerly."""
-    from . import fastpath
-    from .methods import lora_fused
-
-    with ExitStack() as stack:
-        stack.enter_context(lora_fused.bypassed(net))
-        if fast.varlen and fast.attention_before:
-            model = net.get_base_model() if hasattr(net, "get_base_model") else net
-            current = model.config._attn_implementation
-            fastpath.set_attention(model, fast.attention_before)
-            stack.callback(fastpath.set_attention, model, current)
-        set_stance = getattr(torch.compiler, "set_stance", None)
-        if set_stance is not None:
-            stack.enter_context(set_stance("force_eager"))
-        yield net
 
 
 @torch.no_grad()
@@ -180,9 +162,6 @@ class Invariants:
     def reloaded(self, run_root, device) -> dict:
         """Invariant 3: the saved adapter, loaded as chat/eval/merge load it, gives the
         training-time probe loss. Call after the training model is freed (one model in memory)."""
-        from .generate import Engine
-        from .runs import load_run
-
         started = time.perf_counter()
         model, tokenizer, _ = load_run(run_root, device)
         engine = Engine(model, tokenizer, device)

@@ -31,8 +31,10 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .data.template import ChatFormat
-from .methods.virtual_tokens import virtual_token_embeddings
+from .methods import get
 from .methods.registry import NotMergeable as MethodNotMergeable
+from .methods.virtual_tokens import virtual_token_embeddings
+from .models import load_model, locate, resolve_device
 from .runs import (EXPORT_MARKER, RunDir, check_adapter, check_base, check_export_target, run_model_config,
                    write_atomically, write_json)
 
@@ -88,8 +90,6 @@ def merge(run: str, out: Optional[str] = None, bake: bool = False,
         model: the base model, where it is not at the path the run's config.yaml records (it
             was moved): `--model.path NEW_DIR`. It must be the same model (checked).
     """
-    from .models import locate
-
     run_dir = RunDir(Path(run))
     out = out or str(run_dir.root / ("baked" if bake else "merged"))
     model_cfg = run_model_config(run_dir, run_dir.read_config(), model)
@@ -152,16 +152,13 @@ def load_merged(run: str, bake: Optional[bool], precision: Literal["fp32", "run"
     on its base (ExportMismatch otherwise). `model`: the base, where it was moved."""
     from transformers import AutoTokenizer
 
-    from .methods import get
-    from .models import load_model, resolve_device
-
     run_dir = RunDir(Path(run))
     config = run_dir.read_config()
     if not run_dir.adapter.is_dir():
         raise FileNotFoundError(f"{run_dir.root} has no adapter/ yet: the run has not finished "
                                 f"(resume it with `tunelab train --config {run_dir.config}`)")
     method = get(config["method"]["name"])
-    virtual = _adds_virtual_tokens(run_dir.adapter)
+    virtual = method.capabilities.adapter_kind == "input_embeddings"  # bakeable into a vocabulary
     if bake is None:
         bake = not method.capabilities.mergeable and virtual
     if method.capabilities.mergeable and bake:
@@ -402,14 +399,3 @@ def _refusal(method) -> str:
     except Exception:
         pass
     return "it changes no weight of the base model, so there is nothing to fold into it"
-
-
-def _adds_virtual_tokens(adapter: Path) -> bool:
-    """Whether the adapter's virtual tokens are input embeddings (bakeable into a vocabulary)."""
-    try:
-        from peft import PeftConfig, PeftType
-
-        config = PeftConfig.from_pretrained(str(adapter))
-    except Exception:  # not a PEFT directory: nothing we can bake
-        return False
-    return config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING

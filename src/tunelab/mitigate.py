@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -23,11 +25,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .accel import with_prompt
 from .config import ConfigError, DataConfig, GenerationConfig, MitigateConfig
 from .data import ChatFormat, Rendered, render_all
 from .data.formats import Example, load_examples
 from .data.replay import KLRow, load_prompts, prompts_sha256
 from .data.template import IGNORE
+from .evaluate.checkers import load_probes
+from .evaluate.common import Context, probe_suite
+from .generate import BASE, Engine
+from .pull import cache_root
+from .runs import RunDir, write_atomically
 
 
 # -- the loss ---------------------------------------------------------------------------------
@@ -50,7 +58,7 @@ def ce_kl_sum(logits: torch.Tensor, base_logits: torch.Tensor, targets: torch.Te
 
 
 def without_virtual_tokens(batch: dict, positions: torch.Tensor, prefix: int) -> tuple[dict, torch.Tensor]:
-    """A packed batch whose rows carry `prefix` placeholder positions (fastpath.packed_inputs),
+    """A packed batch whose rows carry `prefix` placeholder positions (data.packing.packed_inputs),
     without them, and `positions` mapped to the new flat indices (what the base, which has
     no virtual tokens, sees)."""
     keep = batch["position_ids"][0] >= prefix
@@ -64,11 +72,9 @@ def without_virtual_tokens(batch: dict, positions: torch.Tensor, prefix: int) ->
 
 
 def loss_sum_with_kl(net: torch.nn.Module, batch: dict, plan, device, autocast) -> torch.Tensor:
-    """`fastpath.token_loss_sum` of a micro-batch of `KLRow`s (`batch["kl"]` holds the weight)
+    """`accel.loss.token_loss_sum` of a micro-batch of `KLRow`s (`batch["kl"]` holds the weight)
     plus the KL term on the same supervised positions. The tuned logits of those positions
     are computed whole (no chunked cross-entropy): the KL term needs them."""
-    from .fastpath import with_prompt
-
     weight = batch["kl"]
     labels = batch["labels"].flatten()
     positions = (labels != IGNORE).nonzero().squeeze(1)
@@ -130,8 +136,6 @@ def check_kl_possible(cfg: MitigateConfig, net: torch.nn.Module, adapter_kind: s
 # -- self-replay ------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    from .pull import cache_root
-
     return cache_root() / "replay"
 
 
@@ -194,8 +198,6 @@ def generate_answers(prompts: list[dict], system_prompt: Optional[str], gen: Gen
                      model: torch.nn.Module, fmt: ChatFormat, device: torch.device) -> list[dict]:
     """The base model's greedy answers, batched through `generate.Engine`; `model`'s weight
     layout and training mode are left as they were."""
-    from .generate import Engine
-
     layout = {name: (p.data, p.data.stride()) for name, p in model.named_parameters()}
     was_training = model.training
     engine = Engine(model, fmt.tokenizer, device)
@@ -236,14 +238,6 @@ def select_checkpoint(run_root: Path, cfg: MitigateConfig, model_cfg, system_pro
     score is >= `select_keep` x the base's (ties: more general ability, then the later step);
     if none keeps that much, the one with the most general ability.
     """
-    import shutil
-    import tempfile
-
-    from .evaluate.checkers import load_probes
-    from .evaluate.common import Context, probe_suite
-    from .generate import BASE, Engine
-    from .runs import RunDir, write_atomically
-
     run = RunDir(run_root)
     steps = {ckpt.name: ckpt for ckpt in run.complete_checkpoints()}
     ctx = Context(gen=GenerationConfig(max_new_tokens=48), system_prompt=system_prompt, batch_size=64,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig
+from .pull import PullError, load_catalog, pull
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
@@ -76,8 +77,6 @@ def locate(cfg: ModelConfig) -> tuple[Path, str | None]:
         check_model_dir(path)
         return path, None
     if "/" not in cfg.path and not path.exists():
-        from .pull import PullError, load_catalog, pull
-
         if cfg.path in load_catalog():  # a catalog name: fetched once into the cache
             try:
                 return pull(cfg.path, hub=cfg.hub), None

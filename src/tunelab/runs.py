@@ -24,10 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, ModelConfig, from_dict
+from .methods import get
 
 # torch is imported inside the functions that use it (annotations are strings), so that
-# `tunelab VERB --help` never waits for it.
+# `tunelab VERB --help` never waits for it; so is `models`, which imports torch at its top.
 
 COMPLETE = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)")
@@ -577,7 +578,6 @@ def run_model_config(run: RunDir, config: dict, base=None):
     base was moved); a recorded local path that no longer exists is a clear error."""
     from dataclasses import replace
 
-    from .config import ModelConfig, from_dict
     from .models import ModelNotFound
 
     model_cfg = from_dict(ModelConfig, config["model"])
@@ -642,9 +642,9 @@ def check_base(run: RunDir, model_cfg) -> None:
 def load_run(path: str | Path, device: torch.device | None = None, adapter: bool = True, base=None):
     """(model, tokenizer, run config) of a finished run: its base with its adapter applied.
     `base`: a ModelConfig whose path replaces the recorded one (the base was moved)."""
-    from .methods import get
-    from .models import load_model
     from transformers import AutoTokenizer
+
+    from .models import load_model
 
     run = RunDir(Path(path))
     config = run.read_config()

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, GenerationConfig, ModelConfig, check
+from .data.template import ChatFormat
+from .evaluate.runner import unique_names
+from .runs import RunDir
 
 PAGE = Path(__file__).resolve().parent / "assets" / "serve"
 
@@ -71,8 +74,6 @@ def is_loopback(host: str) -> bool:
 def resolve_runs(paths: list[str]) -> tuple[dict[str, str], Optional[Path]]:
     """Run directories by label, and the experiment's report.html if there is one. A path is a
     run directory (config.yaml and adapter/) or an experiment directory (its models/<label>)."""
-    from .evaluate.runner import unique_names
-
     runs, report = [], None
     for path in map(Path, paths):
         if (path / "models").is_dir() and not (path / "config.yaml").exists():
@@ -214,8 +215,6 @@ class Service:
 
     def __init__(self, batcher, labels: dict[str, str], limits: ServerConfig, system: Optional[str],
                  report: Optional[Path], methods: dict[str, str], api_key: Optional[str] = None):
-        from .data.template import ChatFormat
-
         self.batcher, self.labels, self.limits, self.system, self.report = batcher, labels, limits, system, report
         self.methods, self.api_key = methods, api_key
         self.tokenizer = batcher.engine.tokenizer  # decoding: the event loop's only
@@ -531,9 +530,8 @@ def open_service(runs: list[str] = [], model: Optional[ModelConfig] = None,
                  server: ServerConfig = ServerConfig(), system: Optional[str] = None) -> Service:
     """The engine with every run's adapter and its batcher, ready for `create_app` (`serve`'s
     arguments; the checks of the address and the key happen here)."""
-    from .batching import Batcher
+    from .batching import Batcher  # torch at its top: imported here so `tunelab --help` stays fast (tests/test_cli.py)
     from .generate import BASE, Engine
-    from .runs import RunDir
 
     key = server.api_key or os.environ.get("TUNELAB_API_KEY") or None
     if not is_loopback(server.host) and not key:

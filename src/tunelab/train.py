@@ -20,8 +20,8 @@ import signal
 import sys
 import threading
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,13 +29,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from .config import DataConfig, MitigateConfig, ModelConfig, TrainConfig, check, to_dict
-from .data import ChatFormat, Rendered, prepare
+from . import accel, mitigate as mitigation
+from .accel import FastPath, Levers
+from .data import ChatFormat, Prepared, Rendered, prepare
 from .data.replay import mix
-from . import fastpath, kernels, mitigate as mitigation
 from .distributed import SINGLE, World, init as init_world
-from .fastpath import FastPath
 from .invariants import InvariantBroken, Invariants, probe_rows
-from .methods import MethodConfig, count_parameters, lora_kernels, selected
+from .methods import Method, MethodConfig, count_parameters, selected
 from .models import fingerprint, load_model, load_tokenizer, resolve_device
 from .runs import (RunDir, assert_finite, check_adapter, check_resume, file_fingerprint,
                    load_trainer_state, rng_state, save_checkpoint, set_rng_state, truncate_metrics,
@@ -88,7 +88,65 @@ def train(model: ModelConfig, data: DataConfig, method: MethodConfig = MethodCon
 def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: TrainConfig,
            mitigate: MitigateConfig, out: str, resume: bool, allow_config_change: bool,
            world: World = SINGLE) -> Path:
-    method_cfg, cfg = method, train
+    """The run, once claimed: set up -> fit (inside the fast path) -> save."""
+    run = RunDir(Path(out))
+    job = set_up(model, data, method, train, mitigate, out, resume, allow_config_change, world)
+    if job is None:  # finished before, with these settings
+        return run.root
+    # The one door to the speed levers: entered for the fit, the model restored after.
+    with accel.prepare(job.net, job.method.capabilities.supports_packing, job.device, job.autocast,
+                       job.pad_id, Levers.from_train(job.cfg), model.attn_implementation,
+                       kl=mitigate.kl) as fast:
+        restore_trainer_state(job)
+        checks = learning_checks(job, fast) if job.cfg.check_learning else None
+        record = fit(job, fast, checks)
+    del fast
+    return save(job, checks, record)
+
+
+@dataclass
+class Job:
+    """One run as `set_up` leaves it: the data, the model with its method applied, the
+    optimizer; `fit` advances `state` (and may shrink `cfg`'s micro-batch), `save` ends it."""
+    run: RunDir
+    world: World
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+    cfg: TrainConfig
+    mitigate: MitigateConfig
+    method: Method
+    device: torch.device
+    prepared: Prepared
+    pad_id: int
+    base: torch.nn.Module
+    net: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: object
+    steps_per_epoch: int
+    total_steps: int
+    trainable: int
+    total: int
+    latest: Path | None = None
+    """The checkpoint this run resumes from, if any."""
+    replay: list = field(default_factory=list)
+    state: dict = field(default_factory=lambda: {"step": 0, "skipped_steps": 0, "bad_in_row": 0,
+                                                 "tokens": 0, "elapsed": 0.0})
+
+    def free_model(self) -> None:
+        """Drop the training model and optimizer (something else needs the memory next)."""
+        self.net = self.base = self.params = self.optimizer = self.scheduler = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def set_up(model: ModelConfig, data: DataConfig, method_cfg: MethodConfig, cfg: TrainConfig,
+           mitigate: MitigateConfig, out: str, resume: bool, allow_config_change: bool,
+           world: World = SINGLE) -> Job | None:
+    """Data first (fails fast), then the run directory, then the model with the method applied
+    and its optimizer; None when the run has already finished with these settings."""
     run = RunDir(Path(out))
     device = world.place(resolve_device(model.device))  # `--model.device cuda` on a CPU machine fails here
     the_method, options = selected(method_cfg)
@@ -100,7 +158,6 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     if mitigate.active:  # absent when off: runs made before mitigation existed still resume
         config["mitigate"] = to_dict(mitigate)
 
-    # -- setup: data first (fails fast), then the model -----------------------------------
     tokenizer = load_tokenizer(model)
     fmt = ChatFormat(tokenizer)
     prepared = prepare(data, fmt)
@@ -114,7 +171,8 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
         changes = check_resume(run, config, inputs, allow_config_change)
         if run.done.is_file() and not changes:
             print(f"{run.root} has already finished with these settings (--resume false trains it again)")
-            return run.root
+            return None
+
     def write_run() -> None:
         if latest:
             run.done.unlink(missing_ok=True)
@@ -137,7 +195,6 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-    state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "tokens": 0, "elapsed": 0.0}
     if latest:
         check_adapter(latest / "adapter", base)
     net = the_method.load(base, latest / "adapter", True) if latest else the_method.apply(base, options)
@@ -154,67 +211,61 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and base.dtype == torch.bfloat16 else nullcontext())
-    fast = fastpath.setup(net, cfg.packing, the_method.capabilities.supports_packing, device, autocast,
-                          tokenizer.pad_token_id, model.attn_implementation, cfg.cuda_graphs)
-    if mitigate.kl > 0:
-        mitigation.check_kl_possible(mitigate, net, the_method.capabilities.adapter_kind)
-        fast.kl = mitigate.kl
-        if fast.graphs is not None:  # the graphed step computes the plain loss only
-            fast.graphs = None
-            print("--mitigate.kl: CUDA graphs are off for this run (the KL term runs eagerly)")
-    if cfg.compile:
-        fastpath.compile_layers(fast.loss.trunk or fastpath.model_parts(net)[0])
-    if latest:
-        saved = load_trainer_state(latest)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        state.update(json.loads((latest / "state.json").read_text()))
-        if cfg.auto_micro_batch and "micro_batch_size" in state:  # found by an earlier attempt
-            cfg = replace(cfg, micro_batch_size=state["micro_batch_size"],
-                          micro_batch_tokens=state["micro_batch_tokens"])
-        print(f"resuming from {latest} (step {state['step']} of {total_steps})")
-    world.seed_dropout(cfg.seed, state["step"])
-    checks = None
-    if cfg.check_learning:
-        checks = Invariants(net, fast, probe_rows(prepared.val, prepared.train),
-                            lambda rows: evaluate_loss(net, rows, cfg, fast, device, autocast),
-                            device, autocast, base.dtype)
-        checks.before_training(params)
-    applied = {"steps": 0}
+    mitigation.check_kl_possible(mitigate, net, the_method.capabilities.adapter_kind)
+    return Job(run=run, world=world, model_cfg=model, data_cfg=data, cfg=cfg, mitigate=mitigate,
+               method=the_method, device=device, prepared=prepared, pad_id=tokenizer.pad_token_id,
+               base=base, net=net, params=params, optimizer=optimizer, scheduler=scheduler,
+               autocast=autocast, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               trainable=trainable, total=total, latest=latest, replay=replay)
 
-    print(f"{the_method.name}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.3f}%); {len(prepared.train)} train rows, "
+
+def restore_trainer_state(job: Job) -> None:
+    """Optimizer, scheduler, RNG and step counters of the checkpoint being resumed (if any),
+    then each rank's dropout stream."""
+    if job.latest:
+        saved = load_trainer_state(job.latest)
+        job.optimizer.load_state_dict(saved["optimizer"])
+        job.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        job.state.update(json.loads((job.latest / "state.json").read_text()))
+        if job.cfg.auto_micro_batch and "micro_batch_size" in job.state:  # found by an earlier attempt
+            job.cfg = replace(job.cfg, micro_batch_size=job.state["micro_batch_size"],
+                              micro_batch_tokens=job.state["micro_batch_tokens"])
+        print(f"resuming from {job.latest} (step {job.state['step']} of {job.total_steps})")
+    job.world.seed_dropout(job.cfg.seed, job.state["step"])
+
+
+def learning_checks(job: Job, fast: FastPath) -> Invariants:
+    """`--train.check_learning`: the invariants, their first measurements taken now."""
+    net = job.net
+    checks = Invariants(net, fast, probe_rows(job.prepared.val, job.prepared.train),
+                        lambda rows: evaluate_loss(net, rows, job.cfg, fast, job.device, job.autocast),
+                        job.device, job.autocast, job.base.dtype)
+    checks.before_training(job.params)
+    return checks
+
+
+def fit(job: Job, fast: FastPath, checks: Invariants | None) -> dict:
+    """Optimizer steps until `total_steps`: log, evaluate, check, checkpoint; a signal stops
+    after the step under way, with a checkpoint. Returns the last logged record."""
+    run, world, device, state, prepared = job.run, job.world, job.device, job.state, job.prepared
+    net, params, optimizer, scheduler, autocast = job.net, job.params, job.optimizer, job.scheduler, job.autocast
+    total_steps, steps_per_epoch, mitigate = job.total_steps, job.steps_per_epoch, job.mitigate
+    applied = {"steps": 0}
+    print(f"{job.method.name}: {job.trainable:,} trainable of {job.total:,} parameters "
+          f"({100 * job.trainable / job.total:.3f}%); {len(prepared.train)} train rows, "
           f"{len(prepared.val)} held-out; {total_steps} optimizer steps on {device}"
           + (f" (rank 0 of {world.size} processes)" if world.size > 1 else ""))
-
-    # -- fit ----------------------------------------------------------------------------
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt  # a second signal stops at once; checkpoints on disk are whole
-        stop["signal"] = signum
-        print(f"\n{signal.Signals(signum).name}: finishing step {state['step'] + 1}, then saving a "
-              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    # Python delivers signals to the main thread only (a UI may run training in another one).
-    handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-                if threading.current_thread() is threading.main_thread() else {})
     longest = max(len(r.input_ids) for r in prepared.train)
     record: dict = {}
     metrics = open(run.metrics if world.main else os.devnull, "a", encoding="utf-8")  # rank 0 logs
-    writer = tensorboard_writer(run) if cfg.tensorboard and world.main else None
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {the_method.name}",
+    writer = tensorboard_writer(run) if job.cfg.tensorboard and world.main else None
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {job.method.name}",
                dynamic_ncols=True, disable=not world.main)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - state["elapsed"]
-    run_scoped = ExitStack()  # undone when the loop ends, however it ends
-    # (compile: inductor fuses these itself, and liger's autograd functions break its graphs)
-    run_scoped.enter_context(kernels.liger(net.get_base_model() if hasattr(net, "get_base_model") else net,
-                                           "torch" if cfg.compile else cfg.kernels, device))
-    run_scoped.enter_context(lora_kernels.dropout_kernel(cfg.lora_dropout_kernel))
+
     def settle(queued: tuple) -> dict:
         """Read back a queued step's loss and gradient norm (waits for that step only)."""
         number, readback, lr, tokens, elapsed = queued
@@ -238,112 +289,147 @@ def _train(model: ModelConfig, data: DataConfig, method: MethodConfig, train: Tr
     # at once, and a step still unread when the run fails is read (and logged) on the way out.
     lagged = read_late(device)
     pending = None
-    try:
-        while state["step"] < total_steps:
-            step = state["step"]
-            rows = step_rows(prepared.train, cfg, step, steps_per_epoch)
-            if replay or fast.kl:
-                rows = mix(rows, replay, mitigate.replay, cfg.batch_size, step, cfg.seed,
-                           mitigate.kl_on if fast.kl else None)
-            rng = rng_state() if cfg.auto_micro_batch else None
-            while True:  # more than once only after an out-of-memory error
-                try:
-                    values, n_tokens = queue_step(net, rows, cfg, fast, device, autocast, params, world)
-                    break
-                except torch.cuda.OutOfMemoryError as err:  # leaving this block frees the step's tensors
-                    why = str(err).split("\n")[0]
+    with stop_requests(state) as stop:
+        try:
+            while state["step"] < total_steps:
+                step = state["step"]
+                rows = step_rows(prepared.train, job.cfg, step, steps_per_epoch)
+                if job.replay or fast.kl:
+                    rows = mix(rows, job.replay, mitigate.replay, job.cfg.batch_size, step, job.cfg.seed,
+                               mitigate.kl_on if fast.kl else None)
+                values, n_tokens = queue_step_fitting(job, fast, rows, step, longest)
+                readback = Readback(values)  # queued now: reading it later waits for this step only
+                apply_update(optimizer, values)  # skipped when the loss or the gradients are not finite
                 optimizer.zero_grad(set_to_none=True)
-                cfg = smaller_micro_batch(cfg, fast.packed, longest, why, step, device, data.max_length)
-                state.update(micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
-                set_rng_state(rng)  # the retried step draws the same dropout masks
-            readback = Readback(values)  # queued now: reading it later waits for this step only
-            apply_update(optimizer, values)  # skipped when the loss or the gradients are not finite
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]  # the LR this step used; after step() it is the next one's
-            scheduler.step()
-            state["step"] = step + 1
-            state["tokens"] += n_tokens
-            state["elapsed"] = time.perf_counter() - started
-            end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-            evaluate_now = bool(prepared.val) and (end_of_epoch if cfg.eval_every == 0 else
-                                                   state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
-            save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
-            # Read once: a signal arriving later in this step stops after the next one (under several
-            # processes, every rank decides on the same value: the agreed one).
-            stopping = world.agreed_signal(stop["signal"])
-            queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
-            settled = [settle(pending)] if pending else []
-            pending = queued
-            if not lagged or evaluate_now or save_now or stopping or state["step"] == total_steps:
-                settled.append(settle(pending))
-                pending = None
-            for record in settled:
-                if record["step"] == state["step"] and evaluate_now:
-                    record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast, world)
-                    net.train()
-                if checks and record["step"] == state["step"] and (evaluate_now or save_now
-                                                                  or state["step"] == total_steps):
-                    record.update(checks.check(record["step"], applied["steps"]))  # before any save
-                if record["step"] % cfg.log_every == 0 or "val_loss" in record or record["step"] == total_steps:
-                    log(metrics, writer, record)
-                if state["bad_in_row"] >= cfg.max_bad_steps:
-                    good = run.complete_checkpoints()
-                    raise TrainingDiverged(
-                        f"{state['bad_in_row']} optimizer steps in a row had non-finite loss or "
-                        f"gradients (steps {record['step'] - state['bad_in_row'] + 1}-{record['step']}, "
-                        f"all skipped); the last good checkpoint is "
-                        f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
-                        f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
-            # No checkpoint inside a run of skipped steps: resuming should start before it.
-            if (save_now and not state["bad_in_row"]) or stopping:
-                world.on_main(lambda: save_checkpoint(run, state["step"], net, the_method, optimizer, scheduler,
-                                                      state, cfg.keep_checkpoints), "saving a checkpoint")
-            if stopping:
-                raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
-                                  f"{state['step']} of {total_steps}; checkpoint saved in "
-                                  f"{run.complete_checkpoints()[-1]}. Resume with: "
-                                  f"tunelab train --config {run.config}", stopping)
-    except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
-        raise OutOfMemory(out_of_memory_message(cfg, fast.packed, longest, str(err).split("\n")[0],
-                                                state["step"], data.max_length)) from None
+                lr = scheduler.get_last_lr()[0]  # the LR this step used; after step() it is the next one's
+                scheduler.step()
+                cfg = job.cfg
+                state["step"] = step + 1
+                state["tokens"] += n_tokens
+                state["elapsed"] = time.perf_counter() - started
+                end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
+                evaluate_now = bool(prepared.val) and (
+                    end_of_epoch if cfg.eval_every == 0
+                    else state["step"] % cfg.eval_every == 0 or state["step"] == total_steps)
+                save_now = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
+                # Read once: a signal arriving later in this step stops after the next one (under several
+                # processes, every rank decides on the same value: the agreed one).
+                stopping = world.agreed_signal(stop["signal"])
+                queued = (state["step"], readback, lr, state["tokens"], state["elapsed"])
+                settled = [settle(pending)] if pending else []
+                pending = queued
+                if not lagged or evaluate_now or save_now or stopping or state["step"] == total_steps:
+                    settled.append(settle(pending))
+                    pending = None
+                for record in settled:
+                    if record["step"] == state["step"] and evaluate_now:
+                        record["val_loss"] = evaluate_loss(net, prepared.val, cfg, fast, device, autocast, world)
+                        net.train()
+                    if checks and record["step"] == state["step"] and (evaluate_now or save_now
+                                                                      or state["step"] == total_steps):
+                        record.update(checks.check(record["step"], applied["steps"]))  # before any save
+                    if record["step"] % cfg.log_every == 0 or "val_loss" in record or record["step"] == total_steps:
+                        log(metrics, writer, record)
+                    if state["bad_in_row"] >= cfg.max_bad_steps:
+                        raise diverged(run, state["bad_in_row"], record["step"])
+                # No checkpoint inside a run of skipped steps: resuming should start before it.
+                if (save_now and not state["bad_in_row"]) or stopping:
+                    world.on_main(lambda: save_checkpoint(run, state["step"], net, job.method, optimizer, scheduler,
+                                                          state, cfg.keep_checkpoints), "saving a checkpoint")
+                if stopping:
+                    raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
+                                      f"{state['step']} of {total_steps}; checkpoint saved in "
+                                      f"{run.complete_checkpoints()[-1]}. Resume with: "
+                                      f"tunelab train --config {run.config}", stopping)
+        except torch.cuda.OutOfMemoryError as err:  # outside the forward/backward (optimizer, eval)
+            raise OutOfMemory(out_of_memory_message(job.cfg, fast.packed, longest, str(err).split("\n")[0],
+                                                    state["step"], job.data_cfg.max_length)) from None
+        finally:
+            if pending is not None:  # the run failed after queueing this step: keep its record
+                try:
+                    record = settle(pending)
+                    if record["step"] % job.cfg.log_every == 0:
+                        log(metrics, writer, record)
+                except Exception:  # noqa: BLE001 - the device may be what failed; the first error wins
+                    pass
+            bar.close()
+            metrics.close()
+            if writer:
+                writer.close()
+    return record
+
+
+@contextmanager
+def stop_requests(state: dict):
+    """Within the block SIGTERM / Ctrl-C ask the loop to stop after the step under way (the
+    yielded dict's `signal`); a second one stops at once. Handlers are put back after."""
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt  # a second signal stops at once; checkpoints on disk are whole
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: finishing step {state['step'] + 1}, then saving a "
+              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    # Python delivers signals to the main thread only (a UI may run training in another one).
+    handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        yield stop
     finally:
-        if pending is not None:  # the run failed after queueing this step: keep its record
-            try:
-                record = settle(pending)
-                if record["step"] % cfg.log_every == 0:
-                    log(metrics, writer, record)
-            except Exception:  # noqa: BLE001 - the device may be what failed; the first error wins
-                pass
-        run_scoped.close()
-        bar.close()
-        metrics.close()
-        if writer:
-            writer.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
-    # -- save -----------------------------------------------------------------------------
+
+def diverged(run: RunDir, bad_in_row: int, step: int) -> TrainingDiverged:
+    good = run.complete_checkpoints()
+    return TrainingDiverged(
+        f"{bad_in_row} optimizer steps in a row had non-finite loss or gradients (steps "
+        f"{step - bad_in_row + 1}-{step}, all skipped); the last good checkpoint is "
+        f"{good[-1] if good else 'none (no checkpoint was saved yet)'}. Resume from it "
+        f"with a lower --train.lr or --model.dtype fp32 (and --allow_config_change true)")
+
+
+def queue_step_fitting(job: Job, fast: FastPath, rows: list[Rendered], step: int,
+                       longest: int) -> tuple[torch.Tensor, int]:
+    """`queue_step`; after a CUDA out-of-memory error in the forward/backward, again with half
+    the micro-batch (`smaller_micro_batch`, which raises OutOfMemory unless allowed)."""
+    rng = rng_state() if job.cfg.auto_micro_batch else None
+    while True:  # more than once only after an out-of-memory error
+        try:
+            return queue_step(job.net, rows, job.cfg, fast, job.device, job.autocast, job.params, job.world)
+        except torch.cuda.OutOfMemoryError as err:  # leaving this block frees the step's tensors
+            why = str(err).split("\n")[0]
+        job.optimizer.zero_grad(set_to_none=True)
+        job.cfg = smaller_micro_batch(job.cfg, fast.packed, longest, why, step, job.device, job.data_cfg.max_length)
+        job.state.update(micro_batch_size=job.cfg.micro_batch_size, micro_batch_tokens=job.cfg.micro_batch_tokens)
+        set_rng_state(rng)  # the retried step draws the same dropout masks
+
+
+def save(job: Job, checks: Invariants | None, record: dict) -> Path:
+    """The adapter (reload-checked with --train.check_learning), the checkpoint choice, the
+    summary, then DONE."""
+    run, world, device, state, mitigate = job.run, job.world, job.device, job.state, job.mitigate
+    net = job.net
     assert_finite(net, "the adapter")
-    world.on_main(lambda: write_atomically(run.adapter, lambda tmp: the_method.save(net, tmp)), "saving the adapter")
+    world.on_main(lambda: write_atomically(run.adapter, lambda tmp: job.method.save(net, tmp)), "saving the adapter")
     checked = None
     if checks:  # the saved adapter reloaded alone: free the training model first
         checks.net = checks.fast = checks.training_loss = None
-        del net, base, params, optimizer, scheduler, fast
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del net
+        job.free_model()
         checked = world.on_main(lambda: check_saved(run, checks, device), "the reload check")
     selection = None
     if mitigate.select != "last":  # scored on an engine of its own: the training model goes first
-        net = base = params = optimizer = scheduler = fast = checks = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        net = checks = None
+        job.free_model()
         selection = world.on_main(
-            lambda: mitigation.select_checkpoint(run.root, mitigate, model, data.system_prompt),
+            lambda: mitigation.select_checkpoint(run.root, mitigate, job.model_cfg, job.data_cfg.system_prompt),
             "choosing the checkpoint")
+    cfg = job.cfg
     summary = {
-        "method": the_method.name, "trainable_params": trainable, "total_params": total,
+        "method": job.method.name, "trainable_params": job.trainable, "total_params": job.total,
         "steps": state["step"], "skipped_steps": state["skipped_steps"], "tokens": state["tokens"],
         "wall_time_s": round(state["elapsed"], 2),
         "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
@@ -444,11 +530,11 @@ def micro_batches(rows: list[Rendered], cfg: TrainConfig, fast: FastPath) -> lis
 
 
 def token_loss_sum(net, batch: dict, fast: FastPath, device, autocast) -> torch.Tensor:
-    """Summed cross-entropy over the supervised tokens of one micro-batch (fastpath.py), plus
+    """Summed cross-entropy over the supervised tokens of one micro-batch (accel/loss.py), plus
     the KL-to-base term where the micro-batch carries one (mitigate.py)."""
     if "kl" in batch:
         return mitigation.loss_sum_with_kl(net, batch, fast.loss, device, autocast)
-    return fastpath.token_loss_sum(net, batch, fast.loss, device, autocast)
+    return accel.token_loss_sum(net, batch, fast.loss, device, autocast)
 
 
 def optimizer_step(net, rows, cfg, fast: FastPath, device, autocast, params,
@@ -487,8 +573,8 @@ class Readback:
 
     Reading it waits for that step only. `values.tolist()` would queue its copy behind all
     the work queued since, so the host would wait for the next step too, and the GPU would
-    then idle while the host prepares the step after (2-4 ms a step on an H200, measured
-    with `bench/throughput.py --profile`).
+    then idle while the host prepares the step after (measured with `bench/throughput.py
+    --profile`: docs/PERFORMANCE.md).
     """
 
     def __init__(self, values: torch.Tensor):

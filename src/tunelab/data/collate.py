@@ -2,7 +2,7 @@
 
 Padded batches are right-padded with labels -100 and an attention mask. Packed batches
 concatenate rows into one sequence whose position_ids restart at 0 for every row; the
-attention backend must keep each row to itself (see `tunelab.attention`).
+attention backend must keep each row to itself (see `tunelab.accel.attention`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def inspect_data(data: DataConfig, model: ModelConfig, row: int = 0, color: Opti
         row: index of the training row to print with its supervised tokens marked.
         color: mark supervised tokens in green (default: when printing to a terminal).
     """
-    from ..models import load_tokenizer
+    from ..models import load_tokenizer  # torch at its top: `tunelab --help` reads this module
 
     tokenizer = load_tokenizer(model)
     fmt = ChatFormat(tokenizer)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..config import GenerationConfig
+from ..data import IGNORE
+from .checkers import score_answers
 
 
 @dataclass
@@ -104,8 +106,6 @@ def with_system(system: Optional[str], question: str) -> list[dict]:
 def probe_suite(engine, models: list[str], ctx: Context, probes: list, name: str,
                 system: Optional[str], description: str) -> SuiteResult:
     """Ask every model each probe's question (under `system`) and grade the answers."""
-    from .checkers import score_answers
-
     probes = ctx.subset(probes)
     conversations = [with_system(system, p.question) for p in probes]
     answers = ask_all(engine, models, conversations, ctx, name)
@@ -120,10 +120,10 @@ def probe_suite(engine, models: list[str], ctx: Context, probes: list, name: str
 def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, supervised token count) of each rendered row under
     `adapter`, by teacher forcing: the in-domain loss and multiple-choice scores."""
+    # torch and the engine: imported here, as this module is read when `tunelab --help` runs
     import torch
     import torch.nn.functional as F
 
-    from ..data import IGNORE
     from ..generate import left_pad
 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
@@ -151,6 +151,4 @@ def score_rows(engine, rows: list, adapter: str, batch_size: int = 16) -> list[t
 
 def first_supervised(labels: list[int]) -> int:
     """Index of the first supervised label (len(labels) when there is none)."""
-    from ..data import IGNORE
-
     return next((n for n, label in enumerate(labels) if label != IGNORE), len(labels))

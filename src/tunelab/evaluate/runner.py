@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import ConfigError, DataConfig, GenerationConfig, ModelConfig, from_dict
+from ..data import load_examples, split
+from ..methods import get
+from ..report import write_report
 from ..runs import RunDir, check_writable, run_model_config
 from . import benchmarks as benchmarks_suite
 from . import general, in_domain, persona
@@ -52,17 +55,15 @@ def evaluate(runs: list[str] = [], model: Optional[ModelConfig] = None,
         data: the data set whose held-out split is the in-domain suite (default: the first run's).
         system_prompt: the persona system prompt (default: the first run's data.system_prompt).
         gen: decoding options; greedy by default, so a rerun gives the same answers.
-        batch_size: prompts per generation (and scoring) batch. Large batches pay: a CPU decoding
-            step of a 135M model costs ~150 ms for 16 rows and ~440 ms for 128; a GPU step of a
-            1.5B model ~4 ms for 1 row and ~6 ms for 256 (docs/PERFORMANCE.md).
+        batch_size: prompts per generation (and scoring) batch. Large batches pay: a decoding
+            step reads every weight once whatever the rows, so many rows cost little more than
+            a few (docs/PERFORMANCE.md, "Figures the code refers to").
         limit: score at most N items of each suite, evenly spaced over it (quicker, wider intervals).
         out: where results.json, report.md and report.html are written.
         title: the report's title.
         extra: more report fields (e.g. the experiment's methods table), merged in as they are.
     """
-    from ..generate import Engine
-    from ..methods import get
-    from ..report import write_report
+    from ..generate import Engine  # torch at its top: imported here so `tunelab --help` stays fast (tests/test_cli.py)
 
     started = time.perf_counter()
     check_writable(Path(out), "--out")  # before the models load, not after the work
@@ -238,8 +239,6 @@ def check_same_split(names: dict[str, str], configs: dict[str, dict]) -> None:
 
 def held_out_split(data: Optional[DataConfig], first_run: dict, engine):
     """(examples, rendered rows) of the held-out split, drawn exactly as training drew it."""
-    from ..data import load_examples, split
-
     if data is None:
         if not first_run.get("data"):
             return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import ClassVar, Union
 
 # torch is imported inside the functions that use it (annotations are strings), so that
 # `tunelab VERB --help` never waits for it.
@@ -30,7 +30,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 @dataclass
-class LoraConfig:
+class LowRankConfig:
+    """The low-rank update LoRA and QLoRA share (QLoRA's config adds the base's 4-bit format)."""
     r: int = 8
     """Rank of the update."""
     alpha: float = 32
@@ -41,18 +42,28 @@ class LoraConfig:
                                                                     "gate_proj", "up_proj", "down_proj"])
     """Module names to adapt, or `all-linear`. Names absent from the architecture are dropped;
     if none is present, tunelab falls back to the architecture's projections it can find."""
-    dora: bool = False
-    """Weight-decomposed LoRA (DoRA): better at low rank, slower."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r)."""
+
+    FLAG: ClassVar[str] = "method.lora"
+    """The flag prefix validation errors name (`--method.lora.r`, `--method.qlora.r`)."""
+
+    def __post_init__(self) -> None:
+        check(self.r > 0, f"{self.FLAG}.r", "> 0", self.r)
+        check(self.alpha > 0, f"{self.FLAG}.alpha", "> 0", self.alpha)
+        check(0 <= self.dropout < 1, f"{self.FLAG}.dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass
+class LoraConfig(LowRankConfig):
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): better at low rank, slower."""
     init: str = "default"
     """Adapter initialisation: default (B = 0), gaussian, pissa or olora (start from the weight's
     principal / orthonormal directions; saved as a plain rank-2r LoRA of the untouched base)."""
 
     def __post_init__(self) -> None:
-        check(self.r > 0, "method.lora.r", "> 0", self.r)
-        check(self.alpha > 0, "method.lora.alpha", "> 0", self.alpha)
-        check(0 <= self.dropout < 1, "method.lora.dropout", "in [0, 1)", self.dropout)
+        super().__post_init__()
         check(self.init in ("default", "gaussian", "pissa", "olora"), "method.lora.init",
               "one of default, gaussian, pissa, olora", self.init)
 

@@ -23,6 +23,8 @@ def load_peft(base: torch.nn.Module, directory: Path, trainable: bool = False) -
     return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
 
 
+# `virtual_tokens` imports torch and peft at its top: read inside these functions, so that
+# `tunelab --help` (which reads the method configs) never waits for them.
 def apply_virtual(model: torch.nn.Module, peft_config) -> torch.nn.Module:
     from . import virtual_tokens
 

@@ -8,8 +8,8 @@ saved so training can continue. Shared machinery is in `virtual_tokens.py`.
 The prefix starts as the keys and values the base itself computes for a few real tokens
 (`init: activations`, as Li & Liang found best), not PEFT's N(0, 1) embedding: random keys
 and values in every layer, attended by every query, cost the model more than a short
-training run wins back. On SmolLM2-135M-Instruct (H200, bench/learning_matrix.py) PEFT's
-init left the held-out loss above the base's after 24 steps (docs/PERFORMANCE.md).
+training run wins back: PEFT's init left the held-out loss above the base's after a short
+run (bench/learning_matrix.py; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Defaults are the reference recipe's: PEFT's PromptEncoder, 10 virtual tokens, MLP
 reparameterization with hidden size 1024, dropout 0.1 (an LSTM encoder is an option).
 The adapter is not a weight change, so it cannot be merged. It trains on packed rows:
-each row of a pack starts with its own virtual tokens (`fastpath.with_prompt`), the
+each row of a pack starts with its own virtual tokens (`accel.loss.with_prompt`), the
 layout PEFT gives a padded row. Shared machinery (generation
 that injects the tokens, the guard against model-specific helpers, resumable saves) is
 in `virtual_tokens.py`.

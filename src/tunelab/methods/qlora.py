@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import ClassVar, Literal
 
 # torch is imported inside the functions that use it (annotations are strings), so that
 # `tunelab VERB --help` never waits for it.
@@ -28,27 +28,17 @@ from .registry import Capabilities, Method, model_device, register
 
 
 @dataclass
-class QLoraConfig:
-    r: int = 8
-    """Rank of the update."""
-    alpha: float = 32
-    """Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
-    dropout: float = 0.1
-    """Dropout on the adapter's input."""
-    targets: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"])
-    """Module names to adapt, or `all-linear` (as for LoRA)."""
-    rslora: bool = False
-    """Rank-stabilized scaling alpha / sqrt(r)."""
+class QLoraConfig(lora.LowRankConfig):
+    """LoRA's low-rank update (r, alpha, dropout, targets, rslora) on a 4-bit base."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit format of the base weights: NF4 (normal-float, QLoRA's) or FP4."""
     double_quant: bool = True
     """Quantize the quantization scales too (saves about 0.4 bit a parameter)."""
 
+    FLAG: ClassVar[str] = "method.qlora"
+
     def __post_init__(self) -> None:
-        check(self.r > 0, "method.qlora.r", "> 0", self.r)
-        check(self.alpha > 0, "method.qlora.alpha", "> 0", self.alpha)
-        check(0 <= self.dropout < 1, "method.qlora.dropout", "in [0, 1)", self.dropout)
+        super().__post_init__()
         check(self.quant_type in ("nf4", "fp4"), "method.qlora.quant_type", "nf4 or fp4", self.quant_type)
 
     def as_lora(self) -> lora.LoraConfig:

@@ -1,12 +1,12 @@
 """Decoding with a batch that refills itself (continuous batching): the CPU's decoding path.
 
-A CPU decoding step of a small model costs a fixed part (every weight read once: ~100 ms for
-a 135M model in fp32 on two cores) plus a part per row (docs/PERFORMANCE.md). A batch that
+A CPU decoding step of a small model costs a fixed part (every weight read once) plus a part
+per row (docs/PERFORMANCE.md). A batch that
 waits for its longest answer pays the fixed part for a few rows at its end. Here a row that
 ends its turn frees its place at once and a waiting prompt takes it, so the batch stays full
 until the prompts run out; then the rows still answering are packed into a smaller batch.
 
-The keys and values live in fixed buffers (`static_decode.SlotCache`) used as a ring of
+The keys and values live in fixed buffers (`static.SlotCache`) used as a ring of
 `capacity` columns: every step writes each row's new token at the ring's next column, so
 nothing is copied as the answers grow (a growing cache copies itself at every step). Which
 columns are a row's own is in its mask row; attention ignores the order of columns (keys
@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from transformers import DynamicCache
 
-from .static_decode import SlotCache, capacity_for, pick, static_attention_in
+from .static import SlotCache, capacity_for, pick, static_attention_in
 
 
 class Ring:
@@ -154,8 +155,6 @@ def decode(engine, model, adapter: str, prompts: list[list[int]], gen, batch_siz
            ignore_eos: bool = False, finished: Optional[Callable[[int], None]] = None) -> list[list[int]]:
     """The new tokens of every prompt (stop token included), at most `batch_size` rows at a
     time, prompts joining in the given order. `finished(n)` is told as n answers end."""
-    from transformers import DynamicCache
-
     device = engine.device
     if seed is not None:
         torch.manual_seed(seed)

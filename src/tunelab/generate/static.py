@@ -35,6 +35,10 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .prefill import left_pad, shared_prefix_length
 
 ATTENTION = "tunelab_static"
 
@@ -45,8 +49,6 @@ def static_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     [batch, kv_heads, columns, dim], a boolean mask [batch, 1, q, columns]; returns [batch, q,
     heads, dim]. With one query position, the `heads / kv_heads` query heads of a group become
     that group's query rows, so no key or value is repeated."""
-    import torch.nn.functional as F
-
     batch, heads, length, dim = query.shape
     groups = heads // key.shape[1]
     if length == 1 and groups > 1:
@@ -62,8 +64,6 @@ def static_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 @contextmanager
 def static_attention_in(model):
     """`model` (every sub-model) attends with `static_attention` meanwhile."""
-    from transformers import AttentionInterface
-
     AttentionInterface.register(ATTENTION, static_attention)
     configs = {id(c): c for m in model.modules()
                if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
@@ -154,8 +154,6 @@ class StaticDecoder:
         through `static_attention_in`). Every row stays in the batch until all have ended their
         turn (checked every 8 steps); each answer is cut after its first stop token. Tokens
         are picked exactly as in `Engine._decode`."""
-        from .generate import left_pad
-
         engine, device = self.engine, self.engine.device
         if seed is not None:
             torch.manual_seed(seed)
@@ -192,8 +190,6 @@ class StaticDecoder:
         """Run the prompts into a Slots' cache; returns it, the last position's logits [rows,
         vocab] and the first free column. The prompts' shared beginning (after the adapter's
         virtual tokens) is computed once, as in `Engine._prefill`."""
-        from .generate import left_pad, shared_prefix_length
-
         engine, device = self.engine, self.engine.device
         slots = self._slots(len(prompts), capacity)
         cache = slots.cache

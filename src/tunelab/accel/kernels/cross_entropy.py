@@ -62,13 +62,10 @@ if triton is not None:
                 tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < vocab)
 
 
-USE_TRITON = True
-"""Off: the torch path everywhere (a benchmark lever)."""
-
-
-def triton_usable(logits: torch.Tensor) -> bool:
-    """The Triton kernel runs on these logits (CUDA, Triton installed)."""
-    return USE_TRITON and triton is not None and logits.is_cuda
+def triton_usable(logits: torch.Tensor, wanted: bool = True) -> bool:
+    """The Triton kernel runs on these logits (`wanted`, CUDA, Triton installed); `wanted`
+    False (`Levers.triton_cross_entropy`) takes the torch path everywhere."""
+    return wanted and triton is not None and logits.is_cuda
 
 
 def rows_loss_triton(logits: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor | None,
@@ -112,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, row_weights=None):
+    def forward(ctx, hidden, weight, bias, targets, chunk, row_weights=None, use_triton=True):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_grad = need_hidden or need_weight or need_bias
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -124,7 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             w = None if row_weights is None else row_weights[start:start + chunk]
             logits = F.linear(h, weight, bias)
-            if triton_usable(logits):
+            if triton_usable(logits, use_triton):
                 total += rows_loss_triton(logits, t, w, need_grad).sum()
                 grad = logits  # now holds the gradient, in the logits' dtype
             else:
@@ -149,14 +146,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
+                         use_triton: bool = True) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, never holding
     more than `LOGIT_ELEMENTS` logits. hidden [N, H], weight [V, H], targets [N] (no -100);
-    `row_weights` [N] scales each row's loss (0 drops a row of fixed-size inputs)."""
+    `row_weights` [N] scales each row's loss (0 drops a row of fixed-size inputs);
+    `use_triton` False: the torch path even on CUDA."""
     chunk = max(1, LOGIT_ELEMENTS // weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, bias, targets, chunk, row_weights)
+        return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, bias, targets, chunk, row_weights,
+                                        use_triton)

@@ -1,8 +1,8 @@
 """CUDA-graph replay of packed training micro-batches: the step without the launch overhead.
 
-A LoRA step on a 1.5B model issues some 35,000 PyTorch operations (every adapter adds a
-dozen small ones per projection) for ~2,700 tokens, so eager mode spends most of the step
-launching kernels, not running them. `GraphedSteps` captures the forward and backward of
+A LoRA step issues tens of thousands of PyTorch operations (every adapter adds a dozen
+small ones per projection) for a few thousand tokens, so eager mode spends most of the step
+launching kernels, not running them (docs/PERFORMANCE.md). `GraphedSteps` captures the forward and backward of
 one packed micro-batch as a CUDA graph and replays it: one launch instead of thousands.
 
 A graph needs fixed shapes, so each micro-batch is padded up to buckets (tokens to a
@@ -23,7 +23,10 @@ from contextlib import nullcontext
 
 import torch
 
-IGNORE = -100
+from ..data.template import IGNORE
+from .kernels.cross_entropy import linear_cross_entropy
+from .loss import with_prompt
+
 TOKEN_BUCKET, SUPERVISED_BUCKET, BOUNDARY_BUCKET, LENGTH_BUCKET = 128, 512, 16, 128
 
 
@@ -75,8 +78,7 @@ class GraphedSteps:
 
     # -- the captured computation -------------------------------------------------------
     def _body(self, static: dict, longest: int):
-        from .fastpath import linear_cross_entropy, with_prompt
-        # Fused LoRA's compute copies are rebuilt by the forward itself (`lora_fused`), so the
+        # Fused LoRA's compute copies are rebuilt by the forward itself (`lora.py`), so the
         # capture holds that rebuild and every replay reads the weights the optimizer left.
         with self.autocast:
             inputs = {"input_ids": static["input_ids"], "position_ids": static["position_ids"]}
@@ -86,7 +88,7 @@ class GraphedSteps:
                                 max_length_q=longest, max_length_k=longest, use_cache=False).last_hidden_state
             hidden = hidden[0].index_select(0, static["positions"])
             loss = linear_cross_entropy(hidden, self.head.weight, static["targets"], self.head.bias,
-                                        static["row_weights"]) * static["scale"]
+                                        static["row_weights"], self.plan.triton_cross_entropy) * static["scale"]
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss.detach(), grads
 

@@ -5,8 +5,8 @@ first, left-padded into batches and decoded with a KV cache until the template's
 token, never through a model-specific chat helper. `complete` decodes by a short loop over
 the model's forward that does what `generate` does, plus: the prompts' shared beginning
 (system prompt, template header) is computed once per batch; on a CPU a row leaves the batch
-once it has ended its turn and a waiting prompt takes its place (`dynamic_decode.py`); on a
-GPU every step is one CUDA graph over fixed buffers (`static_decode.py`). Streaming (chat)
+once it has ended its turn and a waiting prompt takes its place (`ring.py`); on a
+GPU every step is one CUDA graph over fixed buffers (`static.py`). Streaming (chat)
 and prefix tuning go through the model's own `generate`.
 
 One base model stays in memory and several adapters share it, switched by name:
@@ -41,12 +41,17 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+from peft import PeftModel
 
-from .config import GenerationConfig
-from . import dynamic_decode
-from .data.template import ChatFormat
-from .methods.virtual_tokens import virtual_token_embeddings
-from .static_decode import StaticDecoder, decodable, static_attention_in
+from ..config import GenerationConfig
+from ..data.template import ChatFormat
+from ..methods import get
+from ..methods.virtual_tokens import virtual_token_embeddings
+from ..models import load_model, load_tokenizer
+from ..runs import RunDir, check_adapter, check_adapter_files, check_base, run_model_config
+from . import ring
+from .prefill import left_pad, shared_prefix_length
+from .static import StaticDecoder, decodable, static_attention_in
 
 BASE = "base"
 """The adapter name that means: the base model alone."""
@@ -62,6 +67,7 @@ class Engine:
         self.format = ChatFormat(tokenizer)
         self.base = model
         self.lora = None  # the PEFT model holding every weight-delta adapter, once there is one
+        self.delta_type: Optional[str] = None  # their PEFT type (a method's declared `peft_type`)
         self.virtual: dict[str, torch.Tensor] = {}  # name -> [n_virtual, hidden] input embeddings
         self.prefix: dict = {}  # name -> its prefix-tuning PEFT model around `self.base`
         self.active = BASE
@@ -72,8 +78,10 @@ class Engine:
         if _is_peft(model):
             name = model.active_adapter
             self.base = model.get_base_model()
+            # No method is named here, so the model handed in says what it holds.
             if not model.active_peft_config.is_prompt_learning:
                 self.lora = model
+                self.delta_type = model.active_peft_config.peft_type.value
             else:
                 self._keep_prompt(name, model)
             self.active = name
@@ -85,7 +93,7 @@ class Engine:
         accepted = inspect.signature(self.base.forward).parameters
         self.cache_name = "cache" if "cache" in accepted else "past_key_values"
         self.keeps_logits = "logits_to_keep" in accepted  # else the head runs on every position
-        # On a GPU, batches decode through fixed buffers, each step one CUDA graph (static_decode.py)
+        # On a GPU, batches decode through fixed buffers, each step one CUDA graph (static.py)
         self.static = self.device.type == "cuda" and decodable(self.base)
         self.decoder = StaticDecoder(self, graphs=self.device.type == "cuda")
 
@@ -105,9 +113,6 @@ class Engine:
                 template the runs were trained with; with no runs, the model's).
         """
         from transformers import AutoTokenizer
-
-        from .models import load_model, load_tokenizer
-        from .runs import RunDir, run_model_config
 
         if model is None:
             if not runs:
@@ -134,9 +139,6 @@ class Engine:
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
         """Load a finished run's adapter onto the base, under `name` (weights are not reloaded);
         a freeze or full run's weights replace the base's, on an engine holding nothing else."""
-        from .methods import get
-        from .runs import RunDir, check_adapter, check_adapter_files, check_base
-
         if name in self.adapters:
             raise ValueError(f"adapter name {name!r} is taken (names in use: {self.adapters})")
         run_dir = RunDir(Path(run))
@@ -166,7 +168,7 @@ class Engine:
         if kind == "whole_model":
             self._replace_base_weights(name, method, run_dir.adapter)
         elif kind == "weight_delta":
-            self._add_weight_delta(name, run_dir.adapter)
+            self._add_weight_delta(name, method, run_dir.adapter)
         else:
             self._add_virtual_tokens(name, method, run_dir.adapter)
         self.base.eval()
@@ -174,18 +176,17 @@ class Engine:
             column_major_weights(self.base)
         self.decoder.clear()  # graphs captured before hold the modules of before
 
-    def _add_weight_delta(self, name: str, adapter: Path) -> None:
-        """Weight deltas of one PEFT type share the injected layers of one PEFT model."""
-        from peft import PeftConfig, PeftModel
-
+    def _add_weight_delta(self, name: str, method, adapter: Path) -> None:
+        """Weight deltas of one PEFT type (the method's declared `peft_type`) share the injected
+        layers of one PEFT model."""
+        kind = method.capabilities.peft_type
         if self.lora is None:
             self.lora = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+            self.delta_type = kind
             return
-        kind = PeftConfig.from_pretrained(str(adapter)).peft_type
-        held = next(iter(self.lora.peft_config.values())).peft_type
-        if kind != held:
-            raise ValueError(f"this engine holds {held.value} adapters and PEFT cannot switch between "
-                             f"those and {kind.value} on one model; use a second Engine for {name!r}")
+        if kind != self.delta_type:
+            raise ValueError(f"this engine holds {self.delta_type} adapters and PEFT cannot switch between "
+                             f"those and {kind} on one model; use a second Engine for {name!r}")
         self.lora.load_adapter(str(adapter), adapter_name=name)
 
     def _replace_base_weights(self, name: str, method, adapter: Path) -> None:
@@ -341,8 +342,8 @@ class Engine:
         """The new token ids for each prompt (already rendered ids), cut before the stop token.
 
         Prompts are taken shortest first. On a CPU, one batch of at most `batch_size` rows
-        refills itself as answers end (dynamic_decode.py); on a GPU, batches of `batch_size`
-        decode through fixed buffers and CUDA graphs (static_decode.py). Sampled decoding is
+        refills itself as answers end (ring.py); on a GPU, batches of `batch_size`
+        decode through fixed buffers and CUDA graphs (static.py). Sampled decoding is
         reproducible: the same prompts, batch size and device give the same answers.
         """
         gen = gen or GenerationConfig()
@@ -371,7 +372,7 @@ class Engine:
                 else:
                     seed = gen.seed if gen.temperature > 0 else None
                     with self._serving(adapter) as model:
-                        new = dynamic_decode.decode(self, model, adapter, [prompts[i] for i in order], gen,
+                        new = ring.decode(self, model, adapter, [prompts[i] for i in order], gen,
                                                     batch_size, seed, ignore_eos, bar.update if bar else None)
                 for row, i in enumerate(order):
                     answers[i] = new[row] if ignore_eos else self.cut_at_stop(new[row])
@@ -441,7 +442,7 @@ class Engine:
     def _decode(self, prompts: list[list[int]], adapter: str, gen: GenerationConfig, seed: Optional[int],
                 ignore_eos: bool = False) -> list[list[int]]:
         """The new tokens of one batch of prompts (stop token included): through fixed buffers
-        and CUDA graphs (static_decode.py), or, for prefix tuning, its own `generate`."""
+        and CUDA graphs (static.py), or, for prefix tuning, its own `generate`."""
         if adapter in self.prefix:  # its keys and values: only its own generate places them
             ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
             return self._run(ids, mask, adapter, seed, **self._generate_kwargs(gen, ignore_eos)).tolist()
@@ -512,29 +513,9 @@ class Engine:
             raise failed[0]
 
 
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each at least one token of its own."""
-    shortest = min(len(p) for p in prompts)
-    first = prompts[0]
-    for n in range(shortest - 1):
-        if any(p[n] != first[n] for p in prompts):
-            return n
-    return max(shortest - 1, 0)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt)
-        mask[i, width - len(prompt):] = 1
-    return ids, mask
-
-
 def column_major_weights(model: torch.nn.Module) -> None:
     """Store every fp32 Linear weight [out, in] column-major: the same values, transposed in
-    memory. On a CPU, MKL multiplies a few rows (a decoding step's) by that layout 2-4x faster
+    memory. On a CPU, MKL multiplies a few rows (a decoding step's) by that layout faster
     than by the row-major one (docs/PERFORMANCE.md, Evaluation); many rows, as fast."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -544,8 +525,4 @@ def column_major_weights(model: torch.nn.Module) -> None:
 
 
 def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
     return isinstance(model, PeftModel)

@@ -1,4 +1,4 @@
-"""The dropout of fused LoRA (`lora_fused.py`) as Triton kernels on CUDA; torch ops elsewhere.
+"""The dropout of fused LoRA (`accel/lora.py`) as Triton kernels on CUDA; torch ops elsewhere.
 
 A group of G projections reading one input x [T, in] needs, with LoRA's dropout p and G
 independent masks m_g,
@@ -23,7 +23,7 @@ The default path (measured, docs/PERFORMANCE.md):
   nothing of size [G, T, in] is written.
 
 The kept copies and byte masks (3 G bytes an element of x, held for the backward) are most
-of a LoRA step's activation memory. `FUSED` switches to a pair that keeps neither:
+of a LoRA step's activation memory. `bits=True` switches to a pair that keeps neither:
 
 - `_dropout_low`: reads x, draws the same kind of masks, multiplies the kept x by A_g on
   the tensor cores and keeps the masks as bits (G/8 bytes an element of x);
@@ -41,7 +41,6 @@ every kernel on the CPU through Triton's interpreter against the torch ops it re
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 
@@ -51,13 +50,11 @@ try:
 except ImportError:
     triton = None
 
-USE_TRITON = True
-"""Off: torch ops everywhere (a benchmark lever)."""
-
-FUSED = False
-"""On: the fused pair (`_dropout_low`, `_dropout_low_backward`: no kept copies, masks as bits;
-less memory, 4% slower on an H200); off: `_dropout_copies` and `_masked_low_rank_sum` with
-batched matmuls. `--train.lora_dropout_kernel bits` turns it on for a run (`dropout_kernel`)."""
+# Two choices reach every function below as arguments (from `accel.Levers`, through the fused
+# LoRA groups): `triton_kernels` (False: torch ops everywhere, `Levers.triton_lora_dropout`) and, for
+# `dropout_low`, `bits` (True: the fused pair `_dropout_low` / `_dropout_low_backward`, no
+# kept copies, masks as bits, less memory and a little slower, docs/PERFORMANCE.md; False:
+# `_dropout_copies` and `_masked_low_rank_sum` with batched matmuls; `--train.lora_dropout_kernel`).
 
 # launch settings (`bench/kernels_bench.py --sweep` times the alternatives):
 _BLOCK, _COPIES_WARPS = 8192, 8  # elements of x per program of `dropout_copies` (8 per Philox counter)
@@ -73,7 +70,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the tests' CPU runs
 
 def usable(x: torch.Tensor) -> bool:
     """The Triton kernels run on `x` (CUDA, Triton installed)."""
-    return USE_TRITON and triton is not None and x.is_cuda
+    return triton is not None and x.is_cuda
 
 
 if triton is not None:
@@ -247,17 +244,6 @@ if triton is not None:
                 tl.store(out_ptr + r[:, None] * width + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=both)
 
 
-@contextmanager
-def dropout_kernel(kind: str):
-    """`FUSED` on for `bits`, off for `copies`, inside the block; as it was after."""
-    global FUSED
-    before, FUSED = FUSED, kind == "bits"
-    try:
-        yield
-    finally:
-        FUSED = before
-
-
 def _threshold(p: float) -> int:
     """The kernels drop an element when its 16 random bits fall below this."""
     return round(p * 65536)
@@ -268,12 +254,13 @@ def _kept_scale(p: float) -> float:
     return 65536 / (65536 - _threshold(p))
 
 
-def dropout_copies(rows: torch.Tensor, p: float, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_copies(rows: torch.Tensor, p: float, copies: int,
+                   triton_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`copies` independent dropout draws of `rows` [T, in]: (kept values scaled by 1/(1-p),
     [copies, T, in]; boolean masks, same shape). The Triton kernel drops with probability p
     rounded to a multiple of 1/65536 (0.1 -> 0.1000061) and scales by the inverse of what
     it keeps, so the expectation is exact."""
-    if not usable(rows) or copies * rows.numel() >= 2**31:
+    if not (triton_kernels and usable(rows)) or copies * rows.numel() >= 2**31:
         return torch.native_dropout(rows.expand(copies, *rows.shape), p, True)
     rows = rows.contiguous()
     kept = torch.empty((copies, *rows.shape), dtype=rows.dtype, device=rows.device)
@@ -286,14 +273,14 @@ def dropout_copies(rows: torch.Tensor, p: float, copies: int) -> tuple[torch.Ten
 
 
 def masked_low_rank_sum(grad_low: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None,
-                        p: float, add: torch.Tensor | None = None) -> torch.Tensor:
+                        p: float, add: torch.Tensor | None = None, triton_kernels: bool = True) -> torch.Tensor:
     """sum_g mask_g * (grad_low_g @ a_g) / (1 - p) (+ add): grad_low [G, T, r], a [G, r, in],
     mask [G, T, in] bool or None (no dropout), add [T, in] with unit column stride or None
     -> a new [T, in] in grad_low's dtype. The masks are those `dropout_copies` returned, so
     1/(1-p) is applied as the kept values were scaled (the rounded p on CUDA)."""
     copies, rows, rank = grad_low.shape
     width = a.shape[-1]
-    if not usable(grad_low) or copies * rows * width >= 2**31:
+    if not (triton_kernels and usable(grad_low)) or copies * rows * width >= 2**31:
         back = torch.bmm(grad_low, a)
         if mask is not None:
             back = torch.ops.aten.native_dropout_backward(back, mask, 1.0 / (1.0 - p))
@@ -324,15 +311,16 @@ def unpack(bits: torch.Tensor, width: int) -> torch.Tensor:
     return flags.reshape(copies, rows, -1)[..., :width].bool()
 
 
-def dropout_low(rows: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor, tuple]:
+def dropout_low(rows: torch.Tensor, a: torch.Tensor, p: float, bits: bool = False,
+                triton_kernels: bool = True) -> tuple[torch.Tensor, tuple]:
     """low [G, T, r] = dropout_g(rows) @ a_g^T for rows [T, in] and a [G, r, in], and what
     `dropout_low_backward` needs of the draw: () when p is 0; (bits,) from the fused kernel
-    (`FUSED` on CUDA); else (kept copies [G, T, in], boolean masks [G, T, in])."""
+    (`bits` on CUDA); else (kept copies [G, T, in], boolean masks [G, T, in])."""
     copies, rank, width = a.shape
     if p == 0:
         return (rows @ a.reshape(copies * rank, width).t()).view(-1, copies, rank).transpose(0, 1), ()
-    if not (FUSED and usable(rows)):
-        dropped, mask = dropout_copies(rows, p, copies)
+    if not (bits and triton_kernels and usable(rows)):
+        dropped, mask = dropout_copies(rows, p, copies, triton_kernels)
         return torch.bmm(dropped, a.transpose(1, 2)), (dropped, mask)
     rows, a = rows.contiguous(), a.contiguous()
     tokens = rows.shape[0]
@@ -354,7 +342,8 @@ def dropout_low(rows: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Te
 
 
 def dropout_low_backward(grad_low: torch.Tensor, a: torch.Tensor, drawn: tuple, rows: torch.Tensor, p: float,
-                         scale: float | torch.Tensor, add: torch.Tensor | None = None, need_x: bool = True):
+                         scale: float | torch.Tensor, add: torch.Tensor | None = None, need_x: bool = True,
+                         triton_kernels: bool = True):
     """(grad_x, grad_a) of `dropout_low` for grad_low [G, T, r] and its `drawn`: grad_x
     [T, in] in grad_low's dtype (+ add, a [T, in] with unit column stride; None unless
     need_x), and grad_a = scale * grad_low^T dropout(rows) [G, r, in] in fp32 (scale: a
@@ -372,7 +361,8 @@ def dropout_low_backward(grad_low: torch.Tensor, a: torch.Tensor, drawn: tuple, 
     if len(drawn) == 2:  # kept copies and masks
         dropped, mask = drawn
         grad_a = fp32_product(torch.bmm, grad_low.transpose(1, 2), dropped).mul_(scale)
-        return (masked_low_rank_sum(grad_low, a, mask, p, add=add) if need_x else None), grad_a
+        grad_x = masked_low_rank_sum(grad_low, a, mask, p, add=add, triton_kernels=triton_kernels) if need_x else None
+        return grad_x, grad_a
     (bits,) = drawn
     n_bytes = bits.shape[-1]
     if add is not None and need_x:

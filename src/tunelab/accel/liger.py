@@ -4,15 +4,14 @@ Eager PyTorch runs a decoder layer's RMSNorm as eight kernels forward and a doze
 RoPE as a dozen, SwiGLU as five: on a packed LoRA step of a few thousand tokens those small
 kernels, not the matmuls, set the speed. liger-kernel (the optional extra `tunelab[liger]`)
 has one Triton kernel for each, forward and backward; they run inside tunelab's CUDA graphs
-like any other kernel and need no compilation step (docs/PERFORMANCE.md: +28% tokens/s for
-LoRA on a 1.5B shape).
+like any other kernel and need no compilation step (the gain: docs/PERFORMANCE.md).
 
 liger applies itself by patching the model instance (its norms and MLPs) and the model's
 modeling module (RoPE is a module-level function there, and the norm and MLP classes are
 swapped for any model built later). `liger(...)` keeps the instance patches for the run and
 puts the modeling module's globals back when the run ends, so a model loaded afterwards in
 the same process (evaluation, merging, on any device) is plain transformers again.
-Norms whose weight is frozen (every PEFT method) run `rms_norm.py`'s kernels instead of
+Norms whose weight is frozen (every PEFT method) run `kernels/rms_norm.py`'s kernels instead of
 liger's: the same arithmetic, no weight gradient, a program a row.
 """
 
@@ -24,8 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
-from . import rms_norm
-from .config import ConfigError
+from ..config import ConfigError
+from .kernels import rms_norm
 
 EXTRA = "pip install 'tunelab[liger]'"
 
@@ -75,9 +74,10 @@ def module_globals_restored(module):
 
 
 @contextmanager
-def liger(model: torch.nn.Module, choice: str, device: torch.device):
+def liger(model: torch.nn.Module, choice: str, device: torch.device, fast_norm: bool = True):
     """Within the block, `model` (a transformers model, not a PEFT wrapper) runs liger's
-    RMSNorm, RoPE and SwiGLU when `choice` asks for them (`wanted`); yields whether it does."""
+    RMSNorm, RoPE and SwiGLU when `choice` asks for them (`wanted`); yields whether it does.
+    `fast_norm` (`Levers.triton_rms_norm`): frozen norms through `kernels.rms_norm`."""
     if not wanted(choice, model, device):
         yield False
         return
@@ -86,5 +86,5 @@ def liger(model: torch.nn.Module, choice: str, device: torch.device):
     accepted = inspect.signature(apply).parameters
     with module_globals_restored(sys.modules[type(model).__module__]):
         apply(model=model, **{k: v for k, v in options.items() if k in accepted})
-        with rms_norm.fast_norms(model):  # liger's norm backward, without the weight gradient, faster
+        with rms_norm.fast_norms(model, fast_norm):  # liger's norm backward, without the weight gradient, faster
             yield True

@@ -14,11 +14,11 @@ found by watching one probe forward, so no architecture is named here),
     y_g = x W_g^T + b_g + s_g * (dropout_g(x) A_g^T) B_g^T
 
 with every dropout mask of the group drawn by one kernel (each projection its own mask,
-as PEFT draws them; `lora_kernels.py`), the G low-rank products as one batched matmul, the
+as PEFT draws them; `kernels/lora_dropout.py`), the G low-rank products as one batched matmul, the
 adapter product added by the matmul that computes it (`addmm_`), and a hand-written
 backward: the adapters' part of the input gradient of all G projections in one kernel,
 the base part added by the matmuls themselves, A's gradients in one batched matmul,
-written in fp32 by the matmul where torch can. (`lora_kernels.FUSED`, on with
+written in fp32 by the matmul where torch can. (`fuse(..., dropout_bits=True)`, on with
 `--train.lora_dropout_kernel bits`, draws the masks and computes the low-rank products in
 one kernel and keeps only mask bits for a backward kernel that gives both gradients: less
 memory, a little slower.)
@@ -51,14 +51,14 @@ from contextlib import contextmanager
 
 import torch
 
-from .lora_kernels import dropout_low, dropout_low_backward, fp32_product
+from .kernels.lora_dropout import dropout_low, dropout_low_backward, fp32_product
 
 
 FOLD_RATIO = 4
 """A group folds B into its base matmuls when its outputs are together at least this many
-times as wide as its input: gate/up on Qwen2 shapes. 1 folds q/k/v and o too: 0.5% slower on
-an H200 (docs/PERFORMANCE.md), as building [x | low] costs what the adapter's passes over
-outputs that narrow saved."""
+times as wide as its input: gate/up on Qwen2 shapes. 1 folds q/k/v and o too: slower
+(docs/PERFORMANCE.md), as building [x | low] costs what the adapter's passes over outputs
+that narrow saved."""
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -68,7 +68,8 @@ class _LoraGroup(torch.autograd.Function):
     def forward(ctx, x, group, p: float, *adapters):  # adapters: A_1..A_G, B_1..B_G (for their grads)
         a, b = group.copies()  # [G, r, in] (scale folded in), list of [N_g, r]
         rows = x.reshape(-1, x.shape[-1]).to(a.dtype)
-        low, drawn = dropout_low(rows, a, p)  # [G, T, r]; the masks as the backward needs them
+        # [G, T, r]; the masks as the backward needs them
+        low, drawn = dropout_low(rows, a, p, bits=group.dropout_bits, triton_kernels=group.triton_kernels)
         if group.extended is not None:  # B folded into the base matmul: [x | low_1 .. low_G] @ [W_g | B_g]^T
             rows_ext = torch.cat([rows, *low.unbind(0)], dim=1)
         outputs = []
@@ -103,7 +104,8 @@ class _LoraGroup(torch.autograd.Function):
         grad_b = [fp32_product(torch.mm, grads[g].t(), low[g]) for g in range(group.size)]
         need_x = ctx.needs_input_grad[0]
         add = grad_ext[:, :width] if group.extended is not None else None  # the base part, [T, in]
-        grad_x, grad_a = dropout_low_backward(grad_low, a, drawn, rows, p, group.scale, add=add, need_x=need_x)
+        grad_x, grad_a = dropout_low_backward(grad_low, a, drawn, rows, p, group.scale, add=add, need_x=need_x,
+                                              triton_kernels=group.triton_kernels)
         if need_x:
             if group.extended is None:
                 for g, base in enumerate(group.bases):
@@ -184,12 +186,14 @@ class LoraGroup:
         self.b_sources = None  # where `AdapterCopies` builds them, matching `b_blocks`
         self.pending = None  # (input, its version, outputs, members served) of the forward under way
         self.bypass = False  # `bypassed`: PEFT's own forward for a while
+        self.dropout_bits = False  # `kernels.lora_dropout`'s mask-bits pair (`fuse(dropout_bits=)`)
+        self.triton_kernels = True  # its Triton kernels on CUDA (False: torch ops)
 
-    def foldable(self) -> bool:
-        """Worth folding B into the base matmul: outputs together `FOLD_RATIO` times as wide
-        as the input, so the adapter's passes over the outputs (adding its product, and in
-        backward reading their gradient for grad_low) cost more than building [x | low]."""
-        return (sum(self.out_features) >= FOLD_RATIO * self.in_features
+    def foldable(self, ratio: float | None = None) -> bool:
+        """Worth folding B into the base matmul: outputs together `ratio` (`FOLD_RATIO`) times
+        as wide as the input, so the adapter's passes over the outputs (adding its product, and
+        in backward reading their gradient for grad_low) cost more than building [x | low]."""
+        return (sum(self.out_features) >= (FOLD_RATIO if ratio is None else ratio) * self.in_features
                 and all(base.weight.is_contiguous() for base in self.bases))
 
     def fold(self) -> None:
@@ -322,10 +326,13 @@ def shared_input_groups(model: torch.nn.Module, layers: list) -> list[list]:
     return groups
 
 
-def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True) -> int:
+def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True, fold_ratio: float | None = None,
+         dropout_bits: bool = False, triton_kernels: bool = True) -> int:
     """Route every fusable LoRA projection of `model` through `_LoraGroup`; returns how many.
     `group=False` computes every projection alone, `fold=False` never folds B into the base
-    matmul (benchmark levers)."""
+    matmul, `fold_ratio` replaces `FOLD_RATIO` (benchmark levers, `accel.Levers`);
+    `dropout_bits` (`--train.lora_dropout_kernel bits`) draws the dropout with the mask-bits
+    pair, `triton_kernels=False` with torch ops (`kernels/lora_dropout.py`)."""
     layers = [m for m in model.modules() if fusable(m) and not hasattr(m, "_peft_forward")
               and _plain(m) is not None]
     if not layers:
@@ -333,7 +340,8 @@ def fuse(model: torch.nn.Module, group: bool = True, fold: bool = True) -> int:
     members_of = shared_input_groups(model, layers) if group else [[layer] for layer in layers]
     groups = [LoraGroup(members, [_plain(m) for m in members]) for members in members_of]
     for g in groups:
-        if fold and g.foldable():
+        g.dropout_bits, g.triton_kernels = dropout_bits, triton_kernels
+        if fold and g.foldable(fold_ratio):
             g.fold()
     by_store: dict[tuple, list] = {}
     for group in groups:

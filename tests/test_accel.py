@@ -1,4 +1,4 @@
-"""The fast path computes what the padded path computes, token by token.
+"""The fast path (tunelab.accel) computes what the padded path computes, token by token.
 
 Packed rows must not see each other (a leak shows on single tokens of later rows, not in
 an average), the chunked loss must give the loss and gradients of plain cross-entropy, and
@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_model, build_tokenizer
-from tunelab import fastpath, graphs
+from tunelab import accel
+from tunelab.accel import graphs
+from tunelab.accel.attention import use_varlen_attention
+from tunelab.accel.loss import LossPlan, plan_loss, token_loss_sum
 from tunelab.config import ConfigError, TrainConfig
 from tunelab.data import ChatFormat, Rendered
-from tunelab.fastpath import (LossPlan, pack_rows, packed_inputs, padded_inputs,
-                              plan_loss, token_loss_sum)
+from tunelab.data.packing import pack_rows, packed_inputs, padded_inputs
 from tunelab.methods import get
 from tunelab.methods.lora import LoraConfig
 
@@ -55,7 +57,7 @@ def test_packed_matches_padded_token_by_token(rows, arch):
     net = lora(arch).eval()
     padded_plan = plan_loss(net, CPU, nullcontext())
     padded = per_token(net, padded_inputs(rows, pad_id=0), padded_plan)
-    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    fast = accel.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
     assert fast.packed and fast.varlen and fast.loss.trunk is not None
     packed = per_token(net, packed_inputs(rows), fast.loss)
     assert packed.shape == padded.shape == (sum(r.num_supervised for r in rows),)
@@ -71,7 +73,7 @@ def test_the_check_catches_attention_across_rows(rows):
     leaky = packed_inputs(rows)
     for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
         leaky.pop(key)
-    fastpath.use_varlen_attention(net)
+    use_varlen_attention(net)
     diff = (per_token(net, leaky, plan) - padded).abs()
     first = rows[0].num_supervised
     assert diff[:first].max() < 1e-5
@@ -82,7 +84,7 @@ def test_padding_is_dropped_not_attended(rows):
     net = lora().eval()
     plan = plan_loss(net, CPU, nullcontext())
     reference = per_token(net, padded_inputs(rows, pad_id=0), plan)  # SDPA with its padding mask
-    fastpath.use_varlen_attention(net, padded=True)
+    use_varlen_attention(net, padded=True)
     torch.testing.assert_close(per_token(net, padded_inputs(rows, pad_id=0), plan), reference,
                                rtol=0, atol=1e-5)
 
@@ -104,7 +106,7 @@ def test_packed_step_leaves_the_same_gradients_as_a_padded_step(rows):
     grads = []
     for packing in ("off", "on"):
         net = lora()
-        fast = fastpath.setup(net, packing, True, CPU, nullcontext(), pad_id=0)
+        fast = accel.setup(net, packing, True, CPU, nullcontext(), pad_id=0)
         assert fast.packed == (packing == "on")
         params = [p for p in net.parameters() if p.requires_grad]
         assert len(fast.micro_batches(rows, cfg.micro_batch_size, cfg.micro_batch_tokens)) > 1
@@ -141,21 +143,21 @@ def test_prompt_learning_padded_rows_keep_peft_forward(rows):
 
 def test_packing_on_for_a_method_that_cannot_pack_names_the_flag():
     with pytest.raises(ConfigError, match="--train.packing"):
-        fastpath.setup(lora(), "on", False, CPU, nullcontext(), pad_id=0)
+        accel.setup(lora(), "on", False, CPU, nullcontext(), pad_id=0)
 
 
 def test_auto_packs_only_where_flash_attention_runs():
-    fast = fastpath.setup(lora(), "auto", True, CPU, nullcontext(), pad_id=0)
+    fast = accel.setup(lora(), "auto", True, CPU, nullcontext(), pad_id=0)
     assert not fast.packed and not fast.varlen
     assert isinstance(fast.loss, LossPlan) and fast.loss.trunk is not None
 
 
 def graphed_lora(rows):
     """A LoRA net on the fast path, its `GraphedSteps` and the bucketed inputs of `rows`."""
-    from tunelab.graphs import GraphedSteps
+    from tunelab.accel.graphs import GraphedSteps
 
     net = lora().eval()
-    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    fast = accel.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
     params = [p for p in net.parameters() if p.requires_grad]
     steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
     batch = packed_inputs(rows)
@@ -208,7 +210,7 @@ def test_packed_virtual_tokens_match_peft_padded_rows(rows, method):
         torch.manual_seed(0)
         net = (ptuning() if method == "ptuning"
                else get(method).apply(build_model("qwen2", len(build_tokenizer())), get(method).config_cls()))
-        fast = fastpath.setup(net, packing, True, CPU, nullcontext(), pad_id=0)
+        fast = accel.setup(net, packing, True, CPU, nullcontext(), pad_id=0)
         assert fast.packed == (packing == "on") and fast.loss.prefix > 0
         tokens = per_token(net.eval(), packed_inputs(rows, fast.loss.prefix) if fast.packed
                            else padded_inputs(rows, pad_id=0), fast.loss)
@@ -227,10 +229,10 @@ def test_packed_virtual_tokens_match_peft_padded_rows(rows, method):
 def test_graph_inputs_carry_virtual_tokens(rows):
     """The bucketed graph inputs of packed P-Tuning rows, run eagerly: the packed loss and
     gradients, the padding row included."""
-    from tunelab.graphs import GraphedSteps
+    from tunelab.accel.graphs import GraphedSteps
 
     net = ptuning()
-    fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+    fast = accel.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
     params = [p for p in net.parameters() if p.requires_grad]
     steps = GraphedSteps(net, fast.loss, params, pad_id=0, autocast=nullcontext())
     batch = packed_inputs(rows, fast.loss.prefix)
@@ -250,9 +252,9 @@ def test_compile_layers_keeps_the_loss_and_gradients(rows):
     results = []
     for compiled in (False, True):
         net = lora()
-        fast = fastpath.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
+        fast = accel.setup(net, "on", True, CPU, nullcontext(), pad_id=0)
         if compiled:
-            assert fastpath.compile_layers(fast.loss.trunk, backend="eager") == net.config.num_hidden_layers
+            assert accel.compile_layers(fast.loss.trunk, backend="eager") == net.config.num_hidden_layers
         params = [p for p in net.parameters() if p.requires_grad]
         loss = token_loss_sum(net.eval(), packed_inputs(rows), fast.loss, CPU, nullcontext())
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
@@ -264,7 +266,7 @@ def test_compile_layers_keeps_the_loss_and_gradients(rows):
 
 def test_compile_needs_a_layer_list():
     with pytest.raises(ConfigError, match="--train.compile"):
-        fastpath.compile_layers(torch.nn.Linear(2, 2))
+        accel.compile_layers(torch.nn.Linear(2, 2))
 
 
 def test_graph_gradients_become_param_grads_without_a_copy_only_for_one_micro_batch(rows, monkeypatch):

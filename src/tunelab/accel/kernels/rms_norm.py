@@ -1,11 +1,11 @@
 """RMSNorm with a frozen weight as two Triton kernels, one program a row.
 
-liger-kernel's RMSNorm (`kernels.py`) runs its backward, for fewer than 32,768 rows, as one
+liger-kernel's RMSNorm (`accel/liger.py`) runs its backward, for fewer than 32,768 rows, as one
 program per SM that walks its rows one at a time and sums the weight's gradient: on a packed
-step of ~2,800 tokens of the 1.5B shape that is 16 us a call (H200), three times what reading
-dY and x and writing dx takes, 56 calls a step. Every PEFT method here freezes the norms, so
-no weight gradient is needed, and a grid of one program a row keeps the card's memory busy:
-5.7 us (hidden 3,584: 27.8 -> 13.9 us; the forward as liger's, 4.8 and 11.7 us).
+step of a few thousand tokens that takes several times what reading dY and x and writing dx
+takes, twice a layer. Every PEFT method here freezes the norms, so no weight gradient is
+needed, and a grid of one program a row keeps the card's memory busy (the timings:
+docs/PERFORMANCE.md, "Figures the code refers to").
 
     y = (x * rstd).to(dtype) * (w + offset),   rstd = 1 / sqrt(mean(x^2) + eps)
     dx = rstd * m - rstd^3 / n * sum(m * x) * x,   m = dy * (w + offset)   (fp32 inside)
@@ -29,9 +29,6 @@ try:
     import triton.language as tl
 except ImportError:
     triton = None
-
-USE_TRITON = True
-"""Off: liger's own RMSNorm kernels stay (a benchmark lever)."""
 
 _ROWS, _WARPS = 1, 4  # rows a program, warps (`bench/kernels_bench.py --norm` on an H200: 1-8 rows, 2-8 warps tried)
 
@@ -120,8 +117,9 @@ def eligible(module: torch.nn.Module) -> bool:
 @contextmanager
 def fast_norms(model: torch.nn.Module, enabled: bool = True):
     """Within the block, `model`'s liger llama-cast RMSNorms with a frozen weight run
-    `rms_norm`; yields how many norms were routed."""
-    norms = [m for m in model.modules() if eligible(m)] if enabled and USE_TRITON and triton is not None else []
+    `rms_norm`; yields how many norms were routed. `enabled` False (`Levers.triton_rms_norm`):
+    liger's own RMSNorm kernels stay."""
+    norms = [m for m in model.modules() if eligible(m)] if enabled and triton is not None else []
     for norm in norms:
         norm._liger_forward = norm.forward
         norm.forward = types.MethodType(_fast_forward, norm)
