@@ -104,3 +104,23 @@ def test_a_longer_request_widens_the_ring_under_rows_that_have_wrapped(base, tmp
             engine.complete([short[1]], gen, adapter="base", ignore_eos=True)[0],
             engine.complete([long], gen, adapter="lora", ignore_eos=True)[0]]
     assert [r.tokens for r in first + [late]] == want
+
+
+def test_adapter_names_with_dots_answer_as_plain_names_do(base, tmp_path):
+    """PEFT refuses "." in adapter names; a run named `lora-v1.5` (a label, a directory) is
+    still served, alone and mixed with another adapter, exactly as under a plain name."""
+    lora, lora2 = make_run(tmp_path, base, "lora", 1), make_run(tmp_path, base, "lora2", 2)
+    plain = Engine.from_runs({"a": lora, "b": lora2})
+    dotted = Engine.from_runs({"lora-v1.5": lora, "b.2": lora2})
+    assert dotted.adapters == ["base", "lora-v1.5", "b.2"]
+    prompts = [plain.format.prompt_ids(c) for c in conversations()]
+    for p_name, d_name in [("a", "lora-v1.5"), ("b", "b.2"), ("base", "base")]:
+        assert dotted.complete(prompts, GEN, adapter=d_name) == plain.complete(prompts, GEN, adapter=p_name)
+    batcher = Batcher(dotted, max_rows=8, max_prompt_tokens=128, max_new_tokens=32)
+    jobs = [(p, a) for a in dotted.adapters for p in prompts]
+    requests = submit_all(batcher, jobs)
+    stats = batcher.stats()
+    batcher.close()
+    want = {a: dotted.complete(prompts, GEN, adapter=a) for a in dotted.adapters}
+    assert [dotted.cut_at_stop(r.tokens) for r in requests] == [want[a][prompts.index(p)] for p, a in jobs]
+    assert stats["mixed_steps"] > 0

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import GenerationConfig
-from .generate import BASE, Engine
+from .generate import BASE, Engine, peft_name
 from .generate.ring import Ring
 from .generate.static import capacity_for
 
@@ -274,11 +274,11 @@ class Batcher:
         if len(in_use) > 1:  # (only when the engine mixes: `_admit` saw to it)
             self.mixed_steps += 1
             # PEFT's forward routes each row through its own LoRA, whichever adapter is active
-            names = ["__base__" if n == BASE else n for n in names]
+            names = ["__base__" if n == BASE else peft_name(n) for n in names]
             ring.step(engine, engine.lora, token, adapter_names=names)
         else:  # one adapter: its plain forward (no per-row routing)
             adapter = in_use.pop()
-            if engine.lora is not None and engine.lora.active_adapter == adapter:
+            if engine.lora is not None and engine.lora.active_adapter == peft_name(adapter):
                 ring.step(engine, engine.lora, token)  # (set_adapter walks every module: not each step)
             else:
                 with engine._serving(adapter) as model:

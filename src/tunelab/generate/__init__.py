@@ -54,6 +54,19 @@ from .prefill import left_pad, shared_prefix_length
 from .static import StaticDecoder, decodable, static_attention_in
 
 BASE = "base"
+# PEFT keeps adapters in nn.ModuleDicts, whose keys may not contain "."; a run or label named
+# "lora-v1.5" is still a fine name, so the engine hands PEFT this stand-in for each dot.
+_DOT = "\u2024"
+
+
+def peft_name(name: str) -> str:
+    """The name PEFT knows an engine adapter by."""
+    return name.replace(".", _DOT)
+
+
+def engine_name(key: str) -> str:
+    """The engine's name for the PEFT adapter `key` (`peft_name` undone)."""
+    return key.replace(_DOT, ".")
 """The adapter name that means: the base model alone."""
 
 
@@ -76,7 +89,7 @@ class Engine:
         self.model_cfg = None  # the base's ModelConfig, when known (checks a run trained elsewhere)
         self.device = device or next(model.parameters()).device
         if _is_peft(model):
-            name = model.active_adapter
+            name = engine_name(model.active_adapter)
             self.base = model.get_base_model()
             # No method is named here, so the model handed in says what it holds.
             if not model.active_peft_config.is_prompt_learning:
@@ -133,7 +146,7 @@ class Engine:
     def adapters(self) -> list[str]:
         """Names usable as `adapter=`: `base` (a whole-model run's name instead, once its weights
         replaced the base's), then every added adapter."""
-        deltas = list(self.lora.peft_config) if self.lora is not None else []
+        deltas = [engine_name(k) for k in self.lora.peft_config] if self.lora is not None else []
         return [self.plain] + deltas + list(self.virtual) + list(self.prefix)
 
     def add_adapter(self, name: str, run: Union[str, Path]) -> None:
@@ -181,13 +194,13 @@ class Engine:
         layers of one PEFT model."""
         kind = method.capabilities.peft_type
         if self.lora is None:
-            self.lora = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+            self.lora = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=peft_name(name))
             self.delta_type = kind
             return
         if kind != self.delta_type:
             raise ValueError(f"this engine holds {self.delta_type} adapters and PEFT cannot switch between "
                              f"those and {kind} on one model; use a second Engine for {name!r}")
-        self.lora.load_adapter(str(adapter), adapter_name=name)
+        self.lora.load_adapter(str(adapter), adapter_name=peft_name(name))
 
     def _replace_base_weights(self, name: str, method, adapter: Path) -> None:
         """The run's weights go into the base in place; the engine then serves them as `name`
@@ -267,7 +280,7 @@ class Engine:
             with self._deltas_off():
                 out = self.base.generate(input_ids=ids, attention_mask=mask, **kwargs)
         else:
-            self.lora.set_adapter(adapter)
+            self.lora.set_adapter(peft_name(adapter))
             out = self.lora.generate(input_ids=ids, attention_mask=mask, **kwargs)
         return out[:, ids.shape[1]:]
 
@@ -298,7 +311,7 @@ class Engine:
             with self._deltas_off():
                 yield self.base
         else:
-            self.lora.set_adapter(adapter)
+            self.lora.set_adapter(peft_name(adapter))
             yield self.lora
 
     @torch.no_grad()
