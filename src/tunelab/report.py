@@ -304,10 +304,7 @@ def svg_line_plot(
     xs = [x for rs in runs.values() for run in rs for x, _ in run] + broken
     ys = [y for rs in runs.values() for run in rs for _, y in run]
     esc = html.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
-           f'{height}" role="img" class="plot" font-family="sans-serif" font-size="11"><title>{esc(title)}</title>',
-           f'<rect width="{width}" height="{height}" fill="#fff"/>',
-           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{esc(title)}</text>']
+    out = _svg_open(width, height, left, title)
     if not xs:
         out.append(f'<text x="{left}" y="{top + plot_h / 2}">no data</text></svg>')
         return "\n".join(out)
@@ -346,6 +343,15 @@ def svg_line_plot(
     return "\n".join(out)
 
 
+def _svg_open(width: int, height: int, left: float, title: str) -> list[str]:
+    """A plot's <svg> opening: white background and its title (escaped)."""
+    title = html.escape(title)
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
+            f'{height}" role="img" class="plot" font-family="sans-serif" font-size="11"><title>{title}</title>',
+            f'<rect width="{width}" height="{height}" fill="#fff"/>',
+            f'<text x="{left}" y="18" font-size="13" font-weight="bold">{title}</text>']
+
+
 def _frame(left: float, top: float, plot_w: float, plot_h: float, y_ticks, x_ticks, px, py,
            y_format: str = "g", x_suffix: str = "") -> list[str]:
     """A plot's box, its horizontal grid lines with the y labels, and the x labels."""
@@ -366,10 +372,7 @@ def svg_trade_plot(rows: Sequence[Mapping[str, Any]], width: int = 560, height: 
     left, right, top, bottom = 62, 16, 34, 44
     plot_w, plot_h = width - left - right, height - top - bottom
     title = "persona gain vs general ability kept"
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
-           f'{height}" role="img" class="plot" font-family="sans-serif" font-size="11"><title>{title}</title>',
-           f'<rect width="{width}" height="{height}" fill="#fff"/>',
-           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{title}</text>']
+    out = _svg_open(width, height, left, title)
     if not dots:
         out.append(f'<text x="{left}" y="{top + plot_h / 2}">no run has both scores</text></svg>')
         return "\n".join(out)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from ..data.template import IGNORE
 from .kernels.cross_entropy import linear_cross_entropy
 
@@ -118,18 +117,3 @@ def token_loss_sum(net: torch.nn.Module, batch: dict, plan: LossPlan, device, au
         else:
             logits = net(**batch, use_cache=False).logits[:, plan.prefix:].flatten(0, 1)[positions]
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
-
-
-def compile_layers(trunk: torch.nn.Module, backend: str = "inductor") -> int:
-    """Regional torch.compile: every decoder layer (the modules of the trunk's `layers` list)
-    compiled with dynamic shapes, so packed micro-batches of any length reuse one compilation.
-    Inside CUDA graphs the compiled kernels are captured like any other. Returns the count."""
-    layers = getattr(trunk, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ConfigError(f"`--train.compile` needs a decoder with a `layers` list; "
-                          f"{type(trunk).__name__} has none: use --train.compile false")
-    for layer in layers:
-        layer.compile(dynamic=True, backend=backend)
-    return len(layers)
-
-
