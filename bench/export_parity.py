@@ -131,17 +131,25 @@ def shape(args) -> dict:
                 "build_seconds": round(prepared, 1), "lora": export_all(run, args.quants, args.device)}
 
 
+def llama_cpp_cell(read) -> str:
+    """The llama.cpp check in a table cell: same ids and the last token's max logit difference,
+    or why it did not run."""
+    if isinstance(read, dict):
+        return f"same ids, {read['max_abs_diff_last_token']:.3g}"
+    return (read or "not recorded").split(":")[0]
+
+
 def table(results: dict) -> str:
     """docs/EXPORT.md's table from a results file (`python bench/export_parity.py table FILE.json`)."""
     lines = ["| model | adapter | format | file MiB | vs rounded weights | max abs logit diff (scale) | bound "
-             "| greedy same / parted within bound | loss merged -> file (on) | check s |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+             "| greedy same / parted within bound | loss merged -> file (on) | check s | llama.cpp |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
     models = results.get("models") or {results["shape"]: {"lora": results["lora"]}}
     for model, kinds in models.items():
         for kind, quants in kinds.items():
             for quant, r in quants.items():
                 if "failed" in r:
-                    lines.append(f"| {model} | {kind} | {quant} | | | FAILED: {r['failed'][:120]} | | | | |")
+                    lines.append(f"| {model} | {kind} | {quant} | | | FAILED: {r['failed'][:120]} | | | | | |")
                     continue
                 loss = r["loss"]
                 lines.append(
@@ -149,7 +157,7 @@ def table(results: dict) -> str:
                     f"{r['max_abs_diff_from_rounded_weights']:.2g} | {r['max_abs_diff']:.3g} ({r['logit_scale']:.3g}) | "
                     f"{r['tolerance']:.3g} | {r['greedy_same']}/{r['probes']}, {r['greedy_near_ties']} | "
                     f"{loss['merged']:.4f} -> {loss['exported']:.4f} ({loss['relative_diff']:+.2%}; {loss['on']}) | "
-                    f"{r['seconds']['check']:.1f} |")
+                    f"{r['seconds']['check']:.1f} | {llama_cpp_cell(r.get('llama_cpp'))} |")
     return "\n".join(lines)
 
 

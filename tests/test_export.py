@@ -217,3 +217,27 @@ def test_a_bos_the_template_does_not_write_is_caught(tmp_path, monkeypatch):
     with pytest.raises(ExportMismatch, match="at position 0 where training rendered"):
         export(str(run), quant="f16", out=str(tmp_path / "x.gguf"))
     assert not (tmp_path / "x.gguf").exists()
+
+
+def crashing_reader(path, rendered, n_ctx, send):
+    """A llama.cpp that dies as llama-cpp-python 0.3.36 does on Q8_0 files on some CPUs."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def mistokenizing_reader(path, rendered, n_ctx, send):
+    send.send([([1, 2, 3], [0.0, 1.0]) for _ in rendered])
+
+
+def test_llama_cpp_runs_apart_a_crash_is_inconclusive_and_other_ids_refused(capsys):
+    """The optional llama.cpp reader runs in a process of its own: when it crashes the export
+    is told the check was inconclusive (not killed with it); when it reads other prompt ids
+    than training rendered, the export fails."""
+    from tunelab.export import check_llama_cpp
+
+    got = check_llama_cpp(Path("model.gguf"), None, ["hello"], [[5, 6]], "q8_0", reader=crashing_reader)
+    assert got == "inconclusive: llama.cpp ended with signal 11 before answering"
+    assert "warning: llama.cpp ended with signal 11 reading model.gguf" in capsys.readouterr().err
+    with pytest.raises(ExportMismatch, match="llama.cpp tokenizes the rendered prompt as"):
+        check_llama_cpp(Path("model.gguf"), None, ["hello"], [[5, 6]], "q8_0", reader=mistokenizing_reader)
