@@ -190,8 +190,15 @@ def set_up(model: ModelConfig, data: DataConfig, method_cfg: MethodConfig, cfg: 
     base = load_model(model, device)
     replay = []
     if mitigate.replay > 0:  # the base answers before any adapter exists
-        replay, replay_stats = mitigation.replay_rows(mitigate, data, fmt, inputs["base_model"], base, device)
-        world.on_main(lambda: write_json(run.data_stats, {**prepared.stats, "replay": replay_stats}))
+        # Under torchrun rank 0 answers and caches them; the other ranks then read its cache
+        # instead of generating the same greedy answers again.
+        def answered():
+            rows, stats = mitigation.replay_rows(mitigate, data, fmt, inputs["base_model"], base, device)
+            write_json(run.data_stats, {**prepared.stats, "replay": stats})
+            return rows
+        replay = world.on_main(answered, "answering the replay prompts")
+        if not world.main:
+            replay, _ = mitigation.replay_rows(mitigate, data, fmt, inputs["base_model"], base, device)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
