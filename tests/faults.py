@@ -41,12 +41,12 @@ def data_file(directory: Path, rows: list[dict] = ROWS) -> Path:
 
 
 def quick_train(model_dir: Path, data: Path, out: Path, *, val_size: float = 0, resume: bool = True,
-                allow_config_change: bool = False, **overrides) -> Path:
+                allow_config_change: bool = False, method: MethodConfig | None = None, **overrides) -> Path:
     """An in-process run on the tiny model; TrainConfig fields as keywords."""
     cfg = dict(max_steps=8, batch_size=4, micro_batch_size=2, lr=1e-2, save_every=2, log_every=1)
     cfg.update(overrides)
     return train(ModelConfig(path=str(model_dir)), DataConfig(path=str(data), val_size=val_size),
-                 MethodConfig(), TrainConfig(**cfg), out=str(out), resume=resume,
+                 method or MethodConfig(), TrainConfig(**cfg), out=str(out), resume=resume,
                  allow_config_change=allow_config_change)
 
 

@@ -126,6 +126,26 @@ def test_changed_settings_need_the_flag(interrupted, capsys):
     assert RunDir(run).done.exists()
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_run_resumes_exactly(tiny_qwen, tmp_path, monkeypatch, init):
+    """PiSSA/OLoRA train on a residual base their initialisation computes: a checkpoint keeps
+    the unconverted adapter and resuming redoes the initialisation (the learning matrix's
+    `resume` cell on the GPU failed here: a converted rank-2r adapter met rank-r optimizer state)."""
+    from tunelab.methods import MethodConfig
+    from tunelab.methods.lora import LoraConfig
+
+    method = MethodConfig(name="lora", lora=LoraConfig(init=init))
+    data = data_file(tmp_path)
+    whole = quick_train(tiny_qwen, data, tmp_path / "whole", val_size=2, method=method, **SETTINGS)
+    with monkeypatch.context() as patch:
+        crash_at(patch, 5)
+        with pytest.raises(Crash):
+            quick_train(tiny_qwen, data, tmp_path / "run", val_size=2, method=method, **SETTINGS)
+    resumed = quick_train(tiny_qwen, data, tmp_path / "run", val_size=2, method=method, **SETTINGS)
+    assert results(resumed) == results(whole)
+    assert_same_tensors(adapter_tensors(RunDir(resumed).adapter), adapter_tensors(RunDir(whole).adapter))
+
+
 def test_finished_run_is_not_retrained_and_resume_false_starts_over(interrupted, capsys):
     model, data, run = interrupted
     quick_train(model, data, run, **SETTINGS)

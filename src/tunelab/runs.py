@@ -382,7 +382,7 @@ def save_checkpoint(run: RunDir, step: int, model, method, optimizer, scheduler,
     assert_finite(model, f"checkpoint step {step}")
 
     def fill(tmp: Path) -> None:
-        method.save(model, tmp / "adapter")
+        method.checkpoint(model, tmp / "adapter")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))

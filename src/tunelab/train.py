@@ -204,7 +204,7 @@ def set_up(model: ModelConfig, data: DataConfig, method_cfg: MethodConfig, cfg: 
         base.config.use_cache = False
     if latest:
         check_adapter(latest / "adapter", base)
-    net = the_method.load(base, latest / "adapter", True) if latest else the_method.apply(base, options)
+    net = the_method.resume(base, latest / "adapter", options) if latest else the_method.apply(base, options)
     net.train()
     trainable, total = count_parameters(net)
     params = [p for p in net.parameters() if p.requires_grad]

@@ -119,8 +119,26 @@ def save(model: torch.nn.Module, directory: Path) -> None:
                               path_initial_model_for_weight_conversion=str(start))
 
 
+def resume(base: torch.nn.Module, directory: Path, cfg: LoraConfig) -> torch.nn.Module:
+    """PiSSA and OLoRA train an adapter on a residual of the base that their initialisation
+    computes (deterministically, from the base's weights): that is redone, and the
+    checkpoint's own adapter (saved unconverted by `save_peft`) set into it. The converted
+    final adapter is a different, rank-2r one relative to the original base."""
+    if cfg.init not in ("pissa", "olora"):
+        return load_peft(base, directory, True)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    net = apply(base, cfg)
+    saved = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(net, saved)
+    if result.unexpected_keys:
+        raise ValueError(f"{directory}: adapter tensors the model does not have: {result.unexpected_keys[:5]}")
+    return net
+
+
 register(Method(
     name="lora", config_cls=LoraConfig,
     capabilities=Capabilities(mergeable=True, supports_packing=True, peft_type="LORA"),
-    apply=apply, save=save, load=load_peft,
+    apply=apply, save=save, load=load_peft, checkpoint=save_peft, resume=resume,
     summary="low-rank updates on linear layers (DoRA, rsLoRA, PiSSA/OLoRA init as options)"))

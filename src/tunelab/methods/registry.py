@@ -76,7 +76,17 @@ class Method:
     or raise `NotMergeable` saying why and what to do instead. Default: PEFT's
     `merge_and_unload` for mergeable methods, a refusal for the others."""
 
+    checkpoint: Optional[Callable[[torch.nn.Module, Path], None]] = None
+    """Write the weights a mid-run checkpoint needs to continue; default: `save`."""
+    resume: Optional[Callable[[torch.nn.Module, Path, Any], torch.nn.Module]] = None
+    """(base model, checkpoint's directory, method config) -> trainable model that continues
+    from it; default: `load(base, directory, True)`."""
+
     def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            object.__setattr__(self, "checkpoint", self.save)
+        if self.resume is None:
+            object.__setattr__(self, "resume", lambda base, directory, cfg: self.load(base, directory, True))
         if self.merge is None:
             default = merge_and_unload if self.capabilities.mergeable else refuse_merge(self.name)
             object.__setattr__(self, "merge", default)
