@@ -41,5 +41,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 llama=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))" 2>/dev/null || true)
 if [ -n "$llama" ]; then
     mkdir -p .carry/p4/site && cp -r "$llama" .carry/p4/site/
+    python3 -m pip download -q --no-deps -d "$tmp" diskcache==5.6.3
+    (cd .carry/p4/site && unzip -q -o "$tmp"/diskcache-*.whl 'diskcache/*')
 fi
 du -sh .carry/p*

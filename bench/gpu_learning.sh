@@ -6,6 +6,7 @@
 #   call 3 (carry .carry/p2): bash bench/gpu_learning.sh receive p2 && bash bench/gpu_learning.sh matrix OUT METHODS...
 #   later calls:              bash bench/gpu_learning.sh matrix OUT METHODS...   (the model stays in /root/w)
 #   the demo on the GPU:      bash bench/gpu_learning.sh demo OUT [FILE]   (examples/demo.yaml or FILE on cuda, every probe)
+#   any command, with the wheels and the model in place: bash bench/gpu_learning.sh run CMD ARGS...
 #   serving:                  bash bench/gpu_learning.sh serve OUT   (bench/serve_load.py, 64 streams, 1.5B shape)
 # MATRIX_ARGS adds learning_matrix.py options (e.g. "--paths default compile").
 set -o pipefail
@@ -55,6 +56,10 @@ open('$(dirname $file)/${name}_gpu.yaml', 'w').write(yaml.safe_dump(spec, sort_k
     (time python3 -m tunelab.cli experiment "$(dirname $file)/${name}_gpu.yaml") 2>&1 | quiet > "$out/${name}_gpu.log"
     tail -40 "$out/${name}_gpu.log"
     mkdir -p "$out/${name}_gpu" && cp /root/$name/report/results.json /root/$name/report/report.md "$out/${name}_gpu/" ;;
+run)
+    wheels
+    model
+    "$@" ;;
 serve)
     out=${1:?out}
     wheels
