@@ -46,7 +46,8 @@ from tunelab.invariants import plain_loss  # noqa: E402
 from tunelab.methods import MethodConfig, get  # noqa: E402
 from tunelab.models import load_model, load_tokenizer, resolve_device  # noqa: E402
 from tunelab.runs import load_run  # noqa: E402
-from tunelab.train import lr_lambda, step_rows  # noqa: E402
+from tunelab.step import step_rows  # noqa: E402
+from tunelab.train import lr_lambda  # noqa: E402
 
 DEMO = ROOT / "src/tunelab/assets/demo"
 # (method name, method options, learning rate): the reference recipe's lr for the LoRA family,

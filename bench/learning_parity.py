@@ -196,7 +196,8 @@ def learn(args) -> dict:
     from tunelab.data import ChatFormat, load_examples, render_all
     from tunelab.methods import get
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.train import evaluate_loss, lr_lambda, optimizer_step, step_rows
+    from tunelab.step import evaluate_loss, optimizer_step, step_rows
+    from tunelab.train import lr_lambda
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model_cfg = ModelConfig(path=args.model, dtype="fp32", device="cpu")

@@ -27,7 +27,7 @@ from tunelab.data import ChatFormat, prepare  # noqa: E402
 from tunelab.data.replay import mix  # noqa: E402
 from tunelab.methods import MethodConfig, selected  # noqa: E402
 from tunelab.models import fingerprint, load_model, load_tokenizer  # noqa: E402
-from tunelab.train import queue_step  # noqa: E402
+from tunelab.step import queue_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", required=True,

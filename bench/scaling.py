@@ -44,7 +44,7 @@ def measure(args, world) -> dict:
     from tunelab.accel import Levers
     from tunelab.config import TrainConfig
     from tunelab.methods import METHODS
-    from tunelab.train import evaluate_loss
+    from tunelab.step import evaluate_loss
 
     device = world.device if world.size > 1 else torch.device("cpu" if args.cpu else "cuda")
     dtype = torch.float32 if args.cpu else torch.bfloat16

@@ -87,7 +87,7 @@ def run_steps(indices, rows, cfg, steps_per_epoch, net, fast, device, autocast, 
     train() runs them: a step's loss is read after the next step is queued. `world`: this
     process's `distributed.World` under torchrun (bench/scaling.py); None: one process."""
     from tunelab.distributed import SINGLE
-    from tunelab.train import Readback, apply_update, queue_step, step_rows
+    from tunelab.step import Readback, apply_update, queue_step, step_rows
 
     tokens, pending, loss, waited = 0, None, float("nan"), 0.0
     for step in indices:
@@ -124,7 +124,7 @@ def run(shape: str, method: str, rows, tokenizer, device: torch.device, dtype: t
     from tunelab import accel
     from tunelab.accel import Levers, plain_forward
     from tunelab.invariants import plain_loss, tolerance
-    from tunelab.train import evaluate_loss, step_rows
+    from tunelab.step import evaluate_loss, step_rows
 
     cfg = train_cfg
     levers = Levers.from_train(cfg, fuse_lora=fuse_lora, fold_ratio=fold_ratio, triton_cross_entropy=ce_kernel,

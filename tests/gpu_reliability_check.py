@@ -28,7 +28,8 @@ from conftest import build_tokenizer, write_jsonl  # noqa: E402
 
 from tunelab.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from tunelab.methods import MethodConfig  # noqa: E402
-from tunelab.train import OutOfMemory, train  # noqa: E402
+from tunelab.step import OutOfMemory  # noqa: E402
+from tunelab.train import train  # noqa: E402
 import tunelab.train as train_module  # noqa: E402
 
 

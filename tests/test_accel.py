@@ -100,7 +100,7 @@ def test_pack_rows_keeps_every_row_within_budget():
 
 def test_packed_step_leaves_the_same_gradients_as_a_padded_step(rows):
     """One optimizer step's gradients, packed in two micro-batches vs padded two rows at a time."""
-    from tunelab.train import optimizer_step
+    from tunelab.step import optimizer_step
 
     cfg = TrainConfig(batch_size=6, micro_batch_size=2, micro_batch_tokens=60)
     grads = []
@@ -202,7 +202,7 @@ def test_graph_body_rebuilds_the_adapter_copies(rows):
 def test_packed_virtual_tokens_match_peft_padded_rows(rows, method):
     """P-Tuning / prompt tuning on packed rows (each row starting with its own virtual
     tokens): per-token loss and the step's gradients equal PEFT's padded forward."""
-    from tunelab.train import optimizer_step
+    from tunelab.step import optimizer_step
 
     cfg = TrainConfig(batch_size=6, micro_batch_size=2, micro_batch_tokens=64)
     results = []

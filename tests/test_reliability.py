@@ -28,7 +28,8 @@ from faults import (adapter_tensors, assert_loads, assert_same_tensors, capture_
                     data_file, metrics, one_thread, poison, quick_train, results, step_hook)  # noqa: F401
 from forkserver import ForkServer, wait_for
 from tunelab.runs import DiskFull, RunDir, load_trainer_state, save_checkpoint
-from tunelab.train import OutOfMemory, TrainingDiverged
+from tunelab.step import OutOfMemory
+from tunelab.train import TrainingDiverged
 
 KILL_TRIALS = int(os.environ.get("TUNELAB_KILL_TRIALS", "20"))
 SAVE_FAULTS = int(os.environ.get("TUNELAB_SAVE_FAULTS", "12"))
@@ -410,7 +411,7 @@ def test_fused_optimizer_skips_a_non_finite_step_on_the_device():
     """apply_update: a fused AdamW (what CUDA runs use) skips the update through its found_inf
     input, so the host need not read the loss first; weights, moments and the step count are
     left exactly as they were, and the next finite step updates as if the bad one never came."""
-    from tunelab.train import apply_update
+    from tunelab.step import apply_update
 
     def run(values_seq, fused):
         torch.manual_seed(0)

@@ -134,7 +134,7 @@ def test_missing_model_says_how_to_give_a_local_path(tmp_path, monkeypatch):
 def test_readback_holds_a_copy_taken_when_queued():
     """A step's values read later are those it had when queued, not what the tensor holds
     by then (on a GPU the copy goes to pinned memory, ordered right after the step)."""
-    from tunelab.train import Readback
+    from tunelab.step import Readback
 
     values = torch.tensor([2.5, 0.75])
     readback = Readback(values)
