@@ -125,31 +125,33 @@ def _options(**kwargs):
 
 @contextmanager
 def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main: bool):
-    """(model, optimizer) as one process has them, on rank 0 (`main`): a plain copy of the
-    sharded `net` holding its full weights (on the CPU), and a stand-in whose `state_dict()`
-    is the full optimizer state numbered as `optimizer.state_dict()` numbers it. (None, None)
-    on the other ranks. Every rank must enter (the gathering is collective)."""
+    """Gather the full state of the sharded `net` (and `optimizer`) to rank 0's CPU (every rank
+    must enter: the gathering is collective); yields, on rank 0 (`main`), a function returning
+    (model, optimizer) as one process has them: a plain copy of `net` holding the full weights,
+    and a stand-in whose `state_dict()` is the full optimizer state numbered as
+    `optimizer.state_dict()` numbers it. Building them is left to that function so that its
+    errors happen in rank 0's `World.on_main`, which the other ranks hear of. None elsewhere."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     weights = get_model_state_dict(net, options=_options(cpu_offload=True))
     state = (get_optimizer_state_dict(net, optimizer, options=_options(cpu_offload=True))
              if optimizer is not None else None)
-    if not main:
-        del weights, state
-        yield None, None
-        return
-    plain = filled(copy.deepcopy(_PLAIN[net]), weights)
-    saved = None
-    if state is not None:
-        index = {name: i for i, name in enumerate(_names(net, optimizer))}
+    names = _names(net, optimizer) if optimizer is not None else []
+
+    def whole():
+        plain = filled(copy.deepcopy(_PLAIN[net]), weights)
+        if state is None:
+            return plain, None
+        index = {name: i for i, name in enumerate(names)}
         numbered = {"state": {index[name]: value for name, value in state["state"].items()},
                     "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
                                      for group in state["param_groups"]]}
-        saved = SimpleNamespace(state_dict=lambda: numbered)  # all that save_checkpoint asks of it
+        return plain, SimpleNamespace(state_dict=lambda: numbered)  # all that save_checkpoint asks of it
+
     try:
-        yield plain, saved
+        yield whole if main else None
     finally:
-        del plain, saved, weights, state
+        del weights, state
 
 
 def filled(plain: torch.nn.Module, weights: dict) -> torch.nn.Module:
