@@ -1,18 +1,21 @@
 """Data-parallel training (distributed.py): two processes over gloo learn what one process learns.
 
 `torchrun --nproc_per_node 2 -m tunelab.cli train` on the tiny model (CPU, fp32; LoRA with
-dropout 0 on packed rows, and full fine-tuning on padded rows) against an in-process
-single-process run with the same global batch: the same losses, held-out loss and adapter within fp32 rounding; metrics written
-once; and a checkpoint the two processes wrote resumed by one process finishing on the
-single-process weights. The epoch's last step has one row, so one rank has none (it must
-join the all-reduce with zero gradients, not hang). A SIGTERM to one rank stops both after
-the same step with rank 0's checkpoint.
+dropout 0 on packed rows, and full fine-tuning on padded rows, replicated and sharded with
+FSDP2) against an in-process single-process run with the same global batch: the same
+losses, held-out loss and adapter within fp32 rounding; metrics written once; and a
+checkpoint the two processes wrote resumed by one process finishing on the single-process
+weights (and, sharded, the other way round). The epoch's last step has one row, so one rank
+has none (it must join the all-reduce with zero gradients, or FSDP's collectives with an
+empty micro-batch, not hang). A SIGTERM to one rank stops both after the same step with
+rank 0's checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +25,11 @@ import pytest
 import torch
 
 from faults import data_file, metrics, one_thread  # noqa: F401
-from tunelab.config import DataConfig, ModelConfig, TrainConfig
+from tunelab.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from tunelab.data.template import Rendered
-from tunelab.distributed import SINGLE, buckets, split_rows
-from tunelab.methods import MethodConfig
+from tunelab.distributed import SINGLE, World, buckets, split_rows
+from tunelab.methods import MethodConfig, get
+from tunelab.methods.freeze import FreezeConfig
 from tunelab.methods.lora import LoraConfig
 from tunelab.train import train
 
@@ -65,24 +69,30 @@ def test_buckets_keep_order_dtype_and_size():
     assert all(len({t.dtype for t in b}) == 1 for b in grouped)
 
 
-METHODS = {  # LoRA on packed rows; full fine-tuning (every weight all-reduced) on padded ones
+METHODS = {  # LoRA on packed rows; full fine-tuning on padded ones, replicated (ddp) and sharded (FSDP2)
     "lora": (MethodConfig(name="lora", lora=LoraConfig(dropout=0.0)), ["--method.name=lora", "--method.lora.dropout=0"],
              {}),
-    "full": (MethodConfig(name="full"), ["--method.name=full"], {"packing": "off", "lr": 1e-3}),
+    "full": (MethodConfig(name="full"), ["--method.name=full"], {"packing": "off", "lr": 1e-3, "distributed": "ddp"}),
+    "full-fsdp": (MethodConfig(name="full"), ["--method.name=full"], {"packing": "off", "lr": 1e-3}),  # auto: FSDP2
+    "freeze-fsdp": (MethodConfig(name="freeze", freeze=FreezeConfig(layers=1)),
+                    ["--method.name=freeze", "--method.freeze.layers=1"], {"packing": "off", "lr": 1e-3}),
 }
+SHARDED = "FSDP2: 2 decoder layers and the root sharded over 2 processes"
 
 
-def one_process(model_dir: Path, data: Path, out: Path, name: str = "lora") -> Path:
+def one_process(model_dir: Path, data: Path, out: Path, name: str = "lora", **settings) -> Path:
     method, _, train_overrides = METHODS[name]
     return train(ModelConfig(path=str(model_dir)), DataConfig(path=str(data), val_size=VAL_SIZE), method,
-                 TrainConfig(**{**TRAIN, **train_overrides}), out=str(out))
+                 TrainConfig(**{**TRAIN, **train_overrides, **settings}), out=str(out))
 
 
-def two_processes(model_dir: Path, data: Path, out: Path, name: str = "lora") -> subprocess.CompletedProcess:
+def two_processes(model_dir: Path, data: Path, out: Path, name: str = "lora",
+                  entry: tuple = ("-m", "tunelab.cli")) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2` of `entry` (the CLI, or a script that wraps it) training `name`."""
     _, method_flags, train_overrides = METHODS[name]
     flags = [f"--train.{key}={value}" for key, value in {**TRAIN, **train_overrides}.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tunelab.cli", "train", f"--model.path={model_dir}", f"--data.path={data}",
+               *entry, "train", f"--model.path={model_dir}", f"--data.path={data}",
                f"--data.val_size={VAL_SIZE}", *method_flags, *flags, f"--out={out}"]
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -107,7 +117,7 @@ def assert_close(a: dict, b: dict) -> None:
             f"{key}: max difference {(a[key] - b[key]).abs().max():.2e}"
 
 
-@pytest.fixture(scope="module", params=list(METHODS))
+@pytest.fixture(scope="module", params=["lora", "full", "full-fsdp"])
 def runs(request, tiny_qwen, tmp_path_factory):
     """(method, one-process run, two-process run, torchrun's output, data file)."""
     root = tmp_path_factory.mktemp(f"ddp-{request.param}")
@@ -133,6 +143,7 @@ def test_two_processes_learn_what_one_learns(runs):
     assert summary["processes"] == 2 and summary["steps"] == 3 and summary["skipped_steps"] == 0
     assert summary["learning_checks"]["probe_loss_reloaded"] is not None  # the invariants ran
     assert result.stdout.count("done:") == 1  # rank 1 prints nothing
+    assert (SHARDED in result.stdout) == name.endswith("fsdp")  # auto: sharded for full, not for LoRA or ddp
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_qwen):
@@ -146,6 +157,104 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_qwen):
     one_process(tiny_qwen, data, double, name)
     assert [r["step"] for r in metrics(double)] == [1, 2, 3]
     assert_close(weights(double), weights(single))
+
+
+def test_sharded_freeze_learns_what_one_process_learns(tiny_qwen, tmp_path):
+    """Freeze tuning sharded (auto): frozen units (the root, layer 0) next to a trained one;
+    only the trained layer is saved, as one process saves it."""
+    data = data_file(tmp_path)
+    single = one_process(tiny_qwen, data, tmp_path / "single", "freeze-fsdp")
+    result = two_processes(tiny_qwen, data, tmp_path / "double", "freeze-fsdp")
+    assert SHARDED in result.stdout
+    for a, b in zip(metrics(tmp_path / "double"), metrics(single)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                    rel=1e-5)
+    assert_close(weights(tmp_path / "double"), weights(single))
+    assert all(key.startswith("1.") for key in weights(single))  # the trained layer alone
+
+
+def test_a_one_process_checkpoint_resumes_sharded(tiny_qwen, tmp_path):
+    """The other way round: a one-process checkpoint (full weights, numbered optimizer state)
+    resumed by two sharded processes (each keeps its shard of the AdamW moments) finishes on
+    the one-process weights."""
+    data = data_file(tmp_path)
+    single = one_process(tiny_qwen, data, tmp_path / "single", "full-fsdp")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(single, resumed)
+    for later in ("step-0000002", "step-0000003"):
+        shutil.rmtree(resumed / "checkpoints" / later)
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "DONE").unlink()
+    result = two_processes(tiny_qwen, data, resumed, "full-fsdp")
+    assert SHARDED in result.stdout and "resuming from" in result.stdout
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3]
+    assert_close(weights(resumed), weights(single))
+
+
+POISONED = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import tunelab.train as train_module
+from faults import NanGradient
+from tunelab.cli import main
+
+current = {{"step": None}}
+step_rows, load_model = train_module.step_rows, train_module.load_model
+
+def counting(rows, cfg, step, steps_per_epoch):
+    current["step"] = step
+    return step_rows(rows, cfg, step, steps_per_epoch)
+
+def poisoned(cfg, device=None):  # rank 1 alone: NaN gradients on step 1, the loss stays finite
+    base = load_model(cfg, device)
+    if os.environ["RANK"] == "1":
+        base.model.norm.register_forward_hook(
+            lambda module, args, output: NanGradient.apply(output) if module.training and current["step"] == 1
+            else output)
+    return base
+
+train_module.step_rows, train_module.load_model = counting, poisoned
+main()
+"""
+
+
+def test_a_step_bad_on_one_rank_is_skipped_by_every_rank(tiny_qwen, tmp_path, monkeypatch):
+    """NaN gradients on rank 1 alone reach both ranks' shards through the (SUM) reduce-scatter,
+    so the global norm is NaN everywhere and both skip the step: the run matches one process
+    skipping the same step."""
+    from faults import poison
+
+    data = data_file(tmp_path)
+    with monkeypatch.context() as patch:
+        poison(patch, {1}, "grad")
+        single = one_process(tiny_qwen, data, tmp_path / "single", "full-fsdp", save_every=0)
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISONED.format(tests=str(Path(__file__).parent)))
+    result = two_processes(tiny_qwen, data, tmp_path / "double", "full-fsdp", entry=(str(script),))
+    assert SHARDED in result.stdout
+    assert [r["skipped_steps"] for r in metrics(tmp_path / "double")] == [0, 1, 1]
+    assert [r["skipped_steps"] for r in metrics(single)] == [0, 1, 1]
+    assert_close(weights(tmp_path / "double"), weights(single))
+
+
+def test_distributed_flag_is_checked(tiny_qwen, tmp_path):
+    """`--train.distributed`: its values, which methods it shards, and `fsdp` with an adapter
+    refused in one process too, before any model is loaded."""
+    with pytest.raises(ConfigError, match="`--train.distributed` must be auto, ddp or fsdp"):
+        TrainConfig(distributed="zero3")
+    with pytest.raises(ConfigError, match="`--train.distributed` must be auto or ddp for --method.name lora"):
+        one_process(tiny_qwen, data_file(tmp_path), tmp_path / "run", "lora", distributed="fsdp")
+    two, auto, fsdp, ddp = World(rank=0, size=2), TrainConfig(), TrainConfig(distributed="fsdp"), \
+        TrainConfig(distributed="ddp")
+    assert two.choose(auto, get("full")).fsdp and two.choose(auto, get("freeze")).fsdp
+    assert two.choose(fsdp, get("full")).fsdp
+    assert not two.choose(auto, get("lora")).fsdp and not two.choose(ddp, get("full")).fsdp
+    assert SINGLE.choose(fsdp, get("full")) is SINGLE  # one process: nothing changes
+    # An out-of-memory retry on one rank alone would desynchronize the sharded collectives.
+    with pytest.raises(ConfigError, match="`--train.auto_micro_batch` must be false when full's weights are sharded"):
+        two.choose(TrainConfig(auto_micro_batch=True), get("full"))
+    assert SINGLE.choose(TrainConfig(auto_micro_batch=True), get("full")) is SINGLE
+    assert not two.choose(TrainConfig(auto_micro_batch=True, distributed="ddp"), get("full")).fsdp
 
 
 def worker_pid(launcher: int, rank: int) -> int | None:
@@ -191,10 +300,11 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_qwen, tm
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode != 0, (len(metrics(out)), stderr[-3000:])
-    stopped = [line for line in stderr.splitlines() if "error: stopped by SIGTERM after step" in line]
+    # Searched in the whole stream: the two ranks' lines can land on one line of torchrun's stderr.
+    stopped = re.findall(r"error: stopped by SIGTERM after step (\d+) ", stderr)
     assert len(stopped) == 2, stderr[-3000:]  # both ranks, each with the same step
-    assert len({line.split("after step")[1].split()[0] for line in stopped}) == 1, stopped
-    step = int(stopped[0].split("after step")[1].split()[0])
+    assert len(set(stopped)) == 1, stopped
+    step = int(stopped[0])
     assert step < 200 * 3
     (checkpoint,) = sorted((out / "checkpoints").iterdir())
     assert checkpoint.name == f"step-{step:07d}" and (checkpoint / "COMPLETE").is_file()

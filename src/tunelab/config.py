@@ -154,6 +154,11 @@ class TrainConfig:
     changes the weights; at every evaluation and checkpoint the training path's loss equals
     plain PEFT's on the same weights and has moved; the saved adapter, reloaded as `chat`
     loads it, gives the training-time loss. A broken one stops the run before it saves."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun (several processes): `fsdp` shards the weights, gradients and AdamW
+    state across the processes (FSDP2; only for methods that train the base's own weights:
+    full, freeze); `ddp` replicates them and all-reduces the gradients; `auto`: fsdp for
+    full and freeze, ddp for adapters. One process: no effect (docs/DISTRIBUTED.md)."""
 
     def __post_init__(self) -> None:
         check(math.isfinite(self.epochs) and self.epochs > 0, "train.epochs", "> 0", self.epochs)
@@ -182,6 +187,8 @@ class TrainConfig:
               "compiled layers run transformers' own, which inductor fuses)", self.kernels)
         check(self.lora_dropout_kernel in ("copies", "bits"), "train.lora_dropout_kernel", "copies or bits",
               self.lora_dropout_kernel)
+        check(self.distributed in ("auto", "ddp", "fsdp"), "train.distributed", "auto, ddp or fsdp",
+              self.distributed)
 
 
 @dataclass

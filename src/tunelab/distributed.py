@@ -22,6 +22,11 @@ Whatever is written (checkpoints, adapter, metrics, summary) is written by rank 
 them too instead of leaving them waiting); a checkpoint holds nothing rank-specific, so a
 run resumes on any number of processes. With WORLD_SIZE unset or 1 nothing here does
 anything: `SINGLE` hands back what it is given.
+
+Methods that train the base's own weights (`full`, `freeze`) are sharded with FSDP2 instead
+of replicated when several processes run them (`--train.distributed auto`, or `fsdp`):
+`World.choose` decides, `World.shard` shards, and the calls above then do what sharding
+needs (fsdp.py): the same step, the same checkpoints, 1/N of the memory between steps.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from __future__ import annotations
 import atexit
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .config import ConfigError
+from . import fsdp as sharding
+from .config import ConfigError, check
 from .models import resolve_device
 
 BUCKET_BYTES = 25 * 2**20
@@ -69,6 +75,8 @@ class World:
     control: object = None
     """A gloo group for what the hosts agree on (which gradients exist, a stop signal, rank 0's
     errors) when the main group is NCCL; None: the main group (gloo) itself."""
+    fsdp: bool = False
+    """The trained weights are sharded with FSDP2 (`choose`), not replicated on every rank."""
 
     @property
     def main(self) -> bool:
@@ -83,20 +91,76 @@ class World:
         """This rank's part of a step's (or the held-out) rows; all of them for one process."""
         return rows if self.size == 1 else split_rows(rows, self.size)[self.rank]
 
+    def choose(self, cfg, method) -> "World":
+        """`--train.distributed` (of TrainConfig `cfg`) for `method`: this World, with `fsdp` set
+        where the weights are to be sharded: several processes and `fsdp`, or `auto` with a
+        method that trains the base's own weights (their gradients and AdamW moments are what
+        fills a card). An adapter (small, inside PEFT's wrappers) is refused under `fsdp` even
+        in one process, so the setting fails where it is first tried, not under torchrun only."""
+        own = method.capabilities.adapter_kind == "whole_model"
+        check(cfg.distributed != "fsdp" or own, "train.distributed",
+              f"auto or ddp for --method.name {method.name} (FSDP2 shards the methods that train the "
+              f"base's own weights, full and freeze; an adapter is small enough to replicate)", cfg.distributed)
+        if self.size == 1 or cfg.distributed == "ddp" or not own:
+            return self
+        # Sharded, every forward and backward is collective layer by layer: a rank that retried
+        # a step with a smaller micro-batch would issue other collectives than the ranks waiting.
+        check(not cfg.auto_micro_batch, "train.auto_micro_batch",
+              f"false when {method.name}'s weights are sharded over {self.size} processes (FSDP2, "
+              f"--train.distributed {cfg.distributed}); or keep it with --train.distributed ddp", True)
+        return replace(self, fsdp=True)
+
+    def shard(self, net: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """Shard `net` with FSDP2 when `fsdp` (after `broadcast`: every rank shards rank 0's
+        weights); returns the trainable parameters the optimizer is to hold: `params` themselves
+        unless sharded."""
+        return sharding.shard(net, self.device, self.size) if self.fsdp else params
+
+    def plain(self, value: torch.Tensor) -> torch.Tensor:
+        """A replicated DTensor (the norm of sharded gradients) as the tensor it is on every rank."""
+        return value.to_local() if self.fsdp and sharding.is_sharded(value) else value
+
     # -- collectives (every rank must call each one, in the same order) ----------------------
+    def micro_batches(self, rows: list, make) -> list[dict]:
+        """`make(this rank's share of rows)`: its micro-batches. Sharded, every forward is
+        collective, so every rank runs as many as the rank with the most: the others add
+        copies of the step's shortest row with no supervised token (loss 0, zero gradients)."""
+        mine = make(self.share(rows))
+        if not self.fsdp:
+            return mine
+        import torch.distributed as dist
+
+        most = torch.tensor([len(mine)], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.control)  # a host fact, agreed on the host
+        if int(most) > len(mine):
+            spare = sharding.idle(make([min(rows, key=lambda row: len(row.input_ids))])[0])
+            mine = mine + [spare] * (int(most) - len(mine))
+        return mine
+
+    def sync_gradients(self, net: torch.nn.Module, last: bool) -> None:
+        """Before each backward of a step: sharded, gradients are reduced after the `last` one
+        only (the others accumulate locally); replicated, `sum_gradients` reduces them after."""
+        if self.fsdp:
+            sharding.sync_gradients(net, last)
+
     def sum_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
         """SUM-all-reduce the step's gradients of `params` (in place, in flat buckets) and its
         `loss`; returns the summed loss. A parameter without a gradient on any rank keeps
-        none (as in one process); one that has a gradient somewhere gets zeros elsewhere."""
+        none (as in one process); one that has a gradient somewhere gets zeros elsewhere.
+        Sharded parameters are skipped: FSDP has reduce-scattered their gradients (as a SUM)."""
         if self.size == 1:
             return loss
         import torch.distributed as dist
 
-        # Which parameters have a gradient on some rank: host facts, agreed on the host (gloo),
-        # so the step never waits for the device here and every rank's buckets line up.
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
-        dist.all_reduce(present, group=self.control)
-        reduced = [p for p, count in zip(params, present.tolist()) if count]
+        if self.fsdp:
+            params = [p for p in params if not sharding.is_sharded(p)]
+        reduced = []
+        if params:
+            # Which parameters have a gradient on some rank: host facts, agreed on the host (gloo),
+            # so the step never waits for the device here and every rank's buckets line up.
+            present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+            dist.all_reduce(present, group=self.control)
+            reduced = [p for p, count in zip(params, present.tolist()) if count]
         for p in reduced:
             if p.grad is None:  # this rank had no rows, or none that reached `p`
                 p.grad = torch.zeros_like(p)
@@ -128,6 +192,25 @@ class World:
             dist.broadcast(flat, 0)
             with torch.no_grad():
                 unflatten_into(bucket, flat)
+
+    def write(self, work, net: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+              what: str = "rank 0"):
+        """`on_main(lambda: work(model, optimizer))`, with the model and optimizer as one process
+        has them: `net` and `optimizer` themselves unless sharded; sharded, their full state
+        gathered to rank 0's CPU in a plain copy of the model and an optimizer stand-in
+        (fsdp.gathered; every rank takes part), dropped again once written."""
+        if not self.fsdp:
+            return self.on_main(lambda: work(net, optimizer), what)
+        with sharding.gathered(net, optimizer, self.main) as whole:
+            return self.on_main(lambda: work(*whole()), what)
+
+    def load_optimizer(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """A checkpoint's optimizer state (the one-process layout) into `optimizer`: sharded,
+        each rank keeps its shard of rank 0's values."""
+        if self.fsdp:
+            sharding.load_optimizer(net, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
 
     def agreed_signal(self, signum: int | None) -> int | None:
         """A stop signal any rank has received (torchrun forwards SIGTERM to every process, but
@@ -224,6 +307,23 @@ def unflatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
 
 
+def leave() -> None:
+    """At exit: free what still refers to the process group, then destroy it, while the
+    interpreter still runs. A sharded model's FSDP state sits in reference cycles that hold
+    the group; left to the interpreter's final collection, the group's gloo worker threads
+    outlive Python, and one still releasing a finished collective's tensors (which needs the
+    GIL) is killed mid-C++: `terminate called without an active exception` after the run
+    (gdb: ProcessGroupGloo::AsyncWork's destructor on a gloo thread during Py_FinalizeEx). On
+    two busy CPU cores: 4 of ~70 sharded runs before this collection, 0 of 70 after."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launched() -> bool:
     """Whether this process was started as one of several (torchrun, accelerate launch)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -265,7 +365,7 @@ def init(device_name: str = "auto") -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                 **({"device_id": device} if kind == "cuda" else {}))
-        atexit.register(dist.destroy_process_group)
+        atexit.register(leave)
     control = dist.new_group(backend="gloo") if kind == "cuda" else None
     _CURRENT[0] = World(rank, size, local_rank, device, control)
     return _CURRENT[0]

@@ -38,10 +38,11 @@ HARMLESS_CHANGES = {"train.save_every", "train.keep_checkpoints", "train.log_eve
                     "train.tensorboard", "train.max_bad_steps", "train.eval_every",
                     "train.micro_batch_size", "train.micro_batch_tokens", "train.auto_micro_batch",
                     "train.gradient_checkpointing", "model.attn_implementation", "data.path",
-                    "model.path", "model.hub", "model.revision", "model.device"}
+                    "model.path", "model.hub", "model.revision", "model.device", "train.distributed"}
 """Config keys that may change on resume without `--allow_config_change`: logging and
 checkpoint cadence, where the files are (they are checked by content), and the memory and
-kernel knobs a resume on another card may need, which change rounding, not what is learned."""
+kernel knobs a resume on another card may need, which change rounding, not what is learned
+(sharded or replicated weights take the same steps: `train.distributed`)."""
 
 
 class DiskFull(OSError):

@@ -97,8 +97,9 @@ def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params,
     supervised = sum(r.num_supervised for r in rows)
     tokens = sum(len(r.input_ids) for r in rows)
     total = torch.zeros((), device=device)
-    batches = micro_batches(world.share(rows), cfg, fast)
-    for batch in batches:
+    batches = world.micro_batches(rows, lambda share: micro_batches(share, cfg, fast))
+    for index, batch in enumerate(batches):
+        world.sync_gradients(net, index == len(batches) - 1)
         loss = (fast.graphs.run(batch, 1 / supervised, alone=len(batches) == 1)  # CUDA graph replay
                 if fast.graphs else None)
         if loss is None:
@@ -107,7 +108,7 @@ def queue_step(net, rows, cfg, fast: FastPath, device, autocast, params,
         total += loss.detach()  # no .item() per micro-batch: the host never waits mid-step
     total = world.sum_gradients(params, total)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = world.plain(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return torch.stack([total.float(), grad_norm.float()]), tokens
 
 
@@ -167,6 +168,6 @@ def evaluate_loss(net, rows: list[Rendered], cfg: TrainConfig, fast: FastPath, d
     its share and the sums are added up)."""
     net.eval()
     total = torch.zeros((), device=device)
-    for batch in micro_batches(world.share(rows), cfg, fast):
+    for batch in world.micro_batches(rows, lambda share: micro_batches(share, cfg, fast)):
         total += token_loss_sum(net, batch, fast, device, autocast)
     return world.sum(total.item())[0] / max(sum(r.num_supervised for r in rows), 1)

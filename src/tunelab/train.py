@@ -151,6 +151,7 @@ def set_up(model: ModelConfig, data: DataConfig, method_cfg: MethodConfig, cfg: 
     check(not cfg.gradient_checkpointing or the_method.capabilities.supports_checkpointing,
           "train.gradient_checkpointing", f"false for {the_method.name} (it cannot recompute activations)",
           cfg.gradient_checkpointing)
+    world = world.choose(cfg, the_method)  # FSDP2 for full/freeze under torchrun (fsdp.py)
     config = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
               "train": to_dict(cfg), "out": str(out)}
     if mitigate.active:  # absent when off: runs made before mitigation existed still resume
@@ -207,6 +208,7 @@ def set_up(model: ModelConfig, data: DataConfig, method_cfg: MethodConfig, cfg: 
     trainable, total = count_parameters(net)
     params = [p for p in net.parameters() if p.requires_grad]
     world.broadcast(params)  # every rank starts from rank 0's weights
+    params = world.shard(net, params)
     # Fused on the CPU as on CUDA: one update path, whose in-place writes leave the weights'
     # version counters alone on both (the CPU tests see what the GPU does).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -229,7 +231,7 @@ def restore_trainer_state(job: Job) -> None:
     then each rank's dropout stream."""
     if job.latest:
         saved = load_trainer_state(job.latest)
-        job.optimizer.load_state_dict(saved["optimizer"])
+        job.world.load_optimizer(job.net, job.optimizer, saved["optimizer"])
         job.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         job.state.update(json.loads((job.latest / "state.json").read_text()))
@@ -339,8 +341,9 @@ def fit(job: Job, fast: FastPath, checks: Invariants | None) -> dict:
                         raise diverged(run, state["bad_in_row"], record["step"])
                 # No checkpoint inside a run of skipped steps: resuming should start before it.
                 if (save_now and not state["bad_in_row"]) or stopping:
-                    world.on_main(lambda: save_checkpoint(run, state["step"], net, job.method, optimizer, scheduler,
-                                                          state, cfg.keep_checkpoints), "saving a checkpoint")
+                    world.write(lambda model, optim: save_checkpoint(run, state["step"], model, job.method, optim,
+                                                                     scheduler, state, cfg.keep_checkpoints),
+                                net, optimizer, "saving a checkpoint")  # sharded: gathered to rank 0 first
                 if stopping:
                     raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step "
                                       f"{state['step']} of {total_steps}; checkpoint saved in "
@@ -418,7 +421,8 @@ def save(job: Job, checks: Invariants | None, record: dict) -> Path:
     run, world, device, state, mitigate = job.run, job.world, job.device, job.state, job.mitigate
     net = job.net
     assert_finite(net, "the adapter")
-    world.on_main(lambda: write_atomically(run.adapter, lambda tmp: job.method.save(net, tmp)), "saving the adapter")
+    world.write(lambda model, _: write_atomically(run.adapter, lambda tmp: job.method.save(model, tmp)), net,
+                what="saving the adapter")
     checked = None
     if checks:  # the saved adapter reloaded alone: free the training model first
         checks.net = checks.fast = checks.training_loss = None

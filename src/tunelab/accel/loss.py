@@ -55,7 +55,8 @@ def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
         with autocast:
             logits = net(input_ids=ids, use_cache=False).logits
             prefix = logits.shape[1] - ids.shape[1]
-            if trunk is None or type(head) is not torch.nn.Linear or head.weight.shape[0] != logits.shape[-1]:
+            if (trunk is None or type(head) is not torch.nn.Linear or head.weight.shape[0] != logits.shape[-1]
+                    or _sharded(net)):
                 return LossPlan(None, None, prefix)
             prompt = None
             if prefix:
@@ -77,6 +78,17 @@ def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
         return LossPlan(None, None, prefix)
     finally:
         net.train(was_training)
+
+
+def _sharded(net: torch.nn.Module) -> bool:
+    """Whether `net` is sharded with FSDP2 (fsdp.py): its root's weights (embeddings, output
+    layer) are gathered by the hooks of the whole model's forward only, which the trunk + head
+    path bypasses, so a sharded model keeps the whole-logits loss. Looked up, not imported: a
+    process that never loaded FSDP holds no sharded model (and a one-process run stays as it was)."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(net, fsdp.FSDPModule)
 
 
 def with_prompt(plan: LossPlan, batch: dict) -> dict:
