@@ -83,8 +83,8 @@ def shard(net: torch.nn.Module, device: torch.device, size: int) -> list[torch.n
     for module in net.modules():
         if isinstance(module, FSDPModule):
             # Divide by 1 and reduce with SUM: the losses are normalized by the whole step's
-            # supervised tokens already (force_sum: gloo has no PREMUL_SUM, and NCCL's AVG is
-            # what a factor of N would give).
+            # supervised tokens already. force_sum: a factor alone makes FSDP reduce with
+            # PREMUL_SUM(1/factor), which gloo lacks; with it, SUM then a division by 1 (skipped).
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     print(f"FSDP2: {len(layers)} decoder layers and the root sharded over {size} processes"
