@@ -22,6 +22,8 @@ from .registry import Capabilities, Method, register
 # (changed in memory). Their initial adapter is kept here so `save` can express the trained
 # adapter against the untouched base, as a plain LoRA adapter of rank 2r.
 INITIAL_ADAPTER = "_tunelab_initial_adapter"
+RESIDUAL_INITS = ("pissa", "olora")
+"""Initialisations that move the adapter's start out of the base weights (a residual base)."""
 
 # Projection names of the common architectures; `resolve_targets` keeps those present.
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -100,7 +102,7 @@ def apply(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     from peft import get_peft_model, get_peft_model_state_dict
 
     net = get_peft_model(model, peft_config(model, cfg))
-    if cfg.init in ("pissa", "olora"):
+    if cfg.init in RESIDUAL_INITS:
         setattr(net, INITIAL_ADAPTER, {k: v.detach().clone() for k, v in get_peft_model_state_dict(net).items()})
     return net
 
@@ -124,7 +126,7 @@ def resume(base: torch.nn.Module, directory: Path, cfg: LoraConfig) -> torch.nn.
     computes (deterministically, from the base's weights): that is redone, and the
     checkpoint's own adapter (saved unconverted by `save_peft`) set into it. The converted
     final adapter is a different, rank-2r one relative to the original base."""
-    if cfg.init not in ("pissa", "olora"):
+    if cfg.init not in RESIDUAL_INITS:
         return load_peft(base, directory, True)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
