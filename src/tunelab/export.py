@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -345,7 +346,12 @@ def check_gguf(path: Path, model, fmt: ChatFormat, conversations: list[list[dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = next(model.parameters()).device
-    reader_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with parsed_once():
+        reader_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        start = time.perf_counter()
+        reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        reloaded = reloaded.to(device).eval()
+        reload_seconds = time.perf_counter() - start
     rendered = []
     for messages, want in zip(conversations, feed):
         text = reader_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -356,10 +362,6 @@ def check_gguf(path: Path, model, fmt: ChatFormat, conversations: list[list[dict
                                  f"position {at} where training rendered {want[max(0, at - 2):at + 6]} "
                                  f"({len(got)} vs {len(want)} ids); nothing was written")
         rendered.append(text)
-    start = time.perf_counter()
-    reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    reloaded = reloaded.to(device).eval()
-    reload_seconds = time.perf_counter() - start
 
     # 1. the file holds exactly the merged weights rounded to `quant` (names, layout, Q/K order, the
     # reader's own dequantization): fp32 agreement with that rounding done in memory
@@ -461,6 +463,26 @@ def mean_loss(model, rows: list[tuple[list[int], list[int]]]) -> float:
         total += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
         count += int((target != IGNORE).sum())
     return total / max(count, 1)
+
+
+@contextmanager
+def parsed_once():
+    """Within it, transformers parses a GGUF once, not three times (tokenizer, config, weights:
+    each parse walks every vocabulary string and merge, seconds for a 150k vocabulary), and
+    builds gguf's tensor-name map once per architecture, not once per module (hundreds). Both
+    are pure functions of their arguments for a file that does not change meanwhile; what
+    transformers does with them is untouched, so it stays the independent reader."""
+    import functools
+
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def held_out_rows(config: dict, fmt: ChatFormat, prefix: list[int]) -> tuple[str, list[tuple[list[int], list[int]]]]:
