@@ -38,10 +38,11 @@ cp -r "$shared"/tokenizers/qwen2 .carry/p3/qwen2
 cp "$shared"/data/huanhuan.json .carry/p3/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_24_x86_64 -d .carry/p3/wheels bitsandbytes==0.50.2
-llama=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))" 2>/dev/null || true)
+py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python  # the venv, activated or not
+llama=$($py -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))" 2>/dev/null || true)
 if [ -n "$llama" ]; then
     mkdir -p .carry/p4/site && cp -r "$llama" .carry/p4/site/
-    python3 -m pip download -q --no-deps -d "$tmp" diskcache==5.6.3
+    $py -m pip download -q --no-deps -d "$tmp" diskcache==5.6.3
     (cd .carry/p4/site && unzip -q -o "$tmp"/diskcache-*.whl 'diskcache/*')
 fi
 du -sh .carry/p*
