@@ -293,3 +293,23 @@ def test_graph_gradients_become_param_grads_without_a_copy_only_for_one_micro_ba
     assert all(p.grad is not g for p, g in zip(params, outputs))
     steps.run(batch, 1.0)  # the second overwrites the outputs (4.0) and adds them
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in params)
+
+
+def test_a_sharded_model_trains_without_fused_lora_or_graphs(capsys):
+    """Under FSDP2 (fsdp.py) the parameters are DTensors gathered layer by layer: `prepare`
+    turns fused LoRA and CUDA graphs off (`unsharded_levers`) and says why, in one line, only
+    where either would have run (LoRA layers to fuse; graphs on CUDA). The two-process run
+    that needs it: tests/test_distributed.py (fused LoRA there fails on mixed DTensors)."""
+    levers = accel.Levers()
+    assert levers.fuse_lora and levers.cuda_graphs
+    off = accel.unsharded_levers(lora(), levers, CPU)
+    assert not off.fuse_lora and not off.cuda_graphs and off.packing == levers.packing
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "fused LoRA off" in line and "CUDA graphs" not in line
+    on_cuda = accel.unsharded_levers(lora(), levers, torch.device("cuda"))  # nothing runs on it
+    assert not on_cuda.fuse_lora and not on_cuda.cuda_graphs
+    assert "fused LoRA and CUDA graphs off" in capsys.readouterr().out
+    full = build_model("qwen2", len(build_tokenizer()))  # no LoRA layer: nothing to say on the CPU
+    assert not accel.unsharded_levers(full, levers, CPU).fuse_lora
+    assert capsys.readouterr().out == ""
+    assert accel.sharded(lora()) is False  # a plain model keeps every lever (`prepare` asks this)

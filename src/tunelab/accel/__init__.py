@@ -21,7 +21,7 @@ benchmark); docs/PERFORMANCE.md has the measurements behind each default.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -31,10 +31,10 @@ from ..data.template import Rendered
 from . import liger, lora
 from .attention import ATTENTION, ATTENTION_PADDED, set_attention, use_varlen_attention, varlen_available
 from .graphs import GraphedSteps
-from .loss import LossPlan, model_parts, plan_loss, token_loss_sum, with_prompt
+from .loss import LossPlan, model_parts, plan_loss, sharded, token_loss_sum, with_prompt
 
 __all__ = ["Levers", "FastPath", "prepare", "setup", "plain_forward", "compile_layers", "model_parts",
-           "token_loss_sum", "with_prompt", "LossPlan"]
+           "token_loss_sum", "with_prompt", "LossPlan", "sharded", "unsharded_levers"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,10 @@ def prepare(net: torch.nn.Module, supports_packing: bool, device: torch.device, 
     allows; yields the `FastPath` that turns rows into micro-batches and a loss. Afterwards the
     model is as it was: PEFT's LoRA forward, its own attention, transformers' kernels (only
     compiled layers stay compiled). `kl` > 0: the KL-to-base term runs eagerly, so no graphs.
+    A model sharded with FSDP2 (fsdp.py) trains without fused LoRA and CUDA graphs.
     """
+    if sharded(net):
+        levers = unsharded_levers(net, levers, device)
     with ExitStack() as undo:
         if levers.fuse_lora:
             undo.callback(lora.unfuse, net)  # after the fused layers of a failed setup too
@@ -140,6 +143,20 @@ def prepare(net: torch.nn.Module, supports_packing: bool, device: torch.device, 
         fast.liger = undo.enter_context(liger.liger(_base(net), "torch" if levers.compile else levers.kernels,
                                                     device, fast_norm=levers.triton_rms_norm))
         yield fast
+
+
+def unsharded_levers(net: torch.nn.Module, levers: Levers, device: torch.device) -> Levers:
+    """`levers` without fused LoRA and CUDA graphs, for a model sharded with FSDP2; one line
+    says so where either would have run. Its parameters are DTensors, each layer's gathered
+    only for its own forward and backward: the fused adapters' compute copies are rebuilt
+    from every layer's weights at once, B folded into the base weights' buffer, and a graph
+    replays the addresses it captured, all of which assume plain local tensors."""
+    off = [what for what, on in (("fused LoRA", levers.fuse_lora and any(lora.fusable(m) for m in net.modules())),
+                                 ("CUDA graphs", levers.cuda_graphs and device.type == "cuda")) if on]
+    if off:
+        print(f"FSDP2: {' and '.join(off)} off for this run (the sharded parameters are DTensors; "
+              f"the fused adapter copies and the graphs assume plain local tensors)")
+    return replace(levers, fuse_lora=False, cuda_graphs=False)
 
 
 def setup(net: torch.nn.Module, packing: str, supports_packing: bool, device: torch.device,

@@ -56,7 +56,7 @@ def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
             logits = net(input_ids=ids, use_cache=False).logits
             prefix = logits.shape[1] - ids.shape[1]
             if (trunk is None or type(head) is not torch.nn.Linear or head.weight.shape[0] != logits.shape[-1]
-                    or _sharded(net)):
+                    or sharded(net)):
                 return LossPlan(None, None, prefix)
             prompt = None
             if prefix:
@@ -80,7 +80,7 @@ def plan_loss(net: torch.nn.Module, device: torch.device, autocast) -> LossPlan:
         net.train(was_training)
 
 
-def _sharded(net: torch.nn.Module) -> bool:
+def sharded(net: torch.nn.Module) -> bool:
     """Whether `net` is sharded with FSDP2 (fsdp.py): its root's weights (embeddings, output
     layer) are gathered by the hooks of the whole model's forward only, which the trunk + head
     path bypasses, so a sharded model keeps the whole-logits loss. Looked up, not imported: a
