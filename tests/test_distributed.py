@@ -257,6 +257,43 @@ def test_distributed_flag_is_checked(tiny_qwen, tmp_path):
     assert not two.choose(TrainConfig(auto_micro_batch=True, distributed="ddp"), get("full")).fsdp
 
 
+def test_a_plain_copy_holds_the_trained_weights_and_stand_ins_for_the_frozen_ones(tiny_llama, tmp_path):
+    """`fsdp.filled` (what rank 0 writes a sharded save from) given only the trainable tensors
+    (as `gathered` gathers them): the frozen base, tied embeddings included, becomes stand-ins
+    of one element each, and LoRA's save writes the same adapter as from the live model; a
+    trainable tensor missing is an error."""
+    from tunelab.fsdp import filled, meta_copy
+    from tunelab.methods.lora import apply, save
+    from tunelab.models import load_model
+
+    net = apply(load_model(ModelConfig(path=str(tiny_llama))), LoraConfig(dropout=0.0, init="pissa"))
+    trainable = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
+    plain = filled(meta_copy(net), dict(trainable))
+    frozen = [(name, p) for name, p in plain.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    assert frozen and len(frozen) + len(trainable) == len(list(net.named_parameters(remove_duplicate=False)))
+    live = dict(net.named_parameters(remove_duplicate=False))
+    for name, p in frozen:
+        assert p.device.type == "cpu" and p.shape == live[name].shape and p.dtype == live[name].dtype
+        assert p.untyped_storage().nbytes() == p.element_size()  # one element, expanded
+    head, embed = plain.get_output_embeddings().weight, plain.get_input_embeddings().weight
+    assert head is embed  # still tied
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trainable[name])
+    save(net, tmp_path / "live")
+    save(plain, tmp_path / "plain")  # PiSSA: converted to a rank-2r LoRA on the plain copy
+    assert_close(weights_in(tmp_path / "plain"), weights_in(tmp_path / "live"))
+    lora_a = next(name for name in trainable if "lora_A" in name)
+    with pytest.raises(RuntimeError, match="the gathered weights lack"):
+        filled(meta_copy(net), {k: v for k, v in trainable.items() if k != lora_a})
+
+
+def weights_in(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
 def worker_pid(launcher: int, rank: int) -> int | None:
     """The pid of torchrun's worker process of `rank` (a child of the launcher), if it has started."""
     for entry in Path("/proc").iterdir():

@@ -1,4 +1,4 @@
-"""FSDP2 (sharded weights) for the methods that train the base's own weights, under torchrun.
+"""FSDP2 (sharded weights) under torchrun: full, freeze, and the LoRA family's base.
 
 `full` and `freeze` replicate the whole model, its gradients and its AdamW moments on every
 card under plain data parallelism (distributed.py). With `--train.distributed auto` (or
@@ -6,7 +6,10 @@ card under plain data parallelism (distributed.py). With `--train.distributed au
 (`torch.distributed.fsdp.fully_shard`): each decoder layer is one FSDP unit (its weights
 all-gathered for its forward and backward, its gradients reduce-scattered), then the root
 (embeddings, final norm, output layer). Each process keeps 1/N of the weights, gradients
-and optimizer state between steps. What a step means does not change:
+and optimizer state between steps. LoRA (with `--train.distributed fsdp`) is sharded the
+same way, PEFT's wrappers and all: each unit holds its frozen base weights and the adapter
+inside it, so a base too large for one card's steady state can still be LoRA-tuned. What a
+step means does not change:
 
 - gradients are reduce-scattered with SUM, not FSDP's default mean (`shard`): each rank's
   loss is already normalized by the whole step's supervised tokens, so the sum is the
@@ -18,11 +21,13 @@ and optimizer state between steps. What a step means does not change:
 - clipping sees the global norm (a replicated DTensor), so the NaN guard agrees on every rank.
 
 A checkpoint and the saved model are written in the one-process layout (`gathered`): the
-full weights and optimizer state are gathered to rank 0's CPU with
-`torch.distributed.checkpoint.state_dict`, loaded into a plain copy of the model (kept on
-the meta device until then), and the method's own save writes that copy. So a sharded run
-resumes on any number of processes, and a one-process checkpoint resumes sharded
-(`load_optimizer`; the weights load into the plain model before it is sharded).
+trained weights and the optimizer state are gathered to rank 0's CPU with
+`torch.distributed.checkpoint.state_dict` (frozen weights are not: a LoRA base stays
+sharded), loaded into a plain copy of the model (kept on the meta device until then; its
+frozen parameters become stand-ins that take no memory), and the method's own save writes
+that copy. So a sharded run resumes on any number of processes, and a one-process
+checkpoint resumes sharded (`load_optimizer`; the weights load into the plain model before
+it is sharded).
 """
 
 from __future__ import annotations
@@ -125,15 +130,18 @@ def _options(**kwargs):
 
 @contextmanager
 def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main: bool):
-    """Gather the full state of the sharded `net` (and `optimizer`) to rank 0's CPU (every rank
-    must enter: the gathering is collective); yields, on rank 0 (`main`), a function returning
-    (model, optimizer) as one process has them: a plain copy of `net` holding the full weights,
-    and a stand-in whose `state_dict()` is the full optimizer state numbered as
+    """Gather the trained state of the sharded `net` (and `optimizer`) to rank 0's CPU (every
+    rank must enter: the gathering is collective); yields, on rank 0 (`main`), a function
+    returning (model, optimizer) as one process has them: a plain copy of `net` holding the
+    full trained weights (the frozen ones, never gathered, as `filled`'s stand-ins), and a
+    stand-in whose `state_dict()` is the full optimizer state numbered as
     `optimizer.state_dict()` numbers it. Building them is left to that function so that its
     errors happen in rank 0's `World.on_main`, which the other ranks hear of. None elsewhere."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    weights = get_model_state_dict(net, options=_options(cpu_offload=True))
+    # Only what trains: gathering a LoRA run's frozen base would put the whole model on rank 0,
+    # which is what sharding it avoided; no save reads a frozen weight's values.
+    weights = get_model_state_dict(net, options=_options(cpu_offload=True, ignore_frozen_params=True))
     state = (get_optimizer_state_dict(net, optimizer, options=_options(cpu_offload=True))
              if optimizer is not None else None)
     names = _names(net, optimizer) if optimizer is not None else []
@@ -155,7 +163,11 @@ def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main
 
 
 def filled(plain: torch.nn.Module, weights: dict) -> torch.nn.Module:
-    """`plain` (a `meta_copy`) holding `weights` (no copy: assigned); tied parameters tied again."""
+    """`plain` (a `meta_copy`) holding `weights` (no copy: assigned); tied parameters tied again.
+    A frozen parameter `weights` lacks (`gathered` leaves them out) becomes a stand-in on the
+    CPU: zeros of its shape and dtype that take one element of memory (expanded), so the
+    method's save sees a whole model (PEFT reads a base layer's device, dtype and shape, never
+    its values); writing into one fails loudly. A trainable one missing is an error."""
     names = {}  # id of a parameter -> every name it has (more than one: tied)
     for name, param in plain.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
@@ -164,9 +176,14 @@ def filled(plain: torch.nn.Module, weights: dict) -> torch.nn.Module:
     for tied in names.values():
         first = next((n for n in tied if n in weights), None)
         if first is None:
-            missing += tied
-            continue
-        param = plain.get_parameter(first)
+            frozen = plain.get_parameter(tied[0])
+            if frozen.requires_grad:
+                missing += tied
+                continue
+            param = torch.nn.Parameter(torch.zeros((), dtype=frozen.dtype).expand(frozen.shape),
+                                       requires_grad=False)
+        else:
+            param = plain.get_parameter(first)
         for name in tied:
             if name != first:  # assign gave each name its own tensor: one parameter again
                 owner, _, leaf = name.rpartition(".")
