@@ -238,23 +238,58 @@ def test_a_step_bad_on_one_rank_is_skipped_by_every_rank(tiny_qwen, tmp_path, mo
 
 
 def test_distributed_flag_is_checked(tiny_qwen, tmp_path):
-    """`--train.distributed`: its values, which methods it shards, and `fsdp` with an adapter
-    refused in one process too, before any model is loaded."""
+    """`--train.distributed`: its values, which methods `auto` and `fsdp` shard, and `fsdp` with
+    a method that cannot be sharded refused in one process too, before any model is loaded."""
     with pytest.raises(ConfigError, match="`--train.distributed` must be auto, ddp or fsdp"):
         TrainConfig(distributed="zero3")
-    with pytest.raises(ConfigError, match="`--train.distributed` must be auto or ddp for --method.name lora"):
-        one_process(tiny_qwen, data_file(tmp_path), tmp_path / "run", "lora", distributed="fsdp")
+    with pytest.raises(ConfigError, match="`--train.distributed` must be auto or ddp for --method.name ia3"):
+        train(ModelConfig(path=str(tiny_qwen)), DataConfig(path=str(data_file(tmp_path)), val_size=VAL_SIZE),
+              MethodConfig(name="ia3"), TrainConfig(**{**TRAIN, "distributed": "fsdp"}), out=str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "config.yaml").exists()
     two, auto, fsdp, ddp = World(rank=0, size=2), TrainConfig(), TrainConfig(distributed="fsdp"), \
         TrainConfig(distributed="ddp")
     assert two.choose(auto, get("full")).fsdp and two.choose(auto, get("freeze")).fsdp
-    assert two.choose(fsdp, get("full")).fsdp
-    assert not two.choose(auto, get("lora")).fsdp and not two.choose(ddp, get("full")).fsdp
-    assert SINGLE.choose(fsdp, get("full")) is SINGLE  # one process: nothing changes
+    assert two.choose(fsdp, get("full")).fsdp and two.choose(fsdp, get("lora")).fsdp
+    assert not two.choose(auto, get("lora")).fsdp and not two.choose(ddp, get("full")).fsdp  # auto: LoRA replicated
+    assert not two.choose(ddp, get("lora")).fsdp
+    assert SINGLE.choose(fsdp, get("full")) is SINGLE and SINGLE.choose(fsdp, get("lora")) is SINGLE
     # An out-of-memory retry on one rank alone would desynchronize the sharded collectives.
     with pytest.raises(ConfigError, match="`--train.auto_micro_batch` must be false when full's weights are sharded"):
         two.choose(TrainConfig(auto_micro_batch=True), get("full"))
+    with pytest.raises(ConfigError, match="`--train.auto_micro_batch` must be false when lora's weights are sharded"):
+        two.choose(TrainConfig(auto_micro_batch=True, distributed="fsdp"), get("lora"))
     assert SINGLE.choose(TrainConfig(auto_micro_batch=True), get("full")) is SINGLE
     assert not two.choose(TrainConfig(auto_micro_batch=True, distributed="ddp"), get("full")).fsdp
+    assert not two.choose(TrainConfig(auto_micro_batch=True), get("lora")).fsdp
+
+
+def test_methods_that_cannot_be_sharded_are_refused_under_fsdp():
+    """4-bit bitsandbytes weights, the virtual-token and prefix methods and IA3 declare no
+    `shardable`: `--train.distributed fsdp` names the flag and the method, in one process as
+    under torchrun, and `auto` / `ddp` replicate them."""
+    from tunelab.methods import METHODS
+
+    fsdp = TrainConfig(distributed="fsdp")
+    refused = {name for name, method in METHODS.items() if not method.capabilities.shardable}
+    assert refused == {"qlora", "ia3", "ptuning", "prompt_tuning", "prefix"}
+    for name in refused:
+        for world in (SINGLE, World(rank=0, size=2)):
+            with pytest.raises(ConfigError, match=rf"`--train.distributed` must be auto or ddp for "
+                                                  rf"--method.name {name} \(FSDP2 shards lora, freeze, full;"):
+                world.choose(fsdp, get(name))
+        for setting in ("auto", "ddp"):
+            assert not World(rank=0, size=2).choose(TrainConfig(distributed=setting), get(name)).fsdp
+
+
+def test_the_kl_term_is_refused_with_sharded_weights():
+    """`--mitigate.kl` adds a forward with the adapter off on the ranks holding marked rows only,
+    which sharded (collective) forwards cannot allow; replicated, it stays."""
+    two, fsdp = World(rank=0, size=2), TrainConfig(distributed="fsdp")
+    with pytest.raises(ConfigError, match="`--mitigate.kl` must be 0 when lora's weights are sharded over 2"):
+        two.choose(fsdp, get("lora"), kl=0.5)
+    assert not two.choose(TrainConfig(), get("lora"), kl=0.5).fsdp  # auto: replicated, the KL term kept
+    assert SINGLE.choose(fsdp, get("lora"), kl=0.5) is SINGLE
+    assert two.choose(fsdp, get("lora"), kl=0.0).fsdp
 
 
 def test_a_plain_copy_holds_the_trained_weights_and_stand_ins_for_the_frozen_ones(tiny_llama, tmp_path):

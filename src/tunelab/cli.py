@@ -24,7 +24,8 @@ def methods() -> None:
         caps = method.capabilities
         print(f"{name:14} {method.summary}")
         print(f"{'':14} mergeable={caps.mergeable} packing={caps.supports_packing} needs_gpu={caps.needs_gpu} "
-              f"adapter_kind={caps.adapter_kind}" + (f" peft_type={caps.peft_type}" if caps.peft_type else ""))
+              f"fsdp={caps.shardable} adapter_kind={caps.adapter_kind}"
+              + (f" peft_type={caps.peft_type}" if caps.peft_type else ""))
         print(f"{'':14} defaults: {asdict(method.config_cls())}")
 
 

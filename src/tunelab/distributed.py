@@ -24,9 +24,10 @@ run resumes on any number of processes. With WORLD_SIZE unset or 1 nothing here 
 anything: `SINGLE` hands back what it is given.
 
 Methods that train the base's own weights (`full`, `freeze`) are sharded with FSDP2 instead
-of replicated when several processes run them (`--train.distributed auto`, or `fsdp`):
-`World.choose` decides, `World.shard` shards, and the calls above then do what sharding
-needs (fsdp.py): the same step, the same checkpoints, 1/N of the memory between steps.
+of replicated when several processes run them (`--train.distributed auto`, or `fsdp`), and
+so is the LoRA family with `fsdp` (its base sharded, its adapter trained): `World.choose`
+decides, `World.shard` shards, and the calls above then do what sharding needs (fsdp.py):
+the same step, the same checkpoints, 1/N of the memory between steps.
 """
 
 from __future__ import annotations
@@ -91,23 +92,33 @@ class World:
         """This rank's part of a step's (or the held-out) rows; all of them for one process."""
         return rows if self.size == 1 else split_rows(rows, self.size)[self.rank]
 
-    def choose(self, cfg, method) -> "World":
+    def choose(self, cfg, method, kl: float = 0.0) -> "World":
         """`--train.distributed` (of TrainConfig `cfg`) for `method`: this World, with `fsdp` set
-        where the weights are to be sharded: several processes and `fsdp`, or `auto` with a
-        method that trains the base's own weights (their gradients and AdamW moments are what
-        fills a card). An adapter (small, inside PEFT's wrappers) is refused under `fsdp` even
-        in one process, so the setting fails where it is first tried, not under torchrun only."""
+        where the weights are to be sharded: several processes and `fsdp` with a method that
+        declares `shardable` (full, freeze, the LoRA family), or `auto` with a method that trains
+        the base's own weights (their gradients and AdamW moments are what fills a card; an
+        adapter's are small, so `auto` replicates it). `fsdp` with a method that cannot be
+        sharded is refused even in one process, so the setting fails where it is first tried,
+        not under torchrun only. `kl`: the run's `--mitigate.kl`."""
+        from .methods import METHODS
+
+        shardable = ", ".join(name for name, m in METHODS.items() if m.capabilities.shardable)
+        check(cfg.distributed != "fsdp" or method.capabilities.shardable, "train.distributed",
+              f"auto or ddp for --method.name {method.name} (FSDP2 shards {shardable}; {method.name} "
+              f"declares no `shardable`, so its model is replicated)", cfg.distributed)
         own = method.capabilities.adapter_kind == "whole_model"
-        check(cfg.distributed != "fsdp" or own, "train.distributed",
-              f"auto or ddp for --method.name {method.name} (FSDP2 shards the methods that train the "
-              f"base's own weights, full and freeze; an adapter is small enough to replicate)", cfg.distributed)
-        if self.size == 1 or cfg.distributed == "ddp" or not own:
+        if self.size == 1 or cfg.distributed == "ddp" or (cfg.distributed == "auto" and not own):
             return self
         # Sharded, every forward and backward is collective layer by layer: a rank that retried
         # a step with a smaller micro-batch would issue other collectives than the ranks waiting.
         check(not cfg.auto_micro_batch, "train.auto_micro_batch",
               f"false when {method.name}'s weights are sharded over {self.size} processes (FSDP2, "
               f"--train.distributed {cfg.distributed}); or keep it with --train.distributed ddp", True)
+        # The KL term runs a second forward (the adapter off) on the ranks that hold marked rows
+        # only: their all-gathers would not line up with those of the ranks that hold none.
+        check(kl == 0, "mitigate.kl", f"0 when {method.name}'s weights are sharded over {self.size} "
+              f"processes (FSDP2, --train.distributed {cfg.distributed}); or keep it with "
+              f"--train.distributed ddp", kl)
         return replace(self, fsdp=True)
 
     def shard(self, net: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

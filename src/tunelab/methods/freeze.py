@@ -86,6 +86,7 @@ def load(base: torch.nn.Module, directory: Path, trainable: bool = False) -> tor
 
 register(Method(
     name="freeze", config_cls=FreezeConfig,
-    capabilities=Capabilities(mergeable=True, supports_packing=True, adapter_kind="whole_model"),
+    capabilities=Capabilities(mergeable=True, supports_packing=True, adapter_kind="whole_model",
+                              shardable=True),
     apply=apply, save=save, load=load, merge=lambda model: model,
     summary="freeze tuning: train only the last N decoder layers (merged by definition)"))

@@ -141,6 +141,6 @@ def resume(base: torch.nn.Module, directory: Path, cfg: LoraConfig) -> torch.nn.
 
 register(Method(
     name="lora", config_cls=LoraConfig,
-    capabilities=Capabilities(mergeable=True, supports_packing=True, peft_type="LORA"),
+    capabilities=Capabilities(mergeable=True, supports_packing=True, peft_type="LORA", shardable=True),
     apply=apply, save=save, load=load_peft, checkpoint=save_peft, resume=resume,
     summary="low-rank updates on linear layers (DoRA, rsLoRA, PiSSA/OLoRA init as options)"))

@@ -2,8 +2,8 @@
 
 A method module builds a `Method` and calls `register`; adding a method touches that
 module, one import line in `methods/__init__.py` and one row of the contract tests.
-Code outside `methods/` asks capabilities (`mergeable`, `supports_packing`, `needs_gpu`)
-and calls hooks (`apply`, `save`, `load`, `merge`), never compares names.
+Code outside `methods/` asks capabilities (`mergeable`, `supports_packing`, `needs_gpu`,
+`shardable`) and calls hooks (`apply`, `save`, `load`, `merge`), never compares names.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ class Capabilities:
     supports_checkpointing: bool = True
     """Trains with activation checkpointing (`--train.gradient_checkpointing`); PEFT's prefix
     tuning refuses it (its prefix is a cache the recomputation cannot replay)."""
+    shardable: bool = False
+    """Trains with its weights sharded by FSDP2 under torchrun (`--train.distributed fsdp`,
+    fsdp.py): the base's plain linear layers and norms, with or without PEFT's LoRA layers
+    inside them. Declared only where a two-process run was checked against one process
+    (tests/test_distributed.py); refused elsewhere: 4-bit bitsandbytes weights (not
+    DTensors), the virtual-token and prefix methods and IA3 (not built or tried)."""
     peft_type: str = ""
     """A weight delta's PEFT tuner type (`LORA`, `IA3`): one PEFT model switches only between
     adapters of one type, so runs of two types are evaluated on two engines."""
