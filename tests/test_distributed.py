@@ -1,13 +1,14 @@
 """Data-parallel training (distributed.py): two processes over gloo learn what one process learns.
 
 `torchrun --nproc_per_node 2 -m tunelab.cli train` on the tiny model (CPU, fp32; LoRA with
-dropout 0 on packed rows, and full fine-tuning on padded rows, replicated and sharded with
-FSDP2) against an in-process single-process run with the same global batch: the same
-losses, held-out loss and adapter within fp32 rounding; metrics written once; and a
-checkpoint the two processes wrote resumed by one process finishing on the single-process
-weights (and, sharded, the other way round). The epoch's last step has one row, so one rank
-has none (it must join the all-reduce with zero gradients, or FSDP's collectives with an
-empty micro-batch, not hang). A SIGTERM to one rank stops both after the same step with
+dropout 0 on packed rows, replicated and with its base sharded by FSDP2, and full
+fine-tuning on padded rows, replicated and sharded) against an in-process single-process
+run with the same global batch: the same losses, held-out loss and adapter within fp32
+rounding; metrics written once; and a checkpoint the two processes wrote resumed by one
+process finishing on the single-process weights (and, sharded, the other way round). The
+epoch's last step has one row, so one rank has none (it must join the all-reduce with zero
+gradients, or FSDP's collectives with an empty micro-batch, not hang). A sharded save
+gathers the trained weights only. A SIGTERM to one rank stops both after the same step with
 rank 0's checkpoint.
 """
 
@@ -74,10 +75,16 @@ METHODS = {  # LoRA on packed rows; full fine-tuning on padded ones, replicated 
              {}),
     "full": (MethodConfig(name="full"), ["--method.name=full"], {"packing": "off", "lr": 1e-3, "distributed": "ddp"}),
     "full-fsdp": (MethodConfig(name="full"), ["--method.name=full"], {"packing": "off", "lr": 1e-3}),  # auto: FSDP2
+    "lora-fsdp": (MethodConfig(name="lora", lora=LoraConfig(dropout=0.0)), ["--method.name=lora", "--method.lora.dropout=0"],
+                  {"distributed": "fsdp"}),  # the base sharded, the adapter trained
+    "pissa-fsdp": (MethodConfig(name="lora", lora=LoraConfig(dropout=0.0, init="pissa")),
+                   ["--method.name=lora", "--method.lora.dropout=0", "--method.lora.init=pissa"],
+                   {"distributed": "fsdp"}),  # a residual base sharded; saved converted, through stand-ins
     "freeze-fsdp": (MethodConfig(name="freeze", freeze=FreezeConfig(layers=1)),
                     ["--method.name=freeze", "--method.freeze.layers=1"], {"packing": "off", "lr": 1e-3}),
 }
 SHARDED = "FSDP2: 2 decoder layers and the root sharded over 2 processes"
+UNFUSED = "FSDP2: fused LoRA off for this run"
 
 
 def one_process(model_dir: Path, data: Path, out: Path, name: str = "lora", **settings) -> Path:
@@ -117,7 +124,7 @@ def assert_close(a: dict, b: dict) -> None:
             f"{key}: max difference {(a[key] - b[key]).abs().max():.2e}"
 
 
-@pytest.fixture(scope="module", params=["lora", "full", "full-fsdp"])
+@pytest.fixture(scope="module", params=["lora", "full", "full-fsdp", "lora-fsdp"])
 def runs(request, tiny_qwen, tmp_path_factory):
     """(method, one-process run, two-process run, torchrun's output, data file)."""
     root = tmp_path_factory.mktemp(f"ddp-{request.param}")
@@ -144,6 +151,7 @@ def test_two_processes_learn_what_one_learns(runs):
     assert summary["learning_checks"]["probe_loss_reloaded"] is not None  # the invariants ran
     assert result.stdout.count("done:") == 1  # rank 1 prints nothing
     assert (SHARDED in result.stdout) == name.endswith("fsdp")  # auto: sharded for full, not for LoRA or ddp
+    assert (UNFUSED in result.stdout) == (name == "lora-fsdp")  # replicated LoRA keeps its fused path
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_qwen):
@@ -173,22 +181,69 @@ def test_sharded_freeze_learns_what_one_process_learns(tiny_qwen, tmp_path):
     assert all(key.startswith("1.") for key in weights(single))  # the trained layer alone
 
 
-def test_a_one_process_checkpoint_resumes_sharded(tiny_qwen, tmp_path):
-    """The other way round: a one-process checkpoint (full weights, numbered optimizer state)
-    resumed by two sharded processes (each keeps its shard of the AdamW moments) finishes on
-    the one-process weights."""
+@pytest.mark.parametrize("name", ["full-fsdp", "lora-fsdp"])
+def test_a_one_process_checkpoint_resumes_sharded(tiny_qwen, tmp_path, name):
+    """The other way round: a one-process checkpoint (weights, numbered optimizer state)
+    resumed by two sharded processes (each keeps its shard of the AdamW moments; for LoRA,
+    of the adapter's, next to its shard of the frozen base) finishes on the one-process
+    weights."""
     data = data_file(tmp_path)
-    single = one_process(tiny_qwen, data, tmp_path / "single", "full-fsdp")
+    single = one_process(tiny_qwen, data, tmp_path / "single", name)
     resumed = tmp_path / "resumed"
     shutil.copytree(single, resumed)
     for later in ("step-0000002", "step-0000003"):
         shutil.rmtree(resumed / "checkpoints" / later)
     shutil.rmtree(resumed / "adapter")
     (resumed / "DONE").unlink()
-    result = two_processes(tiny_qwen, data, resumed, "full-fsdp")
+    result = two_processes(tiny_qwen, data, resumed, name)
     assert SHARDED in result.stdout and "resuming from" in result.stdout
     assert [r["step"] for r in metrics(resumed)] == [1, 2, 3]
     assert_close(weights(resumed), weights(single))
+
+
+GATHERED = """
+import os
+import torch.distributed.checkpoint.state_dict as state_dict
+from tunelab.cli import main
+
+get_model_state_dict = state_dict.get_model_state_dict
+
+def recording(model, *args, **kwargs):  # what each save gathers to rank 0
+    weights = get_model_state_dict(model, *args, **kwargs)
+    if os.environ["RANK"] == "0":
+        print("gathered:", " ".join(sorted(weights)), flush=True)
+    return weights
+
+state_dict.get_model_state_dict = recording
+main()
+"""
+
+
+def test_sharded_pissa_gathers_only_the_adapter_and_saves_what_one_process_saves(tiny_qwen, tmp_path):
+    """PiSSA sharded: a residual base (each rank's SVD of the same weights) under the adapter.
+    Every save (each checkpoint, the final adapter) gathers the adapter's tensors alone to rank
+    0, never the base's; the final save converts the adapter to a rank-2r LoRA of the untouched
+    base on rank 0's plain copy, whose frozen weights are stand-ins, and writes what one
+    process writes."""
+    from safetensors.torch import load_file
+
+    data = data_file(tmp_path)
+    single = one_process(tiny_qwen, data, tmp_path / "single", "pissa-fsdp")
+    script = tmp_path / "gathered.py"
+    script.write_text(GATHERED)
+    double = tmp_path / "double"
+    result = two_processes(tiny_qwen, data, double, "pissa-fsdp", entry=(str(script),))
+    assert SHARDED in result.stdout and UNFUSED in result.stdout
+    gathered = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("gathered:")]
+    checkpoints = sorted((double / "checkpoints").iterdir())
+    assert len(gathered) == len(checkpoints) + 1  # the checkpoints kept (all of them here), then the adapter
+    trained = set(load_file(str(checkpoints[-1] / "adapter" / "adapter_model.safetensors")))  # unconverted
+    assert trained and all("lora_" in key for key in trained)
+    for keys in gathered:
+        assert {key.replace(".default.", ".") for key in keys} == trained
+    assert_close(weights(double), weights(single))
+    config = json.loads((double / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 * LoraConfig().r and config["init_lora_weights"] is True  # converted
 
 
 POISONED = """
