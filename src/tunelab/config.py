@@ -156,9 +156,10 @@ class TrainConfig:
     loads it, gives the training-time loss. A broken one stops the run before it saves."""
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     """Under torchrun (several processes): `fsdp` shards the weights, gradients and AdamW
-    state across the processes (FSDP2; only for methods that train the base's own weights:
-    full, freeze); `ddp` replicates them and all-reduces the gradients; `auto`: fsdp for
-    full and freeze, ddp for adapters. One process: no effect (docs/DISTRIBUTED.md)."""
+    state across the processes (FSDP2; for full, freeze and LoRA with its variants, whose
+    frozen base is sharded while the adapter trains; refused for qlora, ia3 and the
+    virtual-token methods); `ddp` replicates them and all-reduces the gradients; `auto`:
+    fsdp for full and freeze, ddp for adapters. One process: no effect (docs/DISTRIBUTED.md)."""
 
     def __post_init__(self) -> None:
         check(math.isfinite(self.epochs) and self.epochs > 0, "train.epochs", "> 0", self.epochs)
