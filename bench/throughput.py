@@ -50,6 +50,14 @@ CASES = {
                      "ref-ptuning-1.5b"),
     # levers, one at a time
     "lora-1.5b-eager": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, cuda_graphs=False), "ref-lora-1.5b-gc"),
+    # the eager path's host cost, lever by lever: Triton's launches against torch's kernels
+    "lora-1.5b-eager-torch-dropout": ("tunelab", "qwen2-1.5b", "lora",
+                                      dict(TUNELAB_LORA, cuda_graphs=False, lora_triton=False), "ref-lora-1.5b-gc"),
+    "lora-1.5b-eager-torch-kernels": ("tunelab", "qwen2-1.5b", "lora",
+                                      dict(TUNELAB_LORA, cuda_graphs=False, kernels="torch"), "ref-lora-1.5b-gc"),
+    "lora-1.5b-eager-unfused": ("tunelab", "qwen2-1.5b", "lora",
+                                dict(TUNELAB_LORA, cuda_graphs=False, fuse_lora=False, kernels="torch"),
+                                "ref-lora-1.5b-gc"),
     "lora-1.5b-padded": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, packing="off"), "ref-lora-1.5b-gc"),
     "lora-1.5b-gc": ("tunelab", "qwen2-1.5b", "lora", dict(TUNELAB_LORA, gradient_checkpointing=True),
                      "ref-lora-1.5b-gc"),
@@ -211,14 +219,14 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as err:  # one failing case must not lose the others' numbers
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
             results[name] = None
+        if args.json:  # after every case: a call that runs out of time keeps the cases it finished
+            Path(args.json).write_text(json.dumps({"device": card, "torch": torch.__version__, "peak_tflops": peak,
+                                                   "results": results}, indent=1, default=str))
     done = {k: v for k, v in results.items() if v}
     header = (f"{card}, torch {torch.__version__}, bf16 peak {peak:.0f} TFLOP/s, "
               f"{time.strftime('%Y-%m-%d')}")
     print(table(done, header))
-    report = {"device": card, "torch": torch.__version__, "peak_tflops": peak, "results": results}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-    return report
+    return {"device": card, "torch": torch.__version__, "peak_tflops": peak, "results": results}
 
 
 if __name__ == "__main__":
