@@ -31,6 +31,7 @@ from tunelab.data.template import Rendered
 from tunelab.distributed import SINGLE, World, buckets, split_rows
 from tunelab.methods import MethodConfig, get
 from tunelab.methods.freeze import FreezeConfig
+from tunelab.methods.full import FullConfig
 from tunelab.methods.lora import LoraConfig
 from tunelab.train import train
 
@@ -80,6 +81,9 @@ METHODS = {  # LoRA on packed rows; full fine-tuning on padded ones, replicated 
     "pissa-fsdp": (MethodConfig(name="lora", lora=LoraConfig(dropout=0.0, init="pissa")),
                    ["--method.name=lora", "--method.lora.dropout=0", "--method.lora.init=pissa"],
                    {"distributed": "fsdp"}),  # a residual base sharded; saved converted, through stand-ins
+    "full-fsdp-frozen": (MethodConfig(name="full", full=FullConfig(train_embeddings=False)),
+                         ["--method.name=full", "--method.full.train_embeddings=false"],
+                         {"packing": "off", "lr": 1e-3}),  # sharded, its (tied) embeddings frozen
     "freeze-fsdp": (MethodConfig(name="freeze", freeze=FreezeConfig(layers=1)),
                     ["--method.name=freeze", "--method.freeze.layers=1"], {"packing": "off", "lr": 1e-3}),
 }
@@ -179,6 +183,19 @@ def test_sharded_freeze_learns_what_one_process_learns(tiny_qwen, tmp_path):
                                                                                                     rel=1e-5)
     assert_close(weights(tmp_path / "double"), weights(single))
     assert all(key.startswith("1.") for key in weights(single))  # the trained layer alone
+
+
+def test_sharded_full_with_frozen_embeddings_saves_them(tiny_qwen, tmp_path):
+    """Full fine-tuning sharded with its embeddings frozen: the save is the whole model, so the
+    frozen weights are gathered too (not stand-ins) and the saved model is the one-process one."""
+    data = data_file(tmp_path)
+    single = one_process(tiny_qwen, data, tmp_path / "single", "full-fsdp-frozen")
+    result = two_processes(tiny_qwen, data, tmp_path / "double", "full-fsdp-frozen")
+    assert SHARDED in result.stdout
+    saved, expected = weights(tmp_path / "double"), weights(single)
+    assert_close(saved, expected)
+    embeddings = next(key for key in expected if "embed_tokens" in key)
+    assert saved[embeddings].abs().sum() > 0  # the base's embeddings, not zeros
 
 
 @pytest.mark.parametrize("name", ["full-fsdp", "lora-fsdp"])

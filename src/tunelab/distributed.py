@@ -78,6 +78,8 @@ class World:
     errors) when the main group is NCCL; None: the main group (gloo) itself."""
     fsdp: bool = False
     """The trained weights are sharded with FSDP2 (`choose`), not replicated on every rank."""
+    gather_frozen: bool = False
+    """Sharded: a save gathers the frozen weights too (the method's `saves_frozen`)."""
 
     @property
     def main(self) -> bool:
@@ -119,7 +121,7 @@ class World:
         check(kl == 0, "mitigate.kl", f"0 when {method.name}'s weights are sharded over {self.size} "
               f"processes (FSDP2, --train.distributed {cfg.distributed}); or keep it with "
               f"--train.distributed ddp", kl)
-        return replace(self, fsdp=True)
+        return replace(self, fsdp=True, gather_frozen=method.capabilities.saves_frozen)
 
     def shard(self, net: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         """Shard `net` with FSDP2 when `fsdp` (after `broadcast`: every rank shards rank 0's
@@ -212,7 +214,7 @@ class World:
         (fsdp.gathered; every rank takes part), dropped again once written."""
         if not self.fsdp:
             return self.on_main(lambda: work(net, optimizer), what)
-        with sharding.gathered(net, optimizer, self.main) as whole:
+        with sharding.gathered(net, optimizer, self.main, frozen=self.gather_frozen) as whole:
             return self.on_main(lambda: work(*whole()), what)
 
     def load_optimizer(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -23,7 +23,7 @@ step means does not change:
 A checkpoint and the saved model are written in the one-process layout (`gathered`): the
 trained weights and the optimizer state are gathered to rank 0's CPU with
 `torch.distributed.checkpoint.state_dict` (frozen weights are not: a LoRA base stays
-sharded), loaded into a plain copy of the model (kept on the meta device until then; its
+sharded; unless the method's save writes them, `full`'s), loaded into a plain copy of the model (kept on the meta device until then; its
 frozen parameters become stand-ins that take no memory), and the method's own save writes
 that copy. So a sharded run resumes on any number of processes, and a one-process
 checkpoint resumes sharded (`load_optimizer`; the weights load into the plain model before
@@ -129,19 +129,21 @@ def _options(**kwargs):
 
 
 @contextmanager
-def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main: bool):
+def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main: bool, frozen: bool = False):
     """Gather the trained state of the sharded `net` (and `optimizer`) to rank 0's CPU (every
     rank must enter: the gathering is collective); yields, on rank 0 (`main`), a function
     returning (model, optimizer) as one process has them: a plain copy of `net` holding the
-    full trained weights (the frozen ones, never gathered, as `filled`'s stand-ins), and a
+    full trained weights (the frozen ones as `filled`'s stand-ins, unless `frozen`: then
+    gathered too, for a save that writes them), and a
     stand-in whose `state_dict()` is the full optimizer state numbered as
     `optimizer.state_dict()` numbers it. Building them is left to that function so that its
     errors happen in rank 0's `World.on_main`, which the other ranks hear of. None elsewhere."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    # Only what trains: gathering a LoRA run's frozen base would put the whole model on rank 0,
-    # which is what sharding it avoided; no save reads a frozen weight's values.
-    weights = get_model_state_dict(net, options=_options(cpu_offload=True, ignore_frozen_params=True))
+    # Only what trains, unless the save writes the frozen weights too (full's whole model):
+    # gathering a LoRA run's frozen base would put the whole model on rank 0, which is what
+    # sharding it avoided, and a LoRA or freeze save reads no frozen weight's values.
+    weights = get_model_state_dict(net, options=_options(cpu_offload=True, ignore_frozen_params=not frozen))
     state = (get_optimizer_state_dict(net, optimizer, options=_options(cpu_offload=True))
              if optimizer is not None else None)
     names = _names(net, optimizer) if optimizer is not None else []

@@ -78,6 +78,6 @@ def load(base: torch.nn.Module, directory: Path, trainable: bool = False) -> tor
 register(Method(
     name="full", config_cls=FullConfig,
     capabilities=Capabilities(mergeable=True, supports_packing=True, adapter_kind="whole_model",
-                              shardable=True),
+                              shardable=True, saves_frozen=True),
     apply=apply, save=save, load=load, merge=lambda model: model,
     summary="full fine-tuning: every parameter trains; saves a complete model (merged by definition)"))

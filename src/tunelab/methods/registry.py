@@ -43,6 +43,10 @@ class Capabilities:
     inside them. Declared only where a two-process run was checked against one process
     (tests/test_distributed.py); refused elsewhere: 4-bit bitsandbytes weights (not
     DTensors), the virtual-token and prefix methods and IA3 (not built or tried)."""
+    saves_frozen: bool = False
+    """Its save writes frozen weights too (`full`: the whole model, frozen embeddings and all),
+    so a sharded save gathers them (fsdp.gathered); otherwise they stay sharded and rank 0's
+    plain copy holds stand-ins for them."""
     peft_type: str = ""
     """A weight delta's PEFT tuner type (`LORA`, `IA3`): one PEFT model switches only between
     adapters of one type, so runs of two types are evaluated on two engines."""
