@@ -353,6 +353,16 @@ def test_methods_that_cannot_be_sharded_are_refused_under_fsdp():
             assert not World(rank=0, size=2).choose(TrainConfig(distributed=setting), get(name)).fsdp
 
 
+def test_lora_on_an_embedding_layer_is_refused_with_sharded_weights():
+    """PEFT saves the base's embedding layer beside an adapter on it; sharded, that frozen
+    weight is not gathered, so the combination is refused naming the field."""
+    two, fsdp = World(rank=0, size=2), TrainConfig(distributed="fsdp")
+    with pytest.raises(ConfigError, match=r"`--method.lora.targets` must be free of lm_head when lora's weights"):
+        two.choose(fsdp, get("lora"), options=LoraConfig(targets=["q_proj", "lm_head"]))
+    assert two.choose(fsdp, get("lora"), options=LoraConfig()).fsdp
+    assert not two.choose(TrainConfig(distributed="ddp"), get("lora"), options=LoraConfig(targets=["lm_head"])).fsdp
+
+
 def test_the_kl_term_is_refused_with_sharded_weights():
     """`--mitigate.kl` adds a forward with the adapter off on the ranks holding marked rows only,
     which sharded (collective) forwards cannot allow; replicated, it stays."""

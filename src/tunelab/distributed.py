@@ -43,6 +43,8 @@ from . import fsdp as sharding
 from .config import ConfigError, check
 from .models import resolve_device
 
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+"""Layer names whose LoRA makes PEFT save the base layer too (peft.utils.other.EMBEDDING_LAYER_NAMES)."""
 BUCKET_BYTES = 25 * 2**20
 """Gradients are all-reduced in flat buckets of about this size (DDP's default)."""
 
@@ -94,14 +96,15 @@ class World:
         """This rank's part of a step's (or the held-out) rows; all of them for one process."""
         return rows if self.size == 1 else split_rows(rows, self.size)[self.rank]
 
-    def choose(self, cfg, method, kl: float = 0.0) -> "World":
+    def choose(self, cfg, method, kl: float = 0.0, options=None) -> "World":
         """`--train.distributed` (of TrainConfig `cfg`) for `method`: this World, with `fsdp` set
         where the weights are to be sharded: several processes and `fsdp` with a method that
         declares `shardable` (full, freeze, the LoRA family), or `auto` with a method that trains
         the base's own weights (their gradients and AdamW moments are what fills a card; an
         adapter's are small, so `auto` replicates it). `fsdp` with a method that cannot be
         sharded is refused even in one process, so the setting fails where it is first tried,
-        not under torchrun only. `kl`: the run's `--mitigate.kl`."""
+        not under torchrun only. `kl`: the run's `--mitigate.kl`; `options`: the method's own
+        settings (LoRA's `targets`)."""
         from .methods import METHODS
 
         shardable = ", ".join(name for name, m in METHODS.items() if m.capabilities.shardable)
@@ -121,6 +124,13 @@ class World:
         check(kl == 0, "mitigate.kl", f"0 when {method.name}'s weights are sharded over {self.size} "
               f"processes (FSDP2, --train.distributed {cfg.distributed}); or keep it with "
               f"--train.distributed ddp", kl)
+        # LoRA on an embedding layer makes PEFT save the base's embedding layer with the adapter,
+        # a frozen weight that a sharded save leaves on the other ranks (fsdp.gathered).
+        targets = getattr(options, "targets", None) or []
+        embedding = [t for t in ([targets] if isinstance(targets, str) else targets) if t in EMBEDDING_LAYERS]
+        check(not embedding, f"method.{method.name}.targets", f"free of {', '.join(embedding)} when "
+              f"{method.name}'s weights are sharded (FSDP2; PEFT would save the base's embedding layer, "
+              f"which stays sharded); or keep it with --train.distributed ddp", targets)
         return replace(self, fsdp=True, gather_frozen=method.capabilities.saves_frozen)
 
     def shard(self, net: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

@@ -151,7 +151,7 @@ def set_up(model: ModelConfig, data: DataConfig, method_cfg: MethodConfig, cfg: 
     check(not cfg.gradient_checkpointing or the_method.capabilities.supports_checkpointing,
           "train.gradient_checkpointing", f"false for {the_method.name} (it cannot recompute activations)",
           cfg.gradient_checkpointing)
-    world = world.choose(cfg, the_method, mitigate.kl)  # FSDP2 under torchrun where asked for (fsdp.py)
+    world = world.choose(cfg, the_method, mitigate.kl, options)  # FSDP2 under torchrun where asked for (fsdp.py)
     config = {"model": to_dict(model), "data": to_dict(data), "method": to_dict(method_cfg),
               "train": to_dict(cfg), "out": str(out)}
     if mitigate.active:  # absent when off: runs made before mitigation existed still resume
