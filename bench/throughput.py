@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(rows)} rows; epoch tokens: reference {data['reference_epoch_tokens']:,}, "
           f"tunelab {data['tunelab_epoch_tokens']:,}", flush=True)
     results = {}
+    report = {"device": card, "torch": torch.__version__, "peak_tflops": peak, "results": results}
     for name in args.cases or (DEFAULT_CPU if args.cpu else DEFAULT_GPU):
         try:
             results[name] = run_case(name, args, data, device, dtype, peak)
@@ -220,13 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
             results[name] = None
         if args.json:  # after every case: a call that runs out of time keeps the cases it finished
-            Path(args.json).write_text(json.dumps({"device": card, "torch": torch.__version__, "peak_tflops": peak,
-                                                   "results": results}, indent=1, default=str))
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     done = {k: v for k, v in results.items() if v}
     header = (f"{card}, torch {torch.__version__}, bf16 peak {peak:.0f} TFLOP/s, "
               f"{time.strftime('%Y-%m-%d')}")
     print(table(done, header))
-    return {"device": card, "torch": torch.__version__, "peak_tflops": peak, "results": results}
+    return report
 
 
 if __name__ == "__main__":

@@ -43,8 +43,6 @@ from . import fsdp as sharding
 from .config import ConfigError, check
 from .models import resolve_device
 
-EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
-"""Layer names whose LoRA makes PEFT save the base layer too (peft.utils.other.EMBEDDING_LAYER_NAMES)."""
 BUCKET_BYTES = 25 * 2**20
 """Gradients are all-reduced in flat buckets of about this size (DDP's default)."""
 
@@ -124,10 +122,13 @@ class World:
         check(kl == 0, "mitigate.kl", f"0 when {method.name}'s weights are sharded over {self.size} "
               f"processes (FSDP2, --train.distributed {cfg.distributed}); or keep it with "
               f"--train.distributed ddp", kl)
-        # LoRA on an embedding layer makes PEFT save the base's embedding layer with the adapter,
-        # a frozen weight that a sharded save leaves on the other ranks (fsdp.gathered).
+        # LoRA on an embedding layer makes PEFT save the base's embedding layer with the adapter
+        # (PEFT's own test: a name of its list in `target_modules`), a frozen weight that a
+        # sharded save leaves on the other ranks (fsdp.gathered).
+        from peft.utils.other import EMBEDDING_LAYER_NAMES
+
         targets = getattr(options, "targets", None) or []
-        embedding = [t for t in ([targets] if isinstance(targets, str) else targets) if t in EMBEDDING_LAYERS]
+        embedding = [name for name in EMBEDDING_LAYER_NAMES if name in targets]
         check(not embedding, f"method.{method.name}.targets", f"free of {', '.join(embedding)} when "
               f"{method.name}'s weights are sharded (FSDP2; PEFT would save the base's embedding layer, "
               f"which stays sharded); or keep it with --train.distributed ddp", targets)

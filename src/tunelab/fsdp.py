@@ -22,12 +22,12 @@ step means does not change:
 
 A checkpoint and the saved model are written in the one-process layout (`gathered`): the
 trained weights and the optimizer state are gathered to rank 0's CPU with
-`torch.distributed.checkpoint.state_dict` (frozen weights are not: a LoRA base stays
-sharded; unless the method's save writes them, `full`'s), loaded into a plain copy of the model (kept on the meta device until then; its
-frozen parameters become stand-ins that take no memory), and the method's own save writes
-that copy. So a sharded run resumes on any number of processes, and a one-process
-checkpoint resumes sharded (`load_optimizer`; the weights load into the plain model before
-it is sharded).
+`torch.distributed.checkpoint.state_dict` (frozen weights are not, unless the method's save
+writes them, as `full`'s does: a LoRA base stays sharded), loaded into a plain copy of the
+model (kept on the meta device until then; its frozen parameters become stand-ins that take
+no memory), and the method's own save writes that copy. So a sharded run resumes on any
+number of processes, and a one-process checkpoint resumes sharded (`load_optimizer`; the
+weights load into the plain model before it is sharded).
 """
 
 from __future__ import annotations
@@ -134,9 +134,8 @@ def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main
     rank must enter: the gathering is collective); yields, on rank 0 (`main`), a function
     returning (model, optimizer) as one process has them: a plain copy of `net` holding the
     full trained weights (the frozen ones as `filled`'s stand-ins, unless `frozen`: then
-    gathered too, for a save that writes them), and a
-    stand-in whose `state_dict()` is the full optimizer state numbered as
-    `optimizer.state_dict()` numbers it. Building them is left to that function so that its
+    gathered too, for a save that writes them), and a stand-in whose `state_dict()` is the
+    full optimizer state numbered as `optimizer.state_dict()` numbers it. Building them is left to that function so that its
     errors happen in rank 0's `World.on_main`, which the other ranks hear of. None elsewhere."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
