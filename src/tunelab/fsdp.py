@@ -135,8 +135,9 @@ def gathered(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, main
     returning (model, optimizer) as one process has them: a plain copy of `net` holding the
     full trained weights (the frozen ones as `filled`'s stand-ins, unless `frozen`: then
     gathered too, for a save that writes them), and a stand-in whose `state_dict()` is the
-    full optimizer state numbered as `optimizer.state_dict()` numbers it. Building them is left to that function so that its
-    errors happen in rank 0's `World.on_main`, which the other ranks hear of. None elsewhere."""
+    full optimizer state numbered as `optimizer.state_dict()` numbers it. Building them is
+    left to that function so that its errors happen in rank 0's `World.on_main`, which the
+    other ranks hear of. None elsewhere."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     # Only what trains, unless the save writes the frozen weights too (full's whole model):
